@@ -1,0 +1,29 @@
+# Everything runs inside .venv, which `make venv` (and every target that needs it) creates on demand
+# and rebuilds only when pyproject.toml changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ZENNIT := zennit==1.0.0
+
+.PHONY: venv test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# zennit 1.0.0 declares Python >= 3.11.11; it runs on 3.11.7 (DEVELOPERS.md).
+	$(PY) -m pip install -q --no-deps --ignore-requires-python $(ZENNIT)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

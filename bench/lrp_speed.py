@@ -1,0 +1,276 @@
+"""LRP speed and memory, side by side in one run: plain forward, forward + input gradient, this project's LRP
+for every composite and with the top-k filter, zennit for the same composites, captum's LRP, and the original
+blog's algorithm. Prints a table (seconds per image, ratio to forward, speed-up over zennit) and writes JSON.
+
+    python -m bench.lrp_speed [--model vgg16] [--size 224] [--batch 8] [--repeats 3] [--quick] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import lrp_module as lrp
+from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+
+COMPOSITES = ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
+              "epsilon_alpha2_beta1_flat", "montavon", "seed"]
+TOP_K = [0.1, 0.02]
+DEFAULT_OUT = Path("bench/results/lrp_speed.json")
+
+
+def build_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)().eval()
+
+
+# ------------------------------------------------------------------------------------------ the contenders
+def plain_forward(model: nn.Module) -> Callable[[torch.Tensor], object]:
+    def run(x):
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def forward_and_input_gradient(model: nn.Module) -> Callable[[torch.Tensor], object]:
+    model = copy.deepcopy(model).requires_grad_(False)  # only the input gradient, as saliency needs
+
+    def run(x):
+        x = x.clone().requires_grad_(True)
+        out = model(x)
+        return torch.autograd.grad(out.max(dim=1).values.sum(), x)[0]
+    return run
+
+
+def ours(model: nn.Module, composite: str, top_k: float = 0.0) -> Callable[[torch.Tensor], object]:
+    explainer = lrp.LRPModel(model, composite, top_k=top_k)
+    return explainer.explain
+
+
+def zennit_attribution(model: nn.Module, composite: str) -> Callable[[torch.Tensor], object]:
+    from zennit import composites as zc
+    from zennit.attribution import Gradient
+
+    low, high = torch.tensor(IMAGENET_LOW)[None, :, None, None], torch.tensor(IMAGENET_HIGH)[None, :, None, None]
+    factories = {
+        "epsilon_gamma_box": lambda: zc.EpsilonGammaBox(low=low, high=high),
+        "epsilon_plus": zc.EpsilonPlus, "epsilon_plus_flat": zc.EpsilonPlusFlat,
+        "epsilon_alpha2_beta1": zc.EpsilonAlpha2Beta1, "epsilon_alpha2_beta1_flat": zc.EpsilonAlpha2Beta1Flat,
+    }
+    model = copy.deepcopy(model)
+
+    def run(x):
+        with Gradient(model, factories[composite]()) as attributor:
+            logits = model(x)
+            index = logits.argmax(1, keepdim=True)
+            start = torch.zeros_like(logits).scatter_(1, index, logits.gather(1, index))
+            return attributor(x.clone().requires_grad_(True), start)
+    return run
+
+
+def captum_lrp(model: nn.Module) -> Callable[[torch.Tensor], object]:
+    from captum.attr import LRP
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    explainer = LRP(model)
+
+    def run(x):
+        with torch.no_grad():
+            target = model(x).argmax(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return explainer.attribute(x.clone().requires_grad_(True), target=target)
+    return run
+
+
+def blog_code(model: nn.Module) -> Callable[[torch.Tensor], object]:
+    from tests.test_reference_implementations import blog_lrp  # the blog's algorithm, as the tests run it
+
+    return lambda x: blog_lrp(model, x)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def seconds_per_image(fn: Callable, x: torch.Tensor, repeats: int) -> float:
+    fn(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return min(times) / x.shape[0]
+
+
+def peak_memory_mb(spec: str, args: argparse.Namespace) -> float | None:
+    """Peak resident memory added by one call, measured in a fresh process (Linux VmHWM, reset before)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    command = [sys.executable, "-m", "bench.lrp_speed", "--memory-probe", spec, "--model", args.model,
+               "--size", str(args.size), "--batch", str(args.batch)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        print(f"memory probe {spec} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(spec: str, args: argparse.Namespace) -> None:
+    model = build_model(args.model)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    fn = make(spec, model)
+
+    def status(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return float(line.split()[1]) / 1024
+        raise KeyError(key)
+
+    fn(x[:1])  # allocate lazily created state before measuring
+    before = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    fn(x)
+    print(status("VmHWM") - before)
+
+
+def make(spec: str, model: nn.Module) -> Callable:
+    kind, _, rest = spec.partition(":")
+    if kind == "forward":
+        return plain_forward(model)
+    if kind == "gradient":
+        return forward_and_input_gradient(model)
+    if kind == "ours":
+        composite, _, top_k = rest.partition("@")
+        return ours(model, composite, float(top_k or 0))
+    if kind == "zennit":
+        return zennit_attribution(model, rest)
+    if kind == "captum":
+        return captum_lrp(model)
+    if kind == "blog":
+        return blog_code(model)
+    raise ValueError(spec)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    composites = ["epsilon_gamma_box", "epsilon_plus_flat", "seed"] if args.quick else COMPOSITES
+    rows = [("forward", "forward (inference mode)"), ("gradient", "forward + input gradient")]
+    rows += [(f"ours:{c}", f"ours {c}") for c in composites]
+    rows += [(f"ours:epsilon_gamma_box@{k}", f"ours epsilon_gamma_box top-k {k}") for k in TOP_K]
+    zennit = [c for c in composites if c.startswith("epsilon")]
+    rows += [(f"zennit:{c}", f"zennit {c}") for c in zennit]
+    rows += [("captum:", "captum LRP (default rules)"), ("blog:", "blog code (z+ everywhere)")]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vgg16")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="three composites, one repeat")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        _memory_probe(args.memory_probe, args)
+        return 0
+    if args.quick:
+        args.repeats = 1
+    model = build_model(args.model)
+    torch.manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    results: dict[str, dict] = {}
+    for spec, label in plan(args):
+        seconds = seconds_per_image(make(spec, model), x, args.repeats)
+        results[spec] = {"label": label, "seconds_per_image": seconds}
+        print(f"  {label:<42s} {seconds:8.3f} s/image", flush=True)
+    memory_specs = [] if args.no_memory else ["gradient", "ours:epsilon_gamma_box", "ours:epsilon_plus_flat",
+                                              "ours:seed"]
+    for spec in memory_specs:
+        results[spec]["peak_memory_mb"] = peak_memory_mb(spec, args)
+
+    forward = results["forward"]["seconds_per_image"]
+    for spec, row in results.items():
+        row["ratio_to_forward"] = row["seconds_per_image"] / forward
+        composite = spec.partition(":")[2].partition("@")[0]
+        if spec.startswith("ours:") and f"zennit:{composite}" in results:
+            row["speedup_over_zennit"] = results[f"zennit:{composite}"]["seconds_per_image"] / row["seconds_per_image"]
+        if spec.startswith("ours:") and "blog:" in results:
+            row["speedup_over_blog"] = results["blog:"]["seconds_per_image"] / row["seconds_per_image"]
+    targets = check_targets(results)
+    print_table(results, targets, args)
+    report = {
+        "setup": {"model": args.model, "size": args.size, "batch": args.batch, "repeats": args.repeats,
+                  "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+                  "machine": platform.machine(), "cores": os.cpu_count(),
+                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        "results": results,
+        "targets": targets,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+def check_targets(results: dict[str, dict]) -> list[dict]:
+    """The issue's targets, each with its measured value."""
+    targets = []
+
+    def add(name: str, value: float | None, limit: float, at_most: bool) -> None:
+        if value is None:
+            return
+        ok = value <= limit if at_most else value >= limit
+        targets.append({"target": name, "value": round(value, 3), "limit": limit, "met": ok})
+
+    for composite in ("epsilon_gamma_box", "epsilon_plus_flat", "seed"):
+        row = results.get(f"ours:{composite}")
+        if row:
+            add(f"{composite}: time / forward <= 3.5", row["ratio_to_forward"], 3.5, True)
+    for composite, limit in (("epsilon_gamma_box", 5.0), ("epsilon_plus_flat", 2.5)):
+        row = results.get(f"ours:{composite}", {})
+        add(f"{composite}: speed-up over zennit >= {limit}", row.get("speedup_over_zennit"), limit, False)
+    add("seed: speed-up over the blog's code >= 2", results.get("ours:seed", {}).get("speedup_over_blog"), 2.0, False)
+    base, filtered = results.get("ours:epsilon_gamma_box"), results.get("ours:epsilon_gamma_box@0.1")
+    if base and filtered:
+        add("top-k 0.1: extra time <= 10 %", filtered["seconds_per_image"] / base["seconds_per_image"] - 1, 0.10, True)
+    gradient_memory = results.get("gradient", {}).get("peak_memory_mb")
+    for composite in ("epsilon_gamma_box", "epsilon_plus_flat", "seed"):
+        memory = results.get(f"ours:{composite}", {}).get("peak_memory_mb")
+        if gradient_memory and memory:
+            add(f"{composite}: peak memory / forward+gradient <= 2.5", memory / gradient_memory, 2.5, True)
+    return targets
+
+
+def print_table(results: dict[str, dict], targets: list[dict], args: argparse.Namespace) -> None:
+    print(f"\n{args.model} {args.size}x{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"best of {args.repeats}")
+    header = f"{'method':<42s} {'s/image':>8s} {'x forward':>9s} {'x zennit':>9s} {'peak MB':>8s}"
+    print(header + "\n" + "-" * len(header))
+    for row in results.values():
+        speedup = row.get("speedup_over_zennit")
+        memory = row.get("peak_memory_mb")
+        print(f"{row['label']:<42s} {row['seconds_per_image']:8.3f} {row['ratio_to_forward']:9.2f} "
+              f"{'' if speedup is None else f'{speedup:.1f}x':>9s} {'' if memory is None else f'{memory:.0f}':>8s}")
+    print("\ntargets:")
+    for target in targets:
+        print(f"  [{'met' if target['met'] else 'MISSED'}] {target['target']}: {target['value']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Forward and transposed passes of the affine layers (conv2d, linear) as plain tensor functions.
+
+LRP needs `F(a, W, b)` and its transpose `F^T(s, W)` with many weight variants. The transposed weight is
+prepared once per variant (`transpose_weight`), so the per-call work is a single conv or matmul.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AffineOp(nn.Module):
+    """Geometry of one affine layer; holds no weights, only how to apply them."""
+
+    def forward_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def transpose_weight(self, weight: Tensor) -> Tensor:
+        """Return the weight in the layout `transpose_op` wants (computed once, at build time)."""
+        raise NotImplementedError
+
+    def transpose_op(self, s: Tensor, weight_t: Tensor, input_shape: torch.Size) -> Tensor:
+        raise NotImplementedError
+
+    def ones_weight(self, weight: Tensor) -> Tensor:
+        return torch.ones_like(weight)
+
+    @staticmethod
+    def cat_weights(weights: list[Tensor]) -> Tensor:
+        """Stack weight variants along the output dimension (one forward computes all of them)."""
+        return torch.cat(weights, dim=0)
+
+    def cat_transposed(self, weights_t: list[Tensor]) -> Tensor:
+        """Stack transposed weights so that one transposed pass sums over all variants' inputs."""
+        raise NotImplementedError
+
+    def split_transposed(self, weights_t: list[Tensor]) -> Tensor:
+        """Stack transposed weights so that one transposed pass returns each variant's input separately."""
+        raise NotImplementedError
+
+    @property
+    def channel_dim(self) -> int:
+        return 1
+
+
+class Conv2dOp(AffineOp):
+    """conv2d; its transpose is a conv2d with flipped kernels where stride is 1 (fastest), else conv_transpose2d."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError(f"grouped convolutions are not supported (groups={conv.groups})")
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"only explicit zero padding is supported, got {conv.padding!r}/{conv.padding_mode}")
+        self.stride = tuple(conv.stride)
+        self.padding = tuple(conv.padding)
+        self.dilation = tuple(conv.dilation)
+        self.kernel = tuple(conv.kernel_size)
+        flip_padding = tuple(d * (k - 1) - p for d, k, p in zip(self.dilation, self.kernel, self.padding))
+        self.as_flipped_conv = self.stride == (1, 1) and all(p >= 0 for p in flip_padding)
+        self.flip_padding = flip_padding
+
+    def forward_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def transpose_weight(self, weight: Tensor) -> Tensor:
+        if self.as_flipped_conv:
+            return weight.flip(2, 3).transpose(0, 1).contiguous()
+        return weight.contiguous()
+
+    def transpose_op(self, s: Tensor, weight_t: Tensor, input_shape: torch.Size) -> Tensor:
+        if self.as_flipped_conv:
+            return F.conv2d(s, weight_t, None, 1, self.flip_padding, self.dilation)
+        out_pad = [
+            size - ((o - 1) * st - 2 * p + d * (k - 1) + 1)
+            for size, o, st, p, d, k in zip(
+                input_shape[-2:], s.shape[-2:], self.stride, self.padding, self.dilation, self.kernel
+            )
+        ]
+        return F.conv_transpose2d(s, weight_t, None, self.stride, self.padding, out_pad, 1, self.dilation)
+
+    def cat_transposed(self, weights_t: list[Tensor]) -> Tensor:
+        # flipped layout is (in, out, k, k): more "out" channels of the forward = more input channels here
+        return torch.cat(weights_t, dim=1 if self.as_flipped_conv else 0)
+
+    def split_transposed(self, weights_t: list[Tensor]) -> Tensor:
+        return torch.cat(weights_t, dim=0 if self.as_flipped_conv else 1)
+
+
+class LinearOp(AffineOp):
+    """Dense layer; its transpose is `s @ W`."""
+
+    def forward_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def transpose_weight(self, weight: Tensor) -> Tensor:
+        return weight.contiguous()
+
+    def transpose_op(self, s: Tensor, weight_t: Tensor, input_shape: torch.Size) -> Tensor:
+        return torch.matmul(s, weight_t)
+
+    def cat_transposed(self, weights_t: list[Tensor]) -> Tensor:
+        return torch.cat(weights_t, dim=0)
+
+    def split_transposed(self, weights_t: list[Tensor]) -> Tensor:
+        return torch.cat(weights_t, dim=1)
+
+
+def make_op(layer: nn.Module) -> AffineOp:
+    if isinstance(layer, nn.Conv2d):
+        return Conv2dOp(layer)
+    if isinstance(layer, nn.Linear):
+        return LinearOp()
+    raise TypeError(f"no affine op for {type(layer).__name__}")

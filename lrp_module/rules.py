@@ -1,0 +1,525 @@
+"""LRP rules, one small class each (zennit-exact; formulas in shared/design/lrp-rules.md).
+
+A rule is a parameter set. `Rule.bind` turns it, for one concrete layer, into a `BoundRule` module that holds
+every modified weight precomputed (w+, w-, w + gamma*w+, their transposes) and computes the input relevance
+from the stored forward values with explicit conv / conv-transpose / matmul calls: no autograd, no hooks.
+
+Fast paths. Inside VGG almost every layer sees a non-negative input (it follows a ReLU) and receives relevance
+only where its ReLU fired (the rule above multiplies by its input, which is zero elsewhere). Where the model
+builder proves both (`LayerContext`), rules drop the terms that are exactly zero and use the stored ReLU output
+in place of the pre-activation. Elsewhere the general, zennit-literal formula runs. Both give the same numbers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import AffineOp
+from .stabilize import rms_per_sample, safe_divide, stabilize
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What the model builder proved about one layer's surroundings."""
+
+    input_nonnegative: bool  # the layer's input is >= 0 everywhere (it follows a ReLU)
+    relu: bool  # a ReLU follows the layer (fused into the step)
+    relevance_on_active: bool  # incoming relevance is zero wherever that ReLU outputs zero
+
+
+def _clamp_pos(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _clamp_neg(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def _cat_bias(*biases: Tensor | None) -> Tensor | None:
+    if all(b is None for b in biases):
+        return None
+    ref = next(b for b in biases if b is not None)
+    return torch.cat([torch.zeros_like(ref) if b is None else b for b in biases])
+
+
+def _divide(relevance: Tensor, denominator: Tensor, eps: float | Tensor) -> Tensor:
+    """relevance / denominator, defining 0/0 as 0 when the rule has no stabiliser (LRP-0)."""
+    if isinstance(eps, (int, float)) and eps == 0:
+        return safe_divide(relevance, denominator)
+    return relevance / denominator
+
+
+class Rule:
+    """A relevance rule for affine layers (conv2d, linear)."""
+
+    def bind(self, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext) -> "BoundRule":
+        raise NotImplementedError
+
+    @property
+    def multiplies_input(self) -> bool:
+        """True when the input relevance is zero wherever the layer's input is zero."""
+        return True
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class BoundRule(nn.Module):
+    """A rule bound to one layer: precomputed weights, and the relevance step."""
+
+    keeps_preactivation = False  # the step must store the pre-activation (before ReLU) for `relevance`
+
+    def __init__(self, op: AffineOp) -> None:
+        super().__init__()
+        self.op = op
+
+    def stash(self, preactivation: Tensor) -> Tensor | None:
+        """Called during the forward with the pre-activation; what it returns reaches `relevance`."""
+        return preactivation if self.keeps_preactivation else None
+
+    def relevance(self, a: Tensor, out: Tensor, stash: Tensor | None, relevance: Tensor) -> Tensor:
+        """Input relevance from the layer input `a`, its (post-ReLU) output `out` and output relevance."""
+        raise NotImplementedError
+
+    def _buffers_from(self, **tensors: Tensor | None) -> None:
+        for name, tensor in tensors.items():
+            if tensor is None:
+                setattr(self, name, None)
+            else:
+                self.register_buffer(name, tensor.detach().clone(), persistent=False)
+
+
+# ----------------------------------------------------------------------------------------------- epsilon
+class Epsilon(Rule):
+    """LRP-epsilon (LRP-0 with epsilon=0): z = F(a, W, b), R_in = a * F^T(R / stab(z), W).
+
+    `rms_scale` adds `rms_scale * rms(z)` per image to epsilon (the Montavon tutorial's 0.25 * std rule).
+    """
+
+    def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False, rms_scale: float = 0.0) -> None:
+        if epsilon < 0 or rms_scale < 0:
+            raise ValueError(f"Epsilon: epsilon and rms_scale must be >= 0, got {epsilon}, {rms_scale}")
+        self.epsilon = float(epsilon)
+        self.zero_bias = zero_bias
+        self.rms_scale = float(rms_scale)
+
+    def bind(self, op, weight, bias, ctx):
+        return _BoundEpsilon(self, op, weight, bias, ctx)
+
+
+class _BoundEpsilon(BoundRule):
+    def __init__(self, rule: Epsilon, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
+        super().__init__(op)
+        self.eps = rule.epsilon
+        self.rms_scale = rule.rms_scale
+        self.zero_bias = rule.zero_bias and bias is not None
+        # fast: the ReLU output equals z wherever relevance is non-zero, and z >= 0 there
+        self.fast = ctx.relu and ctx.relevance_on_active and not self.zero_bias
+        self.keeps_preactivation = ctx.relu and not self.fast and not self.zero_bias
+        self._buffers_from(weight=weight, weight_t=op.transpose_weight(weight))
+
+    def stash(self, preactivation: Tensor) -> Tensor | None:
+        if self.keeps_preactivation:
+            return preactivation
+        if self.rms_scale:
+            return rms_per_sample(preactivation)
+        return None
+
+    def relevance(self, a, out, stash, relevance):
+        if self.zero_bias:
+            z = self.op.forward_op(a, self.weight)
+        else:
+            z = stash if self.keeps_preactivation else out
+        eps = self.eps
+        if self.rms_scale:
+            rms = stash if (stash is not None and not self.keeps_preactivation and not self.zero_bias) else None
+            eps = eps + self.rms_scale * (rms_per_sample(z) if rms is None else rms)
+        denominator = z + eps if self.fast else stabilize(z, eps)
+        s = _divide(relevance, denominator, eps)
+        return self.op.transpose_op(s, self.weight_t, a.shape).mul_(a)
+
+
+# ------------------------------------------------------------------------------------------------ z-plus
+class ZPlus(Rule):
+    """z+ (alpha=1, beta=0): z = F(a+, W+, b+) + F(a-, W-, 0); R_in = a+ F^T(s, W+) + a- F^T(s, W-).
+
+    `ones_input` uses an all-ones input in place of the activation (the original blog's first layer).
+    """
+
+    def __init__(self, stabilizer: float = 1e-6, zero_bias: bool = False, ones_input: bool = False) -> None:
+        self.stabilizer = float(stabilizer)
+        self.zero_bias = zero_bias
+        self.ones_input = ones_input
+
+    @property
+    def multiplies_input(self) -> bool:
+        return not self.ones_input
+
+    def bind(self, op, weight, bias, ctx):
+        return _BoundZPlus(self, op, weight, bias, ctx)
+
+
+class _BoundZPlus(BoundRule):
+    def __init__(self, rule: ZPlus, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
+        super().__init__(op)
+        self.eps = rule.stabilizer
+        self.ones_input = rule.ones_input
+        self.nonnegative = ctx.input_nonnegative or rule.ones_input
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        b_pos = None if rule.zero_bias else _clamp_pos(bias)
+        self._buffers_from(w_pos=w_pos, b_pos=b_pos, w_pos_t=op.transpose_weight(w_pos))
+        if not self.nonnegative:
+            self._buffers_from(
+                w_neg=w_neg, w_split_t=op.split_transposed([op.transpose_weight(w_pos), op.transpose_weight(w_neg)])
+            )
+
+    def relevance(self, a, out, stash, relevance):
+        if self.ones_input:
+            # z >= 0: the all-ones input and W+ are non-negative; one image's worth, broadcast over the batch
+            z = self.op.forward_op(torch.ones_like(a[:1]), self.w_pos, self.b_pos)
+            s = relevance / (z + self.eps)
+            return self.op.transpose_op(s, self.w_pos_t, a.shape)
+        if self.nonnegative:
+            z = self.op.forward_op(a, self.w_pos, self.b_pos)  # >= 0, so stab(z) = z + eps
+            s = relevance.div_(z.add_(self.eps))
+            return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
+        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+        z = self.op.forward_op(a_pos, self.w_pos, self.b_pos) + self.op.forward_op(a_neg, self.w_neg)
+        s = relevance / stabilize(z, self.eps)
+        c_pos, c_neg = self.op.transpose_op(s, self.w_split_t, a.shape).chunk(2, dim=self.op.channel_dim)
+        return a_pos * c_pos + a_neg * c_neg
+
+
+# ------------------------------------------------------------------------------------------------- gamma
+class Gamma(Rule):
+    """Generalised gamma (zennit 1.0): W + gamma*W+ where the unmodified output is positive, W + gamma*W- where
+    it is negative, each split by input sign; no relevance where the output is zero."""
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False) -> None:
+        if gamma < 0:
+            raise ValueError(f"Gamma: gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.stabilizer = float(stabilizer)
+        self.zero_bias = zero_bias
+
+    def bind(self, op, weight, bias, ctx):
+        return _BoundGamma(self, op, weight, bias, ctx)
+
+
+class _BoundGamma(BoundRule):
+    def __init__(self, rule: Gamma, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
+        super().__init__(op)
+        g, self.eps = rule.gamma, rule.stabilizer
+        bias = None if rule.zero_bias else bias
+        w_gp, w_gn = weight + g * weight.clamp(min=0), weight + g * weight.clamp(max=0)
+        b_gp = None if bias is None else bias + g * bias.clamp(min=0)
+        b_gn = None if bias is None else bias + g * bias.clamp(max=0)
+        t = op.transpose_weight
+        self.nonnegative = ctx.input_nonnegative
+        # fast: a >= 0 and relevance only where o > 0, so only the (o > 0, a+) term survives
+        self.fast = ctx.input_nonnegative and ctx.relu and ctx.relevance_on_active
+        self.keeps_preactivation = ctx.relu and not self.fast
+        if self.fast:
+            self._buffers_from(w_gp=w_gp, b_gp=b_gp, w_gp_t=t(w_gp))
+            return
+        self._buffers_from(
+            w_both=op.cat_weights([w_gp, w_gn]),
+            b_both=_cat_bias(b_gp, b_gn),
+            w_pos_t=op.cat_transposed([t(w_gp), t(w_gn)]),  # a+ sees (Wg+ for o>0, Wg- for o<0)
+        )
+        if not self.nonnegative:
+            self._buffers_from(
+                w_both_swapped=op.cat_weights([w_gn, w_gp]),
+                w_neg_t=op.cat_transposed([t(w_gn), t(w_gp)]),  # a- sees the swapped pair
+            )
+
+    def relevance(self, a, out, stash, relevance):
+        if self.fast:
+            z = self.op.forward_op(a, self.w_gp, self.b_gp)
+            # where relevance flows z >= o > 0, so clamp(z, 0) + eps == stab(z); elsewhere it keeps 0/0 away
+            s = relevance.div_(z.clamp_(min=0).add_(self.eps))
+            return self.op.transpose_op(s, self.w_gp_t, a.shape).mul_(a)
+        o = stash if self.keeps_preactivation else out
+        cdim = self.op.channel_dim
+        if self.nonnegative:
+            z_p, z_n = self.op.forward_op(a, self.w_both, self.b_both).chunk(2, dim=cdim)
+        else:
+            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+            z = self.op.forward_op(a_pos, self.w_both, self.b_both) + self.op.forward_op(a_neg, self.w_both_swapped)
+            z_p, z_n = z.chunk(2, dim=cdim)
+        s_p = relevance * (o > 0) / stabilize(z_p, self.eps)
+        s_n = relevance * (o < 0) / stabilize(z_n, self.eps)
+        s = torch.cat([s_p, s_n], dim=cdim)
+        if self.nonnegative:
+            return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
+        return a_pos * self.op.transpose_op(s, self.w_pos_t, a.shape) + a_neg * self.op.transpose_op(
+            s, self.w_neg_t, a.shape
+        )
+
+
+# -------------------------------------------------------------------------------------------- alpha-beta
+class AlphaBeta(Rule):
+    """alpha-beta: alpha * (positive contributions) - beta * (negative contributions), alpha - beta = 1."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, zero_bias: bool = False):
+        if alpha < 0 or beta < 0 or abs((alpha - beta) - 1.0) > 1e-12:
+            raise ValueError(f"AlphaBeta: need alpha, beta >= 0 and alpha - beta = 1, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.stabilizer = float(stabilizer)
+        self.zero_bias = zero_bias
+
+    def bind(self, op, weight, bias, ctx):
+        return _BoundAlphaBeta(self, op, weight, bias, ctx)
+
+
+class _BoundAlphaBeta(BoundRule):
+    def __init__(self, rule: AlphaBeta, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
+        super().__init__(op)
+        self.alpha, self.beta, self.eps = rule.alpha, rule.beta, rule.stabilizer
+        bias = None if rule.zero_bias else bias
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        t = op.transpose_weight
+        self.nonnegative = ctx.input_nonnegative
+        self._buffers_from(
+            w_both=op.cat_weights([w_pos, w_neg]),
+            b_both=_cat_bias(_clamp_pos(bias), _clamp_neg(bias)),
+            w_pos_t=op.cat_transposed([t(w_pos), t(w_neg)]),
+        )
+        if not self.nonnegative:
+            self._buffers_from(w_both_swapped=op.cat_weights([w_neg, w_pos]), w_neg_t=op.cat_transposed([t(w_neg), t(w_pos)]))
+
+    def relevance(self, a, out, stash, relevance):
+        cdim = self.op.channel_dim
+        if self.nonnegative:
+            z_p, z_n = self.op.forward_op(a, self.w_both, self.b_both).chunk(2, dim=cdim)
+        else:
+            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+            z = self.op.forward_op(a_pos, self.w_both, self.b_both) + self.op.forward_op(a_neg, self.w_both_swapped)
+            z_p, z_n = z.chunk(2, dim=cdim)
+        s = torch.cat(
+            [relevance * self.alpha / stabilize(z_p, self.eps), relevance * -self.beta / stabilize(z_n, self.eps)],
+            dim=cdim,
+        )
+        if self.nonnegative:
+            return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
+        return a_pos * self.op.transpose_op(s, self.w_pos_t, a.shape) + a_neg * self.op.transpose_op(
+            s, self.w_neg_t, a.shape
+        )
+
+
+# ------------------------------------------------------------------------------------------------- z-box
+class ZBox(Rule):
+    """z^B for bounded input (first layer): low/high are scalars or per-channel bounds of the layer input.
+
+    No zero_bias option: the biases cancel in z^B (b - b+ - b- = 0), so it would change nothing."""
+
+    def __init__(self, low: float | Sequence[float], high: float | Sequence[float], stabilizer: float = 1e-6) -> None:
+        self.low = torch.as_tensor(low, dtype=torch.float32)
+        self.high = torch.as_tensor(high, dtype=torch.float32)
+        if self.low.shape != self.high.shape or bool((self.low > self.high).any()):
+            raise ValueError(f"ZBox: low and high must have the same shape and low <= high, got {low}, {high}")
+        self.stabilizer = float(stabilizer)
+
+    def bind(self, op, weight, bias, ctx):
+        return _BoundZBox(self, op, weight, bias, ctx)
+
+
+class _BoundZBox(BoundRule):
+    keeps_preactivation = True
+
+    def __init__(self, rule: ZBox, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
+        super().__init__(op)
+        self.eps = rule.stabilizer
+        in_channels = weight.shape[1]
+        if rule.low.numel() not in (1, in_channels):
+            raise ValueError(f"ZBox: bounds have {rule.low.numel()} values, the layer has {in_channels} input channels")
+        shape = (1, -1) + (1,) * (weight.ndim - 2)  # broadcast over the input's channel dim
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        t = op.transpose_weight
+        self.relu = ctx.relu
+        # z = F(a,W,b) - F(l,W+,b+) - F(h,W-,b-) = F(a,W) - F(l,W+) - F(h,W-): the biases cancel (b = b+ + b-),
+        # with or without zero_bias, so z is the pre-activation minus the bias minus the box term
+        self._buffers_from(
+            low=rule.low.to(weight).reshape(shape) if rule.low.numel() > 1 else rule.low.to(weight),
+            high=rule.high.to(weight).reshape(shape) if rule.high.numel() > 1 else rule.high.to(weight),
+            w_pos=w_pos,
+            w_neg=w_neg,
+            bias=None if bias is None else bias.reshape((1, -1) + (1,) * (weight.ndim - 2)),
+            w_split_t=op.split_transposed([t(weight), t(w_pos), t(w_neg)]),
+        )
+
+    def relevance(self, a, out, stash, relevance):
+        o = stash if self.relu else out
+        ones = torch.ones_like(a[:1])
+        low, high = ones * self.low, ones * self.high
+        box = self.op.forward_op(low, self.w_pos) + self.op.forward_op(high, self.w_neg)
+        if self.bias is not None:
+            box = box + self.bias
+        s = relevance / stabilize(o - box, self.eps)
+        c, c_low, c_high = self.op.transpose_op(s, self.w_split_t, a.shape).chunk(3, dim=self.op.channel_dim)
+        return a * c - low * c_low - high * c_high
+
+
+# ------------------------------------------------------------------------------------------ flat and w^2
+class Flat(Rule):
+    """flat: every input gets relevance in proportion to its connection count (all-ones input and weights)."""
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = float(stabilizer)
+
+    @property
+    def multiplies_input(self) -> bool:
+        return False
+
+    def bind(self, op, weight, bias, ctx):
+        return _BoundSquaredOrFlat(op, torch.ones_like(weight), None, self.stabilizer)
+
+
+class WSquare(Rule):
+    """w^2: relevance in proportion to squared weights (zennit squares the bias too unless zero_bias)."""
+
+    def __init__(self, stabilizer: float = 1e-6, zero_bias: bool = False) -> None:
+        self.stabilizer = float(stabilizer)
+        self.zero_bias = zero_bias
+
+    @property
+    def multiplies_input(self) -> bool:
+        return False
+
+    def bind(self, op, weight, bias, ctx):
+        squared_bias = None if (bias is None or self.zero_bias) else bias.square()
+        return _BoundSquaredOrFlat(op, weight.square(), squared_bias, self.stabilizer)
+
+
+class _BoundSquaredOrFlat(BoundRule):
+    """z = F(1, V, c) >= 0 for a non-negative V, c; R_in = F^T(R / (z + eps), V). z depends on shape only."""
+
+    def __init__(self, op: AffineOp, weight: Tensor, bias: Tensor | None, eps: float):
+        super().__init__(op)
+        self.eps = eps
+        self._buffers_from(weight=weight, bias=bias, weight_t=op.transpose_weight(weight))
+
+    def relevance(self, a, out, stash, relevance):
+        z = self.op.forward_op(torch.ones_like(a[:1]), self.weight, self.bias)
+        return self.op.transpose_op(relevance / (z + self.eps), self.weight_t, a.shape)
+
+
+# ----------------------------------------------------------------------------------------------- pooling
+class PoolRule:
+    """A relevance rule for pooling layers."""
+
+    def bind(self, pool: nn.Module) -> "BoundPoolRule":
+        raise NotImplementedError
+
+    multiplies_input = True
+    needs_indices = False
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class BoundPoolRule(nn.Module):
+    def relevance(self, a: Tensor, out: Tensor, indices: Tensor | None, relevance: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _pool_geometry(pool: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    def pair(v):
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
+    padding = pair(getattr(pool, "padding", 0))
+    dilation = pair(getattr(pool, "dilation", 1))
+    if kernel != stride or padding != (0, 0) or dilation != (1, 1) or getattr(pool, "ceil_mode", False):
+        raise ValueError(
+            f"only non-overlapping pooling (kernel == stride, no padding/dilation/ceil_mode) is supported, got {pool}"
+        )
+    return kernel, stride
+
+
+class WinnerTakesAll(PoolRule):
+    """Max pooling: all relevance of a window goes to its arg-max (zennit's default: the gradient)."""
+
+    needs_indices = True
+
+    def bind(self, pool):
+        _pool_geometry(pool)
+        return _BoundWinnerTakesAll()
+
+
+class _BoundWinnerTakesAll(BoundPoolRule):
+    def relevance(self, a, out, indices, relevance):
+        # aten.max_unpool2d traces (F.max_unpool2d does not); windows do not overlap, so it is exact
+        return torch.ops.aten.max_unpool2d(relevance, indices, list(a.shape[-2:]))
+
+
+class AvgPoolRule(PoolRule):
+    """Max pooling treated as average pooling over the same windows (the LRP tutorial, the original blog)."""
+
+    def __init__(self, stabilizer: float = 1e-6, rms_scale: float = 0.0) -> None:
+        self.stabilizer = float(stabilizer)
+        self.rms_scale = float(rms_scale)
+
+    def bind(self, pool):
+        kernel, _ = _pool_geometry(pool)
+        return _BoundAvgPool(kernel, self.stabilizer, self.rms_scale)
+
+
+class _BoundAvgPool(BoundPoolRule):
+    def __init__(self, kernel: tuple[int, int], eps: float, rms_scale: float) -> None:
+        super().__init__()
+        self.kernel, self.eps, self.rms_scale = kernel, eps, rms_scale
+
+    def relevance(self, a, out, indices, relevance):
+        kh, kw = self.kernel
+        z = F.avg_pool2d(a, self.kernel, self.kernel)
+        eps = self.eps + self.rms_scale * rms_per_sample(z) if self.rms_scale else self.eps
+        s = _divide(relevance, stabilize(z, eps), eps) / (kh * kw)
+        # adjoint of non-overlapping average pooling: spread each value over its window, zero in leftover rows
+        up = s.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3)
+        up = F.pad(up, (0, a.shape[-1] - up.shape[-1], 0, a.shape[-2] - up.shape[-2]))
+        return up.mul_(a)
+
+
+class Norm(PoolRule):
+    """Average / adaptive average pooling (zennit's Norm): z = pool(a), R_in = a * pool^T(R / stab(z))."""
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = float(stabilizer)
+
+    def bind(self, pool):
+        if not isinstance(pool, nn.AdaptiveAvgPool2d):
+            raise ValueError(f"Norm supports AdaptiveAvgPool2d here, got {pool}")
+        return _BoundAdaptiveNorm(pool.output_size, self.stabilizer)
+
+
+def adaptive_pool_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(n_out, n_in) matrix of adaptive average pooling along one axis (PyTorch's floor/ceil bins)."""
+    rows = []
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        row = torch.zeros(n_in, dtype=like.dtype, device=like.device)
+        row[start:end] = 1.0 / (end - start)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+class _BoundAdaptiveNorm(BoundPoolRule):
+    def __init__(self, output_size, eps: float) -> None:
+        super().__init__()
+        size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        self.output_size = size
+        self.eps = eps
+
+    def relevance(self, a, out, indices, relevance):
+        s = _divide(relevance, stabilize(out, self.eps), self.eps)
+        (h, w), (oh, ow) = a.shape[-2:], out.shape[-2:]
+        if (h, w) != (oh, ow):  # separable adjoint: P_h^T s P_w
+            s = adaptive_pool_matrix(h, oh, s).t() @ s @ adaptive_pool_matrix(w, ow, s)
+        return s * a

@@ -1,0 +1,153 @@
+"""VGG builders and their weights: torchvision's ImageNet weights (hub cache or download), a local state-dict
+file, or random initialisation on explicit request. Missing weights are an error that says what to put where;
+random weights are never a silent fallback.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+VGG_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+IMAGENET_CHOICES = ("imagenet", "DEFAULT", "IMAGENET1K_V1")
+OFFLINE_ENV = "LRP_OFFLINE"  # set to 1 to never try a download
+
+
+class WeightsError(RuntimeError):
+    """The requested weights cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class WeightsInfo:
+    """Provenance of a model's weights, for manifests and artifact metadata."""
+
+    model: str
+    kind: str  # "imagenet" | "file" | "random"
+    source: str | None = None  # file path or URL
+    sha256: str | None = None
+    categories: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        record.pop("categories")
+        return record
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def hub_checkpoint_path(name: str) -> Path:
+    """Where torchvision's loader looks for (and downloads) the ImageNet weights of `name`."""
+    url = imagenet_weights(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _check_name(name: str) -> None:
+    if name not in VGG_NAMES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(VGG_NAMES)}")
+
+
+def _load_imagenet(name: str) -> tuple[dict, WeightsInfo]:
+    weights = imagenet_weights(name)
+    path = hub_checkpoint_path(name)
+    if not path.exists():
+        if os.environ.get(OFFLINE_ENV) == "1":
+            reason = f"{OFFLINE_ENV}=1 forbids downloading"
+        else:
+            reason = _try_download(weights)
+        if not path.exists():
+            raise WeightsError(
+                f"ImageNet weights for {name} are not available ({reason}): put {path.name} from {weights.url} "
+                f"at {path} (or set TORCH_HOME), or pass a local state-dict file as the weights"
+            )
+    digest = sha256_file(path)
+    expected = path.stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<sha256 prefix>.pth
+    if not digest.startswith(expected):
+        raise WeightsError(f"{path} is corrupt: sha256 {digest[:12]}... does not start with {expected}; delete it")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    info = WeightsInfo(name, "imagenet", weights.url, digest, list(weights.meta["categories"]))
+    return state, info
+
+
+def _try_download(weights: torchvision.models.WeightsEnum, timeout_s: float = 30.0) -> str:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        weights.get_state_dict(progress=True, check_hash=True)
+        return "downloaded"
+    except Exception as error:  # no network, proxy, HTTP error: report it, do not fall back
+        return f"download failed: {type(error).__name__}: {str(error)[:120]}"
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _load_file(name: str, path: Path) -> tuple[dict, WeightsInfo]:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"weights file {path} is not a loadable state dict: {str(error).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state, WeightsInfo(name, "file", str(path), sha256_file(path))
+
+
+def build_vgg(name: str, weights: str | os.PathLike | None, num_classes: int | None = None,
+              seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """A torchvision VGG in eval mode and where its weights came from.
+
+    weights: "imagenet" (torchvision's, from the hub cache or downloaded), a path to a state-dict file, or
+    "random" (seeded initialisation; warns loudly). None is an error: weights are always chosen explicitly.
+    """
+    _check_name(name)
+    if weights is None:
+        raise WeightsError(f"no weights given for {name}: use 'imagenet', a state-dict file, or 'random'")
+    builder = getattr(torchvision.models, name)
+    if str(weights) in IMAGENET_CHOICES:
+        state, info = _load_imagenet(name)
+        model = builder(num_classes=1000)
+    elif str(weights) == "random":
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        model = builder(num_classes=num_classes or 1000)
+        torch.random.set_rng_state(generator_state)
+        message = f"{name} uses RANDOM weights (seed {seed}): its explanations say nothing about a trained model"
+        warnings.warn(message, stacklevel=2)
+        log.warning(message)
+        return model.eval(), WeightsInfo(name, "random", f"seed={seed}")
+    else:
+        state, info = _load_file(name, Path(weights))
+        classes = state.get("classifier.6.weight")
+        model = builder(num_classes=num_classes or (classes.shape[0] if classes is not None else 1000))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = " ".join(str(error).split("\n\t")[:2]).replace("\n", " ")
+        raise WeightsError(f"weights {info.source} do not match {name}: {first[:300]}") from None
+    return model.eval(), info

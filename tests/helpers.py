@@ -1,0 +1,33 @@
+"""Test helpers: small random VGGs with non-trivial biases and batch-norm statistics."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random non-zero biases and batch-norm statistics, so every bias and folding path is exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.05)
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+    return model.eval()
+
+
+def make_vgg(name: str = "vgg11", num_classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize(getattr(torchvision.models, name)(num_classes=num_classes), seed)
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per image: max |difference| over max |reference|."""
+    diff = (ours - reference).abs().flatten(1).max(dim=1).values
+    return diff / reference.abs().flatten(1).max(dim=1).values
