@@ -45,35 +45,51 @@ def kth_largest(flat: Tensor, k: int) -> Tensor:
     margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 2.0  # binomial spread of the sample rank, generously
     hi_rank, lo_rank = int(q * m - margin), min(m, int(q * m + margin) + 1)
     ranked = torch.topk(sample, lo_rank, dim=1).values
-    lo = ranked[:, lo_rank - 1:lo_rank]
-    above = None
-    if hi_rank >= 1:
-        hi = ranked[:, hi_rank - 1:hi_rank]
-        above = (flat > hi).sum(dim=1, dtype=torch.int32).tolist()
+    lo = ranked[:, lo_rank - 1].tolist()
+    hi = ranked[:, hi_rank - 1].tolist() if hi_rank >= 1 else [math.inf] * n_rows
     result = torch.empty(n_rows, 1, dtype=flat.dtype, device=flat.device)
     for i in range(n_rows):
         row = flat[i]
-        inside = row >= lo[i] if above is None else (row >= lo[i]) & (row <= hi[i])
-        candidates = row[inside]
-        need = k - (0 if above is None else above[i])
-        if 1 <= need <= candidates.numel():
-            result[i] = torch.kthvalue(candidates, candidates.numel() - need + 1).values
-        else:  # the sample misled us (adversarial layout): exact selection on the whole row
+        select = row >= lo[i]
+        if lo[i] <= 0.0 <= hi[i]:
+            # the bracket holds zero, and relevance is often mostly exact zeros (dead units, arg-max pooling):
+            # count them instead of selecting among them
+            positive = int((row > 0).sum())
+            if positive < k:
+                if positive + int((row == 0).sum()) >= k:
+                    result[i] = 0.0
+                    continue
+            else:  # the answer is positive: select among the positives only
+                select = row > 0
+        candidates = row[select]  # about k values come out
+        above_mask = candidates > hi[i]
+        need = k - int(above_mask.sum())
+        inside = candidates[~above_mask]
+        if 1 <= need <= inside.numel():
+            result[i] = torch.kthvalue(inside, inside.numel() - need + 1).values
+        else:  # the sample misled us (an adversarial layout): exact selection on the whole row
             result[i] = torch.kthvalue(row, n - k + 1).values
     return result
 
 
-def relevance_filter(relevance: Tensor, top_k: float, rescale: bool = False, traceable: bool = False) -> Tensor:
-    """Zero all but the k-fraction largest values of each image; `rescale` restores each image's total."""
+def relevance_filter(relevance: Tensor, top_k: float, rescale: bool = False, traceable: bool = False,
+                     inplace: bool = False) -> Tensor:
+    """Zero all but the k-fraction largest values of each image; `rescale` restores each image's total.
+
+    inplace: overwrite `relevance` (the LRP pass owns its relevance tensors; this saves a copy per layer)."""
     flat = relevance.reshape(relevance.shape[0], -1)
     n = flat.shape[1]
     k = kept_count(top_k, n)
     if k >= n:
         return relevance
     threshold = kth_largest_traceable(flat, k) if traceable else kth_largest(flat, k)
-    kept = flat * (flat >= threshold)
+    total = flat.sum(dim=1, keepdim=True) if rescale else None
+    if inplace and not traceable and flat.data_ptr() == relevance.data_ptr():
+        kept = flat.masked_fill_(flat < threshold, 0.0)
+    else:
+        kept = flat * (flat >= threshold)
     if rescale:
-        total, kept_total = flat.sum(dim=1, keepdim=True), kept.sum(dim=1, keepdim=True)
+        kept_total = kept.sum(dim=1, keepdim=True)
         # an image whose kept values sum to zero cannot be rescaled; it is left as filtered
         kept = kept * torch.where(kept_total != 0, total / kept_total.masked_fill(kept_total == 0, 1.0), 1.0)
     return kept.reshape(relevance.shape)
@@ -89,4 +105,4 @@ class TopKFilter(nn.Module):
         self.active = 0.0 < self.top_k < 1.0
 
     def forward(self, relevance: Tensor, traceable: bool = False) -> Tensor:
-        return relevance_filter(relevance, self.top_k, self.rescale, traceable)
+        return relevance_filter(relevance, self.top_k, self.rescale, traceable, inplace=True)

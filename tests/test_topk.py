@@ -67,10 +67,14 @@ def _rows(n: int) -> dict[str, torch.Tensor]:
         "periodic": periodic + torch.rand(2, n) * 1e-3,
         "constant": torch.full((2, n), 0.5),
         "heavy_tail": torch.randn(2, n).pow(5),
+        # mostly exact zeros, as below an arg-max pooling: the answer is zero, positive or negative
+        "sparse": torch.randn(2, n) * (torch.rand(2, n) < 0.025),
+        "sparse_negative": -torch.rand(2, n) * (torch.rand(2, n) < 0.97),
     }
 
 
-@pytest.mark.parametrize("kind", ["normal", "relu", "sorted", "periodic", "constant", "heavy_tail"])
+@pytest.mark.parametrize("kind", ["normal", "relu", "sorted", "periodic", "constant", "heavy_tail", "sparse",
+                                  "sparse_negative"])
 @pytest.mark.parametrize("top_k", [0.3, 0.1, 0.02, 1e-5])
 def test_fast_selection_is_exact(kind, top_k):
     """The sampled bracket never changes the answer: equal to kthvalue, including where the sample misleads."""
