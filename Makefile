@@ -7,7 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ZENNIT := zennit==1.0.0
 
-.PHONY: venv test bench clean
+MODEL ?= vgg16
+WEIGHTS ?= imagenet
+COMPOSITE ?= epsilon_gamma_box
+TOPK ?= 0.0
+OUT ?= artifacts/$(MODEL)-$(COMPOSITE)-k$(TOPK)
+EXPORT_ARGS ?=
+
+.PHONY: venv test bench bench-lrp bench-export export clean
 
 venv: $(STAMP)
 
@@ -22,8 +29,18 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: bench-lrp bench-export
+
+bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
+
+bench-export: $(STAMP)
+	$(PY) -m bench.export_speed
+
+# e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
+export: $(STAMP)
+	$(PY) -m export --model $(MODEL) --weights $(WEIGHTS) --composite $(COMPOSITE) --top-k $(TOPK) \
+		--out $(OUT) $(EXPORT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

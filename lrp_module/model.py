@@ -44,7 +44,7 @@ class AffineStep(nn.Module):
         return o, stash
 
     def relevance(self, a: Tensor, out: Tensor, stash: Tensor | None, relevance: Tensor) -> Tensor:
-        return self.rule.relevance(a, out, stash, relevance)
+        return self.rule.relevance(a, out, stash, relevance, self.weight)
 
 
 class PoolStep(nn.Module):

@@ -82,16 +82,28 @@ class BoundRule(nn.Module):
         """Called during the forward with the pre-activation; what it returns reaches `relevance`."""
         return preactivation if self.keeps_preactivation else None
 
-    def relevance(self, a: Tensor, out: Tensor, stash: Tensor | None, relevance: Tensor) -> Tensor:
-        """Input relevance from the layer input `a`, its (post-ReLU) output `out` and output relevance."""
+    def relevance(self, a: Tensor, out: Tensor, stash: Tensor | None, relevance: Tensor, weight: Tensor) -> Tensor:
+        """Input relevance from the layer input `a`, its (post-ReLU) output `out`, the output relevance and
+        the layer's own weight (passed, not stored, so that no tensor is held twice)."""
         raise NotImplementedError
 
+    def _buffers_with_transpose(self, name: str, weight: Tensor) -> None:
+        """Register `weight` as `name` and its transpose as `name + '_t'`, unless that is `weight` itself (dense
+        layers), which would store it twice and is something tracers refuse."""
+        transposed = self.op.transpose_weight(weight)
+        self._buffers_from(**{name: weight, name + "_t": None if transposed is weight else transposed})
+
+    def _transposed(self, name: str) -> Tensor:
+        transposed = getattr(self, name + "_t")
+        return getattr(self, name) if transposed is None else transposed
+
     def _buffers_from(self, **tensors: Tensor | None) -> None:
+        """Register precomputed tensors as (non-persistent) buffers, so they follow the module's device."""
         for name, tensor in tensors.items():
             if tensor is None:
                 setattr(self, name, None)
             else:
-                self.register_buffer(name, tensor.detach().clone(), persistent=False)
+                self.register_buffer(name, tensor, persistent=False)
 
 
 # ----------------------------------------------------------------------------------------------- epsilon
@@ -121,7 +133,8 @@ class _BoundEpsilon(BoundRule):
         # fast: the ReLU output equals z wherever relevance is non-zero, and z >= 0 there
         self.fast = ctx.relu and ctx.relevance_on_active and not self.zero_bias
         self.keeps_preactivation = ctx.relu and not self.fast and not self.zero_bias
-        self._buffers_from(weight=weight, weight_t=op.transpose_weight(weight))
+        weight_t = op.transpose_weight(weight)
+        self._buffers_from(weight_t=None if weight_t is weight else weight_t)  # dense: W^T pass uses W itself
 
     def stash(self, preactivation: Tensor) -> Tensor | None:
         if self.keeps_preactivation:
@@ -130,9 +143,9 @@ class _BoundEpsilon(BoundRule):
             return rms_per_sample(preactivation)
         return None
 
-    def relevance(self, a, out, stash, relevance):
+    def relevance(self, a, out, stash, relevance, weight):
         if self.zero_bias:
-            z = self.op.forward_op(a, self.weight)
+            z = self.op.forward_op(a, weight)
         else:
             z = stash if self.keeps_preactivation else out
         eps = self.eps
@@ -141,7 +154,8 @@ class _BoundEpsilon(BoundRule):
             eps = eps + self.rms_scale * (rms_per_sample(z) if rms is None else rms)
         denominator = z + eps if self.fast else stabilize(z, eps)
         s = _divide(relevance, denominator, eps)
-        return self.op.transpose_op(s, self.weight_t, a.shape).mul_(a)
+        weight_t = weight if self.weight_t is None else self.weight_t
+        return self.op.transpose_op(s, weight_t, a.shape).mul_(a)
 
 
 # ------------------------------------------------------------------------------------------------ z-plus
@@ -172,22 +186,23 @@ class _BoundZPlus(BoundRule):
         self.nonnegative = ctx.input_nonnegative or rule.ones_input
         w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
         b_pos = None if rule.zero_bias else _clamp_pos(bias)
-        self._buffers_from(w_pos=w_pos, b_pos=b_pos, w_pos_t=op.transpose_weight(w_pos))
+        self._buffers_with_transpose("w_pos", w_pos)
+        self._buffers_from(b_pos=b_pos)
         if not self.nonnegative:
             self._buffers_from(
                 w_neg=w_neg, w_split_t=op.split_transposed([op.transpose_weight(w_pos), op.transpose_weight(w_neg)])
             )
 
-    def relevance(self, a, out, stash, relevance):
+    def relevance(self, a, out, stash, relevance, weight):
         if self.ones_input:
             # z >= 0: the all-ones input and W+ are non-negative; one image's worth, broadcast over the batch
             z = self.op.forward_op(torch.ones_like(a[:1]), self.w_pos, self.b_pos)
             s = relevance / (z + self.eps)
-            return self.op.transpose_op(s, self.w_pos_t, a.shape)
+            return self.op.transpose_op(s, self._transposed("w_pos"), a.shape)
         if self.nonnegative:
             z = self.op.forward_op(a, self.w_pos, self.b_pos)  # >= 0, so stab(z) = z + eps
             s = relevance.div_(z.add_(self.eps))
-            return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
+            return self.op.transpose_op(s, self._transposed("w_pos"), a.shape).mul_(a)
         a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
         z = self.op.forward_op(a_pos, self.w_pos, self.b_pos) + self.op.forward_op(a_neg, self.w_neg)
         s = relevance / stabilize(z, self.eps)
@@ -225,7 +240,8 @@ class _BoundGamma(BoundRule):
         self.fast = ctx.input_nonnegative and ctx.relu and ctx.relevance_on_active
         self.keeps_preactivation = ctx.relu and not self.fast
         if self.fast:
-            self._buffers_from(w_gp=w_gp, b_gp=b_gp, w_gp_t=t(w_gp))
+            self._buffers_with_transpose("w_gp", w_gp)
+            self._buffers_from(b_gp=b_gp)
             return
         self._buffers_from(
             w_both=op.cat_weights([w_gp, w_gn]),
@@ -238,12 +254,12 @@ class _BoundGamma(BoundRule):
                 w_neg_t=op.cat_transposed([t(w_gn), t(w_gp)]),  # a- sees the swapped pair
             )
 
-    def relevance(self, a, out, stash, relevance):
+    def relevance(self, a, out, stash, relevance, weight):
         if self.fast:
             z = self.op.forward_op(a, self.w_gp, self.b_gp)
             # where relevance flows z >= o > 0, so clamp(z, 0) + eps == stab(z); elsewhere it keeps 0/0 away
             s = relevance.div_(z.clamp_(min=0).add_(self.eps))
-            return self.op.transpose_op(s, self.w_gp_t, a.shape).mul_(a)
+            return self.op.transpose_op(s, self._transposed("w_gp"), a.shape).mul_(a)
         o = stash if self.keeps_preactivation else out
         cdim = self.op.channel_dim
         if self.nonnegative:
@@ -293,7 +309,7 @@ class _BoundAlphaBeta(BoundRule):
         if not self.nonnegative:
             self._buffers_from(w_both_swapped=op.cat_weights([w_neg, w_pos]), w_neg_t=op.cat_transposed([t(w_neg), t(w_pos)]))
 
-    def relevance(self, a, out, stash, relevance):
+    def relevance(self, a, out, stash, relevance, weight):
         cdim = self.op.channel_dim
         if self.nonnegative:
             z_p, z_n = self.op.forward_op(a, self.w_both, self.b_both).chunk(2, dim=cdim)
@@ -353,7 +369,7 @@ class _BoundZBox(BoundRule):
             w_split_t=op.split_transposed([t(weight), t(w_pos), t(w_neg)]),
         )
 
-    def relevance(self, a, out, stash, relevance):
+    def relevance(self, a, out, stash, relevance, weight):
         o = stash if self.relu else out
         ones = torch.ones_like(a[:1])
         low, high = ones * self.low, ones * self.high
@@ -402,11 +418,12 @@ class _BoundSquaredOrFlat(BoundRule):
     def __init__(self, op: AffineOp, weight: Tensor, bias: Tensor | None, eps: float):
         super().__init__(op)
         self.eps = eps
-        self._buffers_from(weight=weight, bias=bias, weight_t=op.transpose_weight(weight))
+        self._buffers_with_transpose("modified", weight)
+        self._buffers_from(bias=bias)
 
-    def relevance(self, a, out, stash, relevance):
-        z = self.op.forward_op(torch.ones_like(a[:1]), self.weight, self.bias)
-        return self.op.transpose_op(relevance / (z + self.eps), self.weight_t, a.shape)
+    def relevance(self, a, out, stash, relevance, weight):
+        z = self.op.forward_op(torch.ones_like(a[:1]), self.modified, self.bias)
+        return self.op.transpose_op(relevance / (z + self.eps), self._transposed("modified"), a.shape)
 
 
 # ----------------------------------------------------------------------------------------------- pooling
@@ -455,8 +472,10 @@ class WinnerTakesAll(PoolRule):
 
 class _BoundWinnerTakesAll(BoundPoolRule):
     def relevance(self, a, out, indices, relevance):
-        # aten.max_unpool2d traces (F.max_unpool2d does not); windows do not overlap, so it is exact
-        return torch.ops.aten.max_unpool2d(relevance, indices, list(a.shape[-2:]))
+        # unpooling as a scatter into the flattened input plane: windows do not overlap, so it is exact, and
+        # scatter is what every tracer and exporter supports (ONNX ScatterElements)
+        planes = torch.zeros_like(a).flatten(2)
+        return planes.scatter_(2, indices.flatten(2), relevance.flatten(2)).view_as(a)
 
 
 class AvgPoolRule(PoolRule):

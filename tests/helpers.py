@@ -27,6 +27,19 @@ def make_vgg(name: str = "vgg11", num_classes: int = 10, seed: int = 0) -> nn.Mo
     return randomize(getattr(torchvision.models, name)(num_classes=num_classes), seed)
 
 
+def make_tiny_vgg(num_classes: int = 10, batch_norm: bool = False, seed: int = 0) -> nn.Module:
+    """A torchvision VGG with narrow convolutions and dense layers: the same structure, kilobytes of weights."""
+    torch.manual_seed(seed)
+    cfg = [8, "M", 16, "M", 16, 16, "M", 32, "M", 32, "M"]
+    features = torchvision.models.vgg.make_layers(cfg, batch_norm=batch_norm)
+    model = torchvision.models.VGG(features, num_classes=num_classes, init_weights=True)
+    model.classifier = nn.Sequential(
+        nn.Linear(32 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(),
+        nn.Linear(64, num_classes),
+    )
+    return randomize(model, seed)
+
+
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per image: max |difference| over max |reference|."""
     diff = (ours - reference).abs().flatten(1).max(dim=1).values

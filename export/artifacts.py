@@ -1,0 +1,212 @@
+"""Write the LRP-augmented VGG as TorchScript, ONNX and torch.export artifacts plus a metadata sidecar.
+
+Every file is written under a temporary name in the output directory and renamed when complete, so an
+interrupted or failed export never leaves a file that looks finished.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrp_module import LRPModel
+from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD, get_composite
+from lrp_module.zoo import WeightsInfo, build_vgg
+
+from .runner import METADATA_KEY
+
+FILENAMES = {"torchscript": "lrp.torchscript.pt", "onnx": "lrp.onnx", "torch.export": "lrp.pt2"}
+SIDECAR = "lrp.json"
+ONNX_LIMIT = 2 * 1024**3  # protobuf's limit for one self-contained file
+
+
+class ExportError(RuntimeError):
+    """The export cannot go ahead or did not complete; the message says why."""
+
+
+@dataclass
+class ExportConfig:
+    """What to export: one model + weights + composite + top-k, for one input size."""
+
+    model: str = "vgg16"
+    weights: str = "imagenet"
+    composite: str = "epsilon_gamma_box"
+    top_k: float = 0.0
+    rescale_top_k: bool = False
+    height: int = 224
+    width: int = 224
+    channel_sum: bool = True
+    formats: tuple[str, ...] = ("torchscript", "onnx", "torch.export")
+    example_batch: int = 2
+    num_classes: int | None = None
+    composite_params: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        unknown = [f for f in self.formats if f not in FILENAMES]
+        if unknown:
+            raise ExportError(f"unknown format(s) {unknown}; choose from {', '.join(FILENAMES)}")
+        get_composite(self.composite, **self.composite_params)  # unknown name or parameters: one clear line
+        if self.example_batch < 2:
+            raise ExportError("example_batch must be >= 2 (a batch of 1 would be specialised by the exporters)")
+
+
+def build_explainer(config: ExportConfig) -> tuple[LRPModel, WeightsInfo]:
+    model, info = build_vgg(config.model, config.weights, config.num_classes)
+    lrp = LRPModel(model, config.composite, top_k=config.top_k, rescale_top_k=config.rescale_top_k,
+                   composite_params=config.composite_params)
+    return lrp, info
+
+
+def metadata(config: ExportConfig, lrp: LRPModel, info: WeightsInfo) -> dict:
+    import onnx
+    import onnxruntime
+
+    return {
+        "format_version": 1,
+        "model": config.model,
+        "weights": info.to_dict(),
+        "composite": lrp.composite.describe(),
+        "rules": lrp.rule_table(),
+        "top_k": config.top_k,
+        "rescale_top_k": config.rescale_top_k,
+        "input": {"shape": ["N", 3, config.height, config.width], "dtype": "float32",
+                  "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}},
+        "target": "int64 (N,), class index; -1 means the predicted class",
+        "outputs": {"logits": ["N", lrp.num_classes],
+                    "relevance": ["N", config.height, config.width] if config.channel_sum
+                    else ["N", 3, config.height, config.width]},
+        "class_names": info.categories,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def example_inputs(config: ExportConfig, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch: images and targets mixing explicit classes and -1."""
+    generator = torch.Generator().manual_seed(seed)
+    n = batch or config.example_batch
+    x = torch.randn(n, 3, config.height, config.width, generator=generator)
+    target = torch.arange(n) % 3 - 1  # -1, 0, 1, -1, ...
+    return x, target
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name in the same directory, keeping the suffix (torch.export insists on .pt2)."""
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+def prepare_output(out_dir: Path) -> None:
+    """Create the directory and prove it is writable before any work is done."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = _temporary(out_dir / "write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ExportError(f"output directory {out_dir} is not writable: {error.strerror or error}") from None
+
+
+def _export_torchscript(module, inputs, meta: str, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated (FutureWarning) and tracing warns on shapes
+        traced = torch.jit.trace(module, inputs, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": meta})
+
+
+def _dynamic_batch() -> tuple[dict, dict]:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return {0: batch}, {0: batch}
+
+
+def _export_program(module, inputs, meta: str, path: Path) -> None:
+    program = torch.export.export(module, inputs, dynamic_shapes=_dynamic_batch())
+    torch.export.save(program, str(path), extra_files={f"{METADATA_KEY}.json": meta})
+
+
+def _export_onnx(module, inputs, meta: str, path: Path) -> None:
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # optimize=False: the exporter's graph optimiser drops `z + 1e-9` as a no-op (seen with onnxscript
+        # 0.7.2), which turns the montavon/seed stabilisers into 0/0; onnxruntime optimises the graph anyway
+        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=_dynamic_batch(), verbose=False,
+                                    optimize=False, input_names=["x", "target"],
+                                    output_names=["logits", "relevance"])
+    proto = program.model_proto
+    if proto.ByteSize() >= ONNX_LIMIT:
+        raise ExportError(f"the ONNX model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB for "
+                          "one self-contained file; use the TorchScript or torch.export artifact")
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, meta
+    onnx.save(proto, str(path))
+
+
+EXPORTERS = {"torchscript": _export_torchscript, "onnx": _export_onnx, "torch.export": _export_program}
+
+
+def export_artifacts(config: ExportConfig, out_dir: str | os.PathLike, verify: bool = True) -> dict:
+    """Build the model the config names, then write and verify its artifacts (see `write_artifacts`)."""
+    config.validate()
+    prepare_output(Path(out_dir))
+    lrp, info = build_explainer(config)
+    return write_artifacts(lrp, info, config, out_dir, verify)
+
+
+def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_dir: str | os.PathLike,
+                    verify: bool = True) -> dict:
+    """Write the chosen artifacts and the sidecar into out_dir; verify each in a fresh process unless told not
+    to. Returns the sidecar record (paths, metadata, verification results)."""
+    out_dir = Path(out_dir)
+    config.validate()
+    prepare_output(out_dir)
+    meta = metadata(config, lrp, info)
+    meta_json = json.dumps(meta)
+    module = lrp.exportable(channel_sum=config.channel_sum).eval()
+    inputs = example_inputs(config)
+    written: dict[str, str] = {}
+    for fmt in config.formats:
+        path = out_dir / FILENAMES[fmt]
+        tmp = _temporary(path)
+        try:
+            EXPORTERS[fmt](module, inputs, meta_json, tmp)
+            _commit(tmp, path)
+        except ExportError:
+            raise
+        except Exception as error:
+            raise ExportError(f"{fmt} export failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}") \
+                from error
+        finally:
+            tmp.unlink(missing_ok=True)
+        written[fmt] = path.name
+    record = {"artifacts": written, "metadata": meta, "config": asdict(config), "verification": None}
+    if verify:
+        from .verify import verify_artifacts
+
+        record["verification"] = verify_artifacts(lrp, config, out_dir, written)
+    sidecar = out_dir / SIDECAR
+    tmp = _temporary(sidecar)
+    tmp.write_text(json.dumps(record, indent=2, default=_json_default))
+    _commit(tmp, sidecar)
+    failed = [r for r in (record["verification"] or {}).values() if not r["ok"]]
+    if failed:
+        raise ExportError("verification failed: " + "; ".join(r["message"] for r in failed))
+    return record
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)

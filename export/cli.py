@@ -1,0 +1,52 @@
+"""`python -m export`: write (and verify) the LRP artifacts for one model + weights + composite + top-k."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lrp_module.composites import COMPOSITES
+from lrp_module.zoo import VGG_NAMES, WeightsError
+
+from .artifacts import FILENAMES, ExportConfig, ExportError, export_artifacts
+from .runner import ArtifactError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vgg16", help=f"one of {', '.join(VGG_NAMES)}")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (torch hub cache or download), a state-dict file, or 'random'")
+    p.add_argument("--composite", default="epsilon_gamma_box", help=f"one of {', '.join(COMPOSITES)}")
+    p.add_argument("--top-k", type=float, default=0.0, help="fraction of relevance kept per layer (0 = off)")
+    p.add_argument("--rescale-top-k", action="store_true", help="conserve each image's total after filtering")
+    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size")
+    p.add_argument("--per-channel", action="store_true", help="relevance (N, C, H, W) instead of (N, H, W)")
+    p.add_argument("--formats", default=",".join(FILENAMES),
+                   help=f"comma-separated subset of {', '.join(FILENAMES)}")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a random or file model")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-verify", action="store_true", help="skip the fresh-process check against eager LRP")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    config = ExportConfig(
+        model=args.model, weights=args.weights, composite=args.composite, top_k=args.top_k,
+        rescale_top_k=args.rescale_top_k, height=args.size[0], width=args.size[1],
+        channel_sum=not args.per_channel, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        num_classes=args.num_classes,
+    )
+    try:
+        record = export_artifacts(config, args.out, verify=not args.no_verify)
+    except (ExportError, WeightsError, ArtifactError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for fmt, name in record["artifacts"].items():
+        check = (record["verification"] or {}).get(fmt)
+        print(f"{fmt:<13s} {args.out}/{name}  {check['message'].split(': ', 1)[1] if check else '(not verified)'}")
+    if record["metadata"]["weights"]["kind"] == "random":
+        print("WARNING: these artifacts use RANDOM weights", file=sys.stderr)
+    print(json.dumps({"sidecar": f"{args.out}/lrp.json"}))
+    return 0

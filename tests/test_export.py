@@ -1,0 +1,173 @@
+"""Export: TorchScript, ONNX and torch.export artifacts that run without this project and equal eager LRP."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lrp_module as lrp
+from export import ArtifactError, ExportConfig, ExportError, export_artifacts, load_artifact, read_metadata
+from export.artifacts import FILENAMES, SIDECAR, write_artifacts
+from export.verify import run_fresh
+from lrp_module.zoo import WeightsError, WeightsInfo
+
+from .helpers import make_tiny_vgg
+
+ALL = tuple(FILENAMES)
+INFO = WeightsInfo("tiny-vgg", "random", "tests")
+
+
+def _export(tmp_path, composite="epsilon_gamma_box", top_k=0.0, size=(64, 64), channel_sum=True, formats=ALL,
+            verify=True, batch_norm=False):
+    model = lrp.LRPModel(make_tiny_vgg(batch_norm=batch_norm), composite, top_k=top_k)
+    config = ExportConfig(model="tiny-vgg", weights="random", composite=composite, top_k=top_k, height=size[0],
+                          width=size[1], channel_sum=channel_sum, formats=formats)
+    record = write_artifacts(model, INFO, config, tmp_path, verify=verify)
+    return model, record
+
+
+def _compare(path, model, batch, size, channel_sum=True):
+    x = torch.randn(batch, 3, *size)
+    target = torch.tensor([-1, 2, 5, -1, 9][:batch])
+    logits, relevance = load_artifact(path)(x.numpy(), target.numpy())
+    eager_logits, eager_relevance = model.explain(x, target)
+    if channel_sum:
+        eager_relevance = eager_relevance.sum(1)
+    assert relevance.shape == tuple(eager_relevance.shape)
+    np.testing.assert_allclose(logits, eager_logits.numpy(), rtol=1e-4, atol=1e-5)
+    scale = np.abs(eager_relevance.numpy()).max()
+    assert np.abs(relevance - eager_relevance.numpy()).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("top_k", [0.0, 0.1])
+def test_all_formats_round_trip_with_dynamic_batch(tmp_path, top_k):
+    """Exported at batch 2, run at 1 and 5, top-k on and off; the built-in fresh-process check passed."""
+    model, record = _export(tmp_path, top_k=top_k, batch_norm=True)
+    assert all(check["ok"] for check in record["verification"].values())
+    for name in record["artifacts"].values():
+        for batch in (1, 5):
+            _compare(tmp_path / name, model, batch, (64, 64))
+
+
+def test_non_default_size_per_channel_and_other_composites(tmp_path):
+    model, record = _export(tmp_path, composite="epsilon_plus_flat", size=(80, 48), channel_sum=False,
+                            formats=("onnx", "torch.export"))
+    for name in record["artifacts"].values():
+        _compare(tmp_path / name, model, 3, (80, 48), channel_sum=False)
+    for composite in ("montavon", "seed", "epsilon_alpha2_beta1"):
+        model, record = _export(tmp_path / composite, composite=composite, formats=("onnx",), top_k=0.05)
+        _compare(tmp_path / composite / "lrp.onnx", model, 2, (64, 64))
+
+
+def test_metadata_inside_each_artifact_and_sidecar(tmp_path):
+    _, record = _export(tmp_path, top_k=0.1, verify=False)
+    sidecar = json.loads((tmp_path / SIDECAR).read_text())
+    assert sidecar["artifacts"] == record["artifacts"] and sidecar["verification"] is None
+    for name in record["artifacts"].values():
+        meta = read_metadata(tmp_path / name)
+        assert meta["composite"]["name"] == "epsilon_gamma_box" and meta["top_k"] == 0.1
+        assert meta["weights"]["kind"] == "random" and meta["input"]["shape"] == ["N", 3, 64, 64]
+        assert meta["versions"]["torch"] == torch.__version__ and meta["exported_at"]
+
+
+def test_fresh_process_really_lacks_the_project(tmp_path):
+    """The runner refuses imports of this project; an artifact that needed them would fail there."""
+    _export(tmp_path, formats=("torchscript",), verify=False)
+    runner = os.path.join(os.path.dirname(__import__("export").__file__), "runner.py")
+    probe = (f"import runpy, sys; sys.argv = ['runner.py']; g = runpy.run_path({runner!r}, run_name='probe'); "
+             "sys.meta_path.insert(0, g['_RefuseProjectImports']()); import lrp_module")
+    result = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "must not be imported" in result.stderr
+    out = run_fresh(tmp_path / "lrp.torchscript.pt", np.zeros((1, 3, 64, 64), np.float32), np.array([-1]))
+    assert out["relevance"].shape == (1, 64, 64)
+
+
+def test_verification_reports_a_differing_artifact(tmp_path, monkeypatch):
+    """A check that fails names the artifact and the difference, and deletes nothing."""
+    import export.verify as verify
+
+    real = verify.run_fresh
+
+    def tampered(artifact, x, target, timeout_s=900):
+        out = real(artifact, x, target, timeout_s)
+        if artifact.suffix == ".onnx":
+            out["relevance"] = out["relevance"] * 1.01
+        return out
+
+    monkeypatch.setattr(verify, "run_fresh", tampered)
+    with pytest.raises(ExportError, match=r"lrp.onnx: max relative difference .* exceeds 1e-04"):
+        _export(tmp_path, formats=("torchscript", "onnx"))
+    assert (tmp_path / "lrp.onnx").exists() and (tmp_path / "lrp.torchscript.pt").exists()
+    sidecar = json.loads((tmp_path / SIDECAR).read_text())
+    assert sidecar["verification"]["onnx"]["ok"] is False and sidecar["verification"]["torchscript"]["ok"]
+
+
+@pytest.mark.parametrize("name", list(FILENAMES.values()))
+def test_corrupt_and_missing_artifacts_fail_clearly(tmp_path, name):
+    with pytest.raises(ArtifactError, match="no such artifact file"):
+        load_artifact(tmp_path / name)
+    (tmp_path / name).write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ArtifactError, match=f"{name}: cannot load") as error:
+        load_artifact(tmp_path / name)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ArtifactError, match="unknown artifact type"):
+        load_artifact(tmp_path / "model.bin")
+
+
+def test_truncated_artifact_fails_clearly(tmp_path):
+    _export(tmp_path, formats=("torchscript", "onnx"), verify=False)
+    for name in ("lrp.torchscript.pt", "lrp.onnx"):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(ArtifactError, match="cannot load"):
+            load_artifact(path)
+
+
+def test_bad_requests_fail_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown composite"):
+        export_artifacts(ExportConfig(model="vgg11", weights="random", composite="nope"), tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown model"):
+        export_artifacts(ExportConfig(model="vgg12", weights="random"), tmp_path / "b")
+    with pytest.raises(ExportError, match="unknown format"):
+        export_artifacts(ExportConfig(model="vgg11", weights="random", formats=("tflite",)), tmp_path / "c")
+    wrong = tmp_path / "vgg13.pt"
+    torch.save(__import__("torchvision").models.vgg13().state_dict(), wrong)
+    with pytest.raises(WeightsError, match="do not match vgg11"):
+        export_artifacts(ExportConfig(model="vgg11", weights=str(wrong)), tmp_path / "d")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="is not writable"):
+        export_artifacts(ExportConfig(model="vgg11", weights="random"), blocker / "out")
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_cli_one_line_errors(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "export", "--model", "vgg11", "--weights", "random",
+                             "--composite", "nope", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown composite 'nope'")
+
+
+@pytest.mark.slow
+def test_vgg11_by_name_all_formats(tmp_path):
+    """The real entry point on a full-size VGG (random weights), verified in fresh processes."""
+    config = ExportConfig(model="vgg11", weights="random", num_classes=10, height=64, width=64, top_k=0.1)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        record = export_artifacts(config, tmp_path)
+    assert set(record["artifacts"]) == set(ALL)
+    assert all(check["ok"] for check in record["verification"].values())
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_vgg16_224_all_formats(tmp_path):
+    config = ExportConfig(model="vgg16", weights="random")
+    with pytest.warns(UserWarning, match="RANDOM"):
+        record = export_artifacts(config, tmp_path)
+    assert all(check["ok"] for check in record["verification"].values()), record["verification"]
