@@ -99,9 +99,9 @@ def captum_lrp(model: nn.Module) -> Callable[[torch.Tensor], object]:
 
 
 def blog_code(model: nn.Module) -> Callable[[torch.Tensor], object]:
-    from tests.test_reference_implementations import blog_lrp  # the blog's algorithm, as the tests run it
+    from tests.test_reference_implementations import BlogLRP  # the blog's algorithm, as the tests run it
 
-    return lambda x: blog_lrp(model, x)
+    return BlogLRP(model)
 
 
 # ---------------------------------------------------------------------------------------------- measuring

@@ -149,9 +149,9 @@ class _BoundEpsilon(BoundRule):
         else:
             z = stash if self.keeps_preactivation else out
         eps = self.eps
-        if self.rms_scale:
-            rms = stash if (stash is not None and not self.keeps_preactivation and not self.zero_bias) else None
-            eps = eps + self.rms_scale * (rms_per_sample(z) if rms is None else rms)
+        if self.rms_scale:  # the stash is the rms itself unless it had to be the pre-activation
+            stash_is_rms = not (self.keeps_preactivation or self.zero_bias)
+            eps = eps + self.rms_scale * (stash if stash_is_rms else rms_per_sample(z))
         denominator = z + eps if self.fast else stabilize(z, eps)
         s = _divide(relevance, denominator, eps)
         weight_t = weight if self.weight_t is None else self.weight_t
@@ -226,7 +226,38 @@ class Gamma(Rule):
         return _BoundGamma(self, op, weight, bias, ctx)
 
 
-class _BoundGamma(BoundRule):
+class _SignSplit(BoundRule):
+    """What gamma (general path) and alpha-beta share: a weight pair (P for the positive contributions, N for
+    the negative ones) applied to a+ as (P, N) and to a- as (N, P), each pair as one stacked conv."""
+
+    def _bind_pair(self, w_p: Tensor, w_n: Tensor, b_p: Tensor | None, b_n: Tensor | None, nonnegative: bool):
+        op, t = self.op, self.op.transpose_weight
+        self.nonnegative = nonnegative
+        self._buffers_from(w_both=op.cat_weights([w_p, w_n]), b_both=_cat_bias(b_p, b_n),
+                           w_pos_t=op.cat_transposed([t(w_p), t(w_n)]))
+        if not nonnegative:
+            self._buffers_from(w_both_swapped=op.cat_weights([w_n, w_p]), w_neg_t=op.cat_transposed([t(w_n), t(w_p)]))
+
+    def _denominators(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """z_p = F(a+, P, b_p) + F(a-, N, 0) and z_n = F(a+, N, b_n) + F(a-, P, 0)."""
+        if self.nonnegative:
+            z = self.op.forward_op(a, self.w_both, self.b_both)
+        else:
+            z = self.op.forward_op(a.clamp(min=0), self.w_both, self.b_both) + self.op.forward_op(
+                a.clamp(max=0), self.w_both_swapped)
+        z_p, z_n = z.chunk(2, dim=self.op.channel_dim)
+        return z_p, z_n
+
+    def _redistribute(self, a: Tensor, s_p: Tensor, s_n: Tensor) -> Tensor:
+        """a+ (F^T(s_p, P) + F^T(s_n, N)) + a- (F^T(s_p, N) + F^T(s_n, P))."""
+        s = torch.cat([s_p, s_n], dim=self.op.channel_dim)
+        if self.nonnegative:
+            return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
+        return a.clamp(min=0) * self.op.transpose_op(s, self.w_pos_t, a.shape) + a.clamp(max=0) * \
+            self.op.transpose_op(s, self.w_neg_t, a.shape)
+
+
+class _BoundGamma(_SignSplit):
     def __init__(self, rule: Gamma, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
         super().__init__(op)
         g, self.eps = rule.gamma, rule.stabilizer
@@ -234,25 +265,14 @@ class _BoundGamma(BoundRule):
         w_gp, w_gn = weight + g * weight.clamp(min=0), weight + g * weight.clamp(max=0)
         b_gp = None if bias is None else bias + g * bias.clamp(min=0)
         b_gn = None if bias is None else bias + g * bias.clamp(max=0)
-        t = op.transpose_weight
-        self.nonnegative = ctx.input_nonnegative
         # fast: a >= 0 and relevance only where o > 0, so only the (o > 0, a+) term survives
         self.fast = ctx.input_nonnegative and ctx.relu and ctx.relevance_on_active
         self.keeps_preactivation = ctx.relu and not self.fast
         if self.fast:
             self._buffers_with_transpose("w_gp", w_gp)
             self._buffers_from(b_gp=b_gp)
-            return
-        self._buffers_from(
-            w_both=op.cat_weights([w_gp, w_gn]),
-            b_both=_cat_bias(b_gp, b_gn),
-            w_pos_t=op.cat_transposed([t(w_gp), t(w_gn)]),  # a+ sees (Wg+ for o>0, Wg- for o<0)
-        )
-        if not self.nonnegative:
-            self._buffers_from(
-                w_both_swapped=op.cat_weights([w_gn, w_gp]),
-                w_neg_t=op.cat_transposed([t(w_gn), t(w_gp)]),  # a- sees the swapped pair
-            )
+        else:
+            self._bind_pair(w_gp, w_gn, b_gp, b_gn, ctx.input_nonnegative)
 
     def relevance(self, a, out, stash, relevance, weight):
         if self.fast:
@@ -261,21 +281,10 @@ class _BoundGamma(BoundRule):
             s = relevance.div_(z.clamp_(min=0).add_(self.eps))
             return self.op.transpose_op(s, self._transposed("w_gp"), a.shape).mul_(a)
         o = stash if self.keeps_preactivation else out
-        cdim = self.op.channel_dim
-        if self.nonnegative:
-            z_p, z_n = self.op.forward_op(a, self.w_both, self.b_both).chunk(2, dim=cdim)
-        else:
-            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-            z = self.op.forward_op(a_pos, self.w_both, self.b_both) + self.op.forward_op(a_neg, self.w_both_swapped)
-            z_p, z_n = z.chunk(2, dim=cdim)
+        z_p, z_n = self._denominators(a)
         s_p = relevance * (o > 0) / stabilize(z_p, self.eps)
         s_n = relevance * (o < 0) / stabilize(z_n, self.eps)
-        s = torch.cat([s_p, s_n], dim=cdim)
-        if self.nonnegative:
-            return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
-        return a_pos * self.op.transpose_op(s, self.w_pos_t, a.shape) + a_neg * self.op.transpose_op(
-            s, self.w_neg_t, a.shape
-        )
+        return self._redistribute(a, s_p, s_n)
 
 
 # -------------------------------------------------------------------------------------------- alpha-beta
@@ -293,39 +302,19 @@ class AlphaBeta(Rule):
         return _BoundAlphaBeta(self, op, weight, bias, ctx)
 
 
-class _BoundAlphaBeta(BoundRule):
+class _BoundAlphaBeta(_SignSplit):
     def __init__(self, rule: AlphaBeta, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
         super().__init__(op)
         self.alpha, self.beta, self.eps = rule.alpha, rule.beta, rule.stabilizer
         bias = None if rule.zero_bias else bias
-        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        t = op.transpose_weight
-        self.nonnegative = ctx.input_nonnegative
-        self._buffers_from(
-            w_both=op.cat_weights([w_pos, w_neg]),
-            b_both=_cat_bias(_clamp_pos(bias), _clamp_neg(bias)),
-            w_pos_t=op.cat_transposed([t(w_pos), t(w_neg)]),
-        )
-        if not self.nonnegative:
-            self._buffers_from(w_both_swapped=op.cat_weights([w_neg, w_pos]), w_neg_t=op.cat_transposed([t(w_neg), t(w_pos)]))
+        self._bind_pair(weight.clamp(min=0), weight.clamp(max=0), _clamp_pos(bias), _clamp_neg(bias),
+                        ctx.input_nonnegative)
 
     def relevance(self, a, out, stash, relevance, weight):
-        cdim = self.op.channel_dim
-        if self.nonnegative:
-            z_p, z_n = self.op.forward_op(a, self.w_both, self.b_both).chunk(2, dim=cdim)
-        else:
-            a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-            z = self.op.forward_op(a_pos, self.w_both, self.b_both) + self.op.forward_op(a_neg, self.w_both_swapped)
-            z_p, z_n = z.chunk(2, dim=cdim)
-        s = torch.cat(
-            [relevance * self.alpha / stabilize(z_p, self.eps), relevance * -self.beta / stabilize(z_n, self.eps)],
-            dim=cdim,
-        )
-        if self.nonnegative:
-            return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
-        return a_pos * self.op.transpose_op(s, self.w_pos_t, a.shape) + a_neg * self.op.transpose_op(
-            s, self.w_neg_t, a.shape
-        )
+        z_p, z_n = self._denominators(a)
+        s_p = relevance * self.alpha / stabilize(z_p, self.eps)
+        s_n = relevance * -self.beta / stabilize(z_n, self.eps)
+        return self._redistribute(a, s_p, s_n)
 
 
 # ------------------------------------------------------------------------------------------------- z-box

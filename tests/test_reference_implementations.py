@@ -35,33 +35,44 @@ def blog_topk(r: torch.Tensor, top_k: float) -> torch.Tensor:
     return torch.zeros_like(flat).scatter_(1, top.indices, top.values).view(r.shape)
 
 
-def blog_lrp(model: nn.Module, x: torch.Tensor, top_k: float = 0.0, eps: float = 1e-5) -> torch.Tensor:
-    """kaifishr/PyTorchRelevancePropagation's algorithm (z+ with zero bias everywhere, max pool as 2x2 average
-    pool, ones as the first layer's input, softmax start), channel-summed."""
-    layers = _layer_list(model)
-    activations = [torch.ones_like(x)]
-    with torch.no_grad():
-        h = x
-        for layer in layers:
-            h = layer(h.clone())
-            activations.append(h)
-    relevance = torch.softmax(activations.pop(), dim=-1)
-    for layer in reversed(copy.deepcopy(layers)):
-        a = activations.pop()
-        if isinstance(layer, (nn.ReLU, nn.Dropout)):
-            continue
-        if isinstance(layer, nn.Flatten):
-            relevance = relevance.view(a.shape)
-            continue
-        if top_k:
-            relevance = blog_topk(relevance, top_k)
-        if isinstance(layer, nn.MaxPool2d):
-            layer = nn.AvgPool2d(kernel_size=2)
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            layer.weight = nn.Parameter(layer.weight.clamp(min=0.0))
-            layer.bias = nn.Parameter(torch.zeros_like(layer.bias))
-        relevance = _gradient_step(layer, a, relevance, lambda z: z + eps)
-    return relevance.sum(dim=1)
+class BlogLRP:
+    """kaifishr/PyTorchRelevancePropagation's algorithm: z+ with zero bias everywhere, max pool as 2x2 average
+    pool, ones as the first layer's input, softmax start; channel-summed. Built once, like the blog's model."""
+
+    def __init__(self, model: nn.Module, eps: float = 1e-5) -> None:
+        self.layers = _layer_list(model)
+        self.lrp_layers = copy.deepcopy(self.layers)
+        for i, layer in enumerate(self.lrp_layers):
+            if isinstance(layer, nn.MaxPool2d):
+                self.lrp_layers[i] = nn.AvgPool2d(kernel_size=2)
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                layer.weight = nn.Parameter(layer.weight.clamp(min=0.0))
+                layer.bias = nn.Parameter(torch.zeros_like(layer.bias))
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor, top_k: float = 0.0) -> torch.Tensor:
+        activations = [torch.ones_like(x)]
+        with torch.no_grad():
+            h = x
+            for layer in self.layers:
+                h = layer(h.clone())
+                activations.append(h)
+        relevance = torch.softmax(activations.pop(), dim=-1)
+        for layer in reversed(self.lrp_layers):
+            a = activations.pop()
+            if isinstance(layer, (nn.ReLU, nn.Dropout)):
+                continue
+            if isinstance(layer, nn.Flatten):
+                relevance = relevance.view(a.shape)
+                continue
+            if top_k:
+                relevance = blog_topk(relevance, top_k)
+            relevance = _gradient_step(layer, a, relevance, lambda z: z + self.eps)
+        return relevance.sum(dim=1)
+
+
+def blog_lrp(model: nn.Module, x: torch.Tensor, top_k: float = 0.0) -> torch.Tensor:
+    return BlogLRP(model)(x, top_k)
 
 
 @pytest.mark.parametrize("arch,size", [("vgg11", (64, 64)), ("vgg11", (64, 96)), ("vgg16", (64, 64))])
