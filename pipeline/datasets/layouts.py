@@ -1,0 +1,177 @@
+"""The ImageNet-style layouts, each a function root -> records, and detection of which one a root is.
+
+- `imagefolder`: root/<wnid>/<image>; class index from the full ILSVRC list (as torchvision's ImageNet and the
+  weights' class index), so a folder holding a subset of classes still gets the right indices;
+- `imagenet_val`: flat ILSVRC2012_val_*.JPEG with the devkit's ground truth (+ meta.mat, + optional PASCAL VOC
+  box XMLs in bbox/ or val/) or Kaggle's LOC_val_solution.csv (+ LOC_synset_mapping.txt), boxes kept;
+- `webdataset`: *.tar shards with <key>.jpg and <key>.cls (class index) members;
+- `plain`: any folder of images, unlabelled.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import re
+import tarfile
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
+from pathlib import Path
+
+from ..classes import imagenet_classes
+from .records import Box, DatasetError, ImageRecord
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
+DEVKIT_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+KAGGLE_SOLUTION = "LOC_val_solution.csv"
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _labelled(image_id: str, path: Path | str, wnid: str | None, boxes=()) -> ImageRecord:
+    classes = imagenet_classes()
+    index = classes.index(wnid) if wnid else None
+    name = classes.names[index] if index is not None else None
+    return ImageRecord(image_id, str(path), wnid, index, name, tuple(boxes))
+
+
+def imagefolder(root: Path) -> list[ImageRecord]:
+    records = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        records += [_labelled(p.stem, p, folder.name) for p in _images(folder)]
+    return records
+
+
+def _find(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root.parent / name, root / "devkit" / name, root / "data" / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _devkit_wnids(meta: Path) -> dict[int, str]:
+    import scipy.io
+
+    try:
+        synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
+    except Exception as error:
+        raise DatasetError(f"{meta}: not a readable devkit meta.mat ({type(error).__name__})") from None
+    return {int(s[0]): str(s[1]) for s in synsets if int(s[4]) == 0}  # num_children == 0: the 1000 leaves
+
+
+def _voc_boxes(xml: Path) -> list[tuple[str, Box]]:
+    try:
+        tree = ElementTree.parse(xml)
+    except ElementTree.ParseError as error:
+        raise DatasetError(f"{xml}: unreadable box annotation ({error})") from None
+    boxes = []
+    for obj in tree.getroot().iter("object"):
+        box = obj.find("bndbox")
+        coords = tuple(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        boxes.append((obj.findtext("name"), coords))
+    return boxes
+
+
+def imagenet_val(root: Path) -> list[ImageRecord]:
+    images = {p.stem: p for p in _images(root) if VAL_NAME.match(p.stem)}
+    truth, solution = _find(root, DEVKIT_TRUTH), _find(root, KAGGLE_SOLUTION)
+    labels: dict[str, str] = {}
+    boxes: dict[str, list[Box]] = {}
+    if solution is not None:
+        with open(solution, newline="") as handle:
+            for row in csv.DictReader(handle):
+                parts = row["PredictionString"].split()
+                if not parts:
+                    continue
+                labels[row["ImageId"]] = parts[0]
+                boxes[row["ImageId"]] = [tuple(float(v) for v in parts[i + 1:i + 5])
+                                         for i in range(0, len(parts), 5) if parts[i] == parts[0]]
+    elif truth is not None:
+        meta = _find(root, "meta.mat")
+        if meta is None:
+            raise DatasetError(f"{truth} needs the devkit's meta.mat beside it (ILSVRC IDs -> wnids)")
+        ids = _devkit_wnids(meta)
+        for number, line in enumerate(truth.read_text().split(), start=1):
+            if int(line) not in ids:
+                raise DatasetError(f"{truth}: line {number} names unknown ILSVRC2012 ID {line}")
+            labels[f"ILSVRC2012_val_{number:08d}"] = ids[int(line)]
+        for folder in (root / "bbox", root / "val", root):
+            for image_id in images:
+                xml = folder / f"{image_id}.xml"
+                if image_id not in boxes and xml.is_file():
+                    annotated = _voc_boxes(xml)
+                    boxes[image_id] = [b for wnid, b in annotated if wnid == labels.get(image_id)]
+    else:
+        raise DatasetError(f"{root}: ImageNet validation images without {DEVKIT_TRUTH} (+ meta.mat) or "
+                           f"{KAGGLE_SOLUTION}")
+    return [_labelled(i, images[i], labels.get(i), boxes.get(i, ())) for i in sorted(images)]
+
+
+def webdataset(root: Path | str) -> list[ImageRecord]:
+    shards = sorted(glob.glob(str(Path(root) / "*.tar"))) if Path(root).is_dir() else sorted(glob.glob(str(root)))
+    if not shards:
+        raise DatasetError(f"{root}: no .tar shards")
+    classes = imagenet_classes()
+    records = []
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as archive:
+                members = {m.name: m for m in archive.getmembers() if m.isfile()}
+                for name in sorted(members):
+                    key, suffix = name.rsplit(".", 1) if "." in name else (name, "")
+                    if suffix.lower() not in ("jpg", "jpeg", "png"):
+                        continue
+                    label = None
+                    cls = members.get(f"{key}.cls")
+                    if cls is not None:
+                        label = int(archive.extractfile(cls).read().decode().strip())
+                    wnid = classes.wnids[label] if label is not None and 0 <= label < len(classes.wnids) else None
+                    records.append(_labelled(Path(key).name, f"{shard}::{name}", wnid))
+        except tarfile.TarError as error:
+            raise DatasetError(f"{shard}: unreadable tar shard ({error})") from None
+    return records
+
+
+def plain(root: Path) -> list[ImageRecord]:
+    return [ImageRecord(p.stem, str(p)) for p in _images(root)]
+
+
+LAYOUTS: dict[str, Callable[[Path], list[ImageRecord]]] = {
+    "imagefolder": imagefolder, "imagenet_val": imagenet_val, "webdataset": webdataset, "plain": plain,
+}
+
+
+def detect_layout(root: str | Path) -> str:
+    """Which layout a dataset root (or a tar glob) is."""
+    text = str(root)
+    if any(ch in text for ch in "*?[") or text.endswith(".tar"):
+        return "webdataset"
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such dataset directory")
+    if any(root.glob("*.tar")):
+        return "webdataset"
+    if any(VAL_NAME.match(p.stem) for p in _images(root)) and (_find(root, DEVKIT_TRUTH) or _find(root, KAGGLE_SOLUTION)):
+        return "imagenet_val"  # without label files, validation images are a plain folder
+    subfolders = [p for p in root.iterdir() if p.is_dir() and _images(p)]
+    if subfolders and all(re.fullmatch(r"n\d{8}", p.name) for p in subfolders):
+        return "imagefolder"
+    if _images(root):
+        return "plain"
+    raise DatasetError(f"{root}: no images found (layouts: {', '.join(LAYOUTS)})")
+
+
+def load_records(root: str | Path, layout: str | None = None) -> list[ImageRecord]:
+    """All records of a dataset in a fixed order (sorted by id within each layout)."""
+    layout = layout or detect_layout(root)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    records = LAYOUTS[layout](root if layout == "webdataset" else Path(root))
+    seen: set[str] = set()
+    for record in records:
+        if record.image_id in seen:
+            raise DatasetError(f"{root}: image id {record.image_id} appears twice")
+        seen.add(record.image_id)
+    return records
