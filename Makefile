@@ -14,7 +14,11 @@ TOPK ?= 0.0
 OUT ?= artifacts/$(MODEL)-$(COMPOSITE)-k$(TOPK)
 EXPORT_ARGS ?=
 
-.PHONY: venv test bench bench-lrp bench-export export clean
+# `make explain` passes on only what you set (on the command line or in the environment); the rest comes
+# from configs/run.yaml.
+given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
+
+.PHONY: venv test bench bench-lrp bench-export export explain clean
 
 venv: $(STAMP)
 
@@ -41,6 +45,12 @@ bench-export: $(STAMP)
 export: $(STAMP)
 	$(PY) -m export --model $(MODEL) --weights $(WEIGHTS) --composite $(COMPOSITE) --top-k $(TOPK) \
 		--out $(OUT) $(EXPORT_ARGS)
+
+# e.g. make explain DATASET=imagenet-val MODEL=vgg19_bn COMPOSITE=epsilon_plus_flat TOPK=0.1 OUT=runs/x LIMIT=1000
+explain: $(STAMP)
+	$(PY) -m pipeline explain $(call given,DATASET,dataset) $(call given,MODEL,model) \
+		$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
+		$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(EXPLAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

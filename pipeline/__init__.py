@@ -1,2 +1,1 @@
-"""The dataset explanation pipeline (issue #4). Built so far: per-image statistics (`stats`). Not built yet:
-dataset layouts, preprocessing, the Ray driver and actors, the HDF5 / Parquet writers, `make explain`."""
+"""The dataset explanation pipeline: `python -m pipeline explain` (see README)."""

@@ -1,0 +1,65 @@
+"""`python -m pipeline explain`: explain a dataset with LRP into HDF5 maps and Parquet statistics."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lrp_module.zoo import WeightsError
+
+from .config import ConfigError, load_config
+from .datasets import DatasetError
+from .run import RunError, explain
+
+OPTIONS = [
+    ("dataset", str, "a name in configs/datasets/ (sample, imagenet-val) or a folder / tar-shard glob"),
+    ("layout", str, "imagefolder | imagenet_val | webdataset | plain (default: detected)"),
+    ("limit", int, "explain only the first N images"),
+    ("model", str, "vgg11, vgg11_bn, ..., vgg19_bn"),
+    ("weights", str, "auto | imagenet | random | path to a state-dict file"),
+    ("composite", str, "epsilon_gamma_box, epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, ..."),
+    ("top_k", float, "relevance filter: fraction kept per layer (0 = off)"),
+    ("target", str, "predicted | label | a class index"),
+    ("size", int, "centre-crop size (default 224)"),
+    ("batch_size", int, "images per forward pass"),
+    ("shard_size", int, "images per shard"),
+    ("map_dtype", str, "float16 | float32"),
+    ("compression", int, "gzip level 0-9 of the maps"),
+    ("actors", str, "auto (one per GPU, else one CPU actor) or a number"),
+    ("decode_threads", int, "decoding threads per actor"),
+    ("device", str, "auto | cpu | cuda"),
+    ("out", str, "run directory (default runs/<dataset>-<model>-<composite>)"),
+    ("cache", str, "where traced LRP modules are kept"),
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline")
+    commands = p.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("explain", help=__doc__.splitlines()[0],
+                              description=__doc__.splitlines()[0] + " Values override configs/run.yaml.")
+    for name, kind, doc in OPTIONS:
+        run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=doc)
+    run.add_argument("--tf32", action="store_true", default=None, help="allow TF32 on GPUs")
+    run.add_argument("--overwrite", action="store_true", help="replace a run directory made with another config")
+    run.add_argument("--strict", action="store_true", help="stop at the first image that cannot be explained")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
+    overrides["tf32"] = args.tf32
+    try:
+        config = load_config(overrides)
+        manifest = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress)
+    except (ConfigError, DatasetError, WeightsError, RunError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    totals = manifest["totals"]
+    reasons = ", ".join(f"{k} {v}" for k, v in manifest["failure_reasons"].items())
+    print(f"{totals['explained']} explained, {totals['failed']} failed{': ' + reasons if reasons else ''} "
+          f"-> {config.out}")
+    if manifest["random_weights"]:
+        print("WARNING: RANDOM weights (no ImageNet weights were available); see manifest.json", file=sys.stderr)
+    return 1 if totals["failed"] else 0

@@ -1,0 +1,166 @@
+"""Run configuration: configs/run.yaml, then configs/datasets/<name>.yaml, then command-line values. Every key
+is checked before anything is written; a bad or unknown key names the key and the file."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lrp_module.composites import COMPOSITES
+from lrp_module.topk import validate_top_k
+from lrp_module.zoo import VGG_NAMES
+
+from .datasets.layouts import LAYOUTS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and where it came from."""
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "sample"
+    root: str = ""
+    layout: str | None = None
+    limit: int | None = None
+    model: str = "vgg16"
+    weights: str = "auto"
+    composite: str = "epsilon_gamma_box"
+    top_k: float = 0.0
+    target: str | int = "predicted"
+    size: int = 224
+    batch_size: int = 8
+    shard_size: int = 64
+    map_dtype: str = "float16"
+    compression: int = 4
+    actors: str | int = "auto"
+    decode_threads: int = 2
+    device: str = "auto"
+    tf32: bool = False
+    out: str | None = None
+    cache: str = ".cache/artifacts"
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs produce the same outputs (not how fast or where they run)."""
+        keys = ("root", "layout", "limit", "model", "weights", "composite", "top_k", "target", "size",
+                "shard_size", "map_dtype", "compression")
+        return {k: getattr(self, k) for k in keys}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+KEYS = {f.name for f in fields(RunConfig)}
+DATASET_KEYS = {"root", "layout"}
+
+
+def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+    return data
+
+
+def _expand(value: str, key: str, source: str) -> str:
+    expanded = os.path.expandvars(value)
+    if "$" in expanded:
+        raise ConfigError(f"{source}: {key} uses an unset environment variable: {value}")
+    return expanded
+
+
+def load_config(overrides: dict[str, Any] | None = None, config_dir: Path = CONFIG_DIR) -> RunConfig:
+    """Defaults file, dataset file, then overrides (None values are ignored)."""
+    values = _read_yaml(config_dir / "run.yaml", KEYS - {"root"})
+    sources = {k: str(config_dir / "run.yaml") for k in values}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - KEYS)
+    if unknown:
+        raise ConfigError(f"command line: unknown key {unknown[0]!r}")
+    dataset = str(overrides.get("dataset", values.get("dataset", "sample")))
+    dataset_file = config_dir / "datasets" / f"{dataset}.yaml"
+    if dataset_file.is_file():
+        found = _read_yaml(dataset_file, DATASET_KEYS)
+        if "root" not in found:
+            raise ConfigError(f"{dataset_file}: missing key 'root'")
+        values.update(found)
+        sources.update({k: str(dataset_file) for k in found})
+        values["root"] = _expand(str(found["root"]), "root", str(dataset_file))
+        root_base = Path(__file__).resolve().parent.parent
+        if not Path(values["root"]).is_absolute():
+            values["root"] = str(root_base / values["root"])
+    else:
+        values["root"] = dataset
+        sources["root"] = "command line"
+    values.update(overrides)
+    sources.update({k: "command line" for k in overrides})
+    values["dataset"] = dataset
+    config = RunConfig(**values)
+    validate(config, sources)
+    if config.out is None:
+        config.out = f"runs/{Path(dataset).name or 'dataset'}-{config.model}-{config.composite}"
+    return config
+
+
+def validate(config: RunConfig, sources: dict[str, str]) -> None:
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{sources.get(key, 'default')}: {key} {message}")
+
+    def positive_int(key: str, allow_none: bool = False) -> None:
+        value = getattr(config, key)
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fail(key, f"must be a positive integer, got {value!r}")
+
+    if config.model not in VGG_NAMES:
+        fail("model", f"must be one of {', '.join(VGG_NAMES)}, got {config.model!r}")
+    if config.composite not in COMPOSITES:
+        fail("composite", f"must be one of {', '.join(COMPOSITES)}, got {config.composite!r}")
+    if config.layout is not None and config.layout not in LAYOUTS:
+        fail("layout", f"must be one of {', '.join(LAYOUTS)} or null, got {config.layout!r}")
+    try:
+        config.top_k = validate_top_k(config.top_k)
+    except (TypeError, ValueError):
+        fail("top_k", f"must be a fraction in [0, 1], got {config.top_k!r}")
+    target = config.target
+    if not (target in ("predicted", "label") or (isinstance(target, int) and not isinstance(target, bool)
+                                                 and 0 <= target)):
+        if isinstance(target, str) and target.isdigit():
+            config.target = int(target)
+        else:
+            fail("target", f"must be predicted, label or a class index, got {target!r}")
+    for key in ("size", "batch_size", "shard_size", "decode_threads"):
+        positive_int(key)
+    positive_int("limit", allow_none=True)
+    if config.size < 32:
+        fail("size", f"must be at least 32 (VGG's five poolings), got {config.size}")
+    if config.map_dtype not in ("float16", "float32"):
+        fail("map_dtype", f"must be float16 or float32, got {config.map_dtype!r}")
+    if isinstance(config.compression, bool) or not isinstance(config.compression, int) or \
+            not 0 <= config.compression <= 9:
+        fail("compression", f"must be an integer 0-9, got {config.compression!r}")
+    if config.actors != "auto":
+        if isinstance(config.actors, str) and config.actors.isdigit():
+            config.actors = int(config.actors)
+        positive_int("actors")
+    if config.device not in ("auto", "cpu", "cuda"):
+        fail("device", f"must be auto, cpu or cuda, got {config.device!r}")
+    if not isinstance(config.tf32, bool):
+        fail("tf32", f"must be true or false, got {config.tf32!r}")
+
+
+def as_dict(config: RunConfig) -> dict[str, Any]:
+    return asdict(config)

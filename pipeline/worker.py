@@ -1,0 +1,126 @@
+"""Explain one shard: decode in background threads, run the traced LRP module, compute statistics, write the
+shard's HDF5 maps, Parquet statistics and failures. A plain class: the driver wraps it as a Ray actor."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import stats as statistics
+from .datasets.records import ImageRecord
+from .preprocess import DecodeError, Preprocessing, load
+from .writers import FAILURE_SCHEMA, STATS_SCHEMA, shard_name, write_parquet, write_relevance
+
+
+class ShardExplainer:
+    """Holds the traced module (loaded once) and explains shards."""
+
+    def __init__(self, artifact: str, settings: dict) -> None:
+        self.settings = settings
+        self.device = "cuda" if settings.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(settings.get("tf32"))
+        else:
+            torch.set_num_threads(max(1, int(settings.get("threads", 1))))
+        self.module = torch.jit.load(artifact, map_location=self.device)
+        size = int(settings["size"])
+        self.preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size)  # the 256/224 recipe
+        self.decoders = ThreadPoolExecutor(max_workers=max(1, int(settings.get("decode_threads", 2))))
+        self.class_names = settings.get("class_names") or []
+
+    def _name(self, index: int) -> str | None:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else None
+
+    def _decode(self, record: ImageRecord):
+        try:
+            return load(record, self.preprocessing)
+        except DecodeError as error:
+            return error
+
+    def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str) -> dict:
+        out = Path(out_dir)
+        started = time.perf_counter()
+        # every decode is submitted now and runs in the pool's threads while earlier batches are explained
+        decoded = self.decoders.map(self._decode, records)
+        failures: list[dict] = []
+        maps, rows = [], []
+        batch = int(self.settings["batch_size"])
+        pending: list = []
+        for record in records:
+            item = next(decoded)
+            if isinstance(item, Exception):
+                failures.append({"image_id": record.image_id, "path": record.path, "reason": str(item),
+                                 "shard": index})
+            else:
+                pending.append((record, item))
+            if len(pending) == batch or (record is records[-1] and pending):
+                try:
+                    maps_chunk, rows_chunk = self._explain_batch(pending, len(maps))
+                    maps += maps_chunk
+                    rows += rows_chunk
+                except Exception as error:  # an image that breaks the model: record it, go on
+                    failures += [{"image_id": r.image_id, "path": r.path, "reason": f"explain failed: {error}",
+                                  "shard": index} for r, _ in pending]
+                pending = []
+        size = self.settings["size"]
+        array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
+        name = shard_name(index)
+        columns = {"image_id": [r["image_id"] for r in rows], "path": [r["path"] for r in rows],
+                   "label": [-1 if r["label"] is None else r["label"] for r in rows],
+                   "pred": [r["pred"] for r in rows], "target": [r["target"] for r in rows]}
+        write_relevance(out / "relevance" / f"{name}.h5", array, columns, self.settings.get("attributes", {}),
+                        dtype=self.settings.get("map_dtype", "float16"),
+                        compression=int(self.settings.get("compression", 4)))
+        for row in rows:
+            row["shard"] = f"relevance/{name}.h5"
+        write_parquet(failures, FAILURE_SCHEMA, out / "failures" / f"{name}.parquet")
+        write_parquet(rows, STATS_SCHEMA, out / "stats" / f"{name}.parquet")  # last: marks the shard done
+        return {"shard": index, "explained": len(rows), "failed": len(failures),
+                "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started}
+
+    def _explain_batch(self, chunk, offset: int):
+        x = torch.stack([tensor for _, (tensor, _) in chunk]).to(self.device)
+        target = self._targets([record for record, _ in chunk]).to(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits, relevance = self.module(x, target)
+        seconds = (time.perf_counter() - start) / len(chunk)
+        logits, relevance = logits.float().cpu(), relevance.float().cpu()
+        predicted = logits.argmax(1)
+        used = torch.where(target.cpu() < 0, predicted, target.cpu())
+        values = {**statistics.map_statistics(relevance), **statistics.prediction(logits, used)}
+        values.update(statistics.localisation(relevance, [boxes for _, (_, boxes) in chunk]))
+        rows = []
+        for i, (record, _) in enumerate(chunk):
+            label = record.label
+            pred = int(values["pred"][i])
+            rows.append({
+                "image_id": record.image_id, "path": record.path, "wnid": record.wnid, "label": label,
+                "label_name": record.label_name, "pred": pred, "pred_name": self._name(pred),
+                "target": int(used[i]), "top5": values["top_classes"][i].tolist(),
+                "correct": None if label is None else pred == label,
+                "row": offset + i, "seconds": seconds,
+                **{key: _scalar(values[key][i]) for key in (
+                    "target_probability", "target_logit", "pred_probability", "pred_logit", "relevance_sum",
+                    "positive_sum", "negative_sum", "max_abs", "positive_in_top1pct", "positive_in_top5pct",
+                    "positive_in_top10pct", "gini", "entropy", "centre_row", "centre_col", "positive_in_box")},
+                "pointing_game_hit": None if np.isnan(float(values["pointing_game_hit"][i]))
+                else bool(values["pointing_game_hit"][i]),
+            })
+        return list(relevance.numpy()), rows
+
+    def _targets(self, records: list[ImageRecord]) -> torch.Tensor:
+        mode = self.settings.get("target", "predicted")
+        if mode == "label":
+            return torch.tensor([-1 if r.label is None else r.label for r in records])
+        if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
+            return torch.full((len(records),), int(mode))
+        return torch.full((len(records),), -1)
+
+
+def _scalar(value: torch.Tensor) -> float | None:
+    number = float(value)
+    return None if np.isnan(number) else number

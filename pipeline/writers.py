@@ -1,0 +1,123 @@
+"""Shard files: HDF5 relevance maps, Parquet statistics (explicit, documented schema), failures; the HDF5
+virtual dataset over all shards. Every file is written under a temporary name and renamed when complete."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def temporary(path: Path) -> Path:
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _field(name: str, kind: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, kind, nullable=nullable, metadata={"doc": doc})
+
+
+STATS_SCHEMA = pa.schema([
+    _field("image_id", pa.string(), "image id (file stem), unique in the dataset", False),
+    _field("path", pa.string(), "image file, or <shard.tar>::<member>", False),
+    _field("wnid", pa.string(), "WordNet id of the label"),
+    _field("label", pa.int64(), "ILSVRC class index of the label (torchvision's)"),
+    _field("label_name", pa.string(), "class name of the label"),
+    _field("pred", pa.int64(), "predicted class index", False),
+    _field("pred_name", pa.string(), "predicted class name"),
+    _field("target", pa.int64(), "class the map explains", False),
+    _field("target_probability", pa.float32(), "softmax probability of the target class", False),
+    _field("target_logit", pa.float32(), "logit of the target class", False),
+    _field("pred_probability", pa.float32(), "softmax probability of the predicted class", False),
+    _field("pred_logit", pa.float32(), "logit of the predicted class", False),
+    _field("top5", pa.list_(pa.int64()), "the five highest-scoring classes, best first", False),
+    _field("correct", pa.bool_(), "prediction equals label (null without label)"),
+    _field("relevance_sum", pa.float32(), "sum of the map", False),
+    _field("positive_sum", pa.float32(), "sum of the map's positive values", False),
+    _field("negative_sum", pa.float32(), "sum of the map's negative values", False),
+    _field("max_abs", pa.float32(), "largest absolute value of the map", False),
+    _field("positive_in_top1pct", pa.float32(), "share of positive relevance in the top 1 % of pixels"),
+    _field("positive_in_top5pct", pa.float32(), "share of positive relevance in the top 5 % of pixels"),
+    _field("positive_in_top10pct", pa.float32(), "share of positive relevance in the top 10 % of pixels"),
+    _field("gini", pa.float32(), "Gini sparsity of |relevance| (0 even, 1 one pixel)"),
+    _field("entropy", pa.float32(), "entropy of positive relevance over pixels / log(pixels)"),
+    _field("centre_row", pa.float32(), "row of the positive relevance's centre of mass (map pixels)"),
+    _field("centre_col", pa.float32(), "column of the positive relevance's centre of mass (map pixels)"),
+    _field("pointing_game_hit", pa.bool_(), "arg-max pixel inside a label box (null without boxes)"),
+    _field("positive_in_box", pa.float32(), "share of positive relevance inside the label boxes (null without)"),
+    _field("shard", pa.string(), "relevance shard file holding the map", False),
+    _field("row", pa.int64(), "row of the map in that shard's `relevance` dataset", False),
+    _field("seconds", pa.float32(), "explanation time of the image's batch, per image", False),
+])
+
+FAILURE_SCHEMA = pa.schema([
+    _field("image_id", pa.string(), "image id", False),
+    _field("path", pa.string(), "image file", False),
+    _field("reason", pa.string(), "why it could not be read or explained", False),
+    _field("shard", pa.int64(), "shard index", False),
+])
+
+
+def write_parquet(rows: Sequence[dict], schema: pa.Schema, path: Path) -> None:
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    tmp = temporary(path)
+    pq.write_table(table, tmp)
+    commit(tmp, path)
+
+
+def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence], attributes: dict,
+                    dtype: str = "float16", compression: int = 4) -> None:
+    """(N, H, W) maps, one image per chunk, gzip + shuffle; per-image columns beside; run attributes."""
+    tmp = temporary(path)
+    with h5py.File(tmp, "w") as handle:
+        n, h, w = maps.shape
+        handle.create_dataset("relevance", data=maps.astype(dtype), chunks=(1, h, w) if n else None,
+                              compression="gzip" if n else None, compression_opts=compression if n else None,
+                              shuffle=bool(n))
+        strings = h5py.string_dtype()
+        for name, values in columns.items():
+            if values and isinstance(values[0], str) or not values:
+                handle.create_dataset(name, data=np.array(values, dtype=object), dtype=strings)
+            else:
+                handle.create_dataset(name, data=np.asarray(values))
+        for key, value in attributes.items():
+            handle.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+    commit(tmp, path)
+
+
+def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequence[int], height: int, width: int,
+                          dtype: str) -> None:
+    """relevance.h5: one (N, H, W) dataset over all shards in dataset order (paths relative to the run)."""
+    total = int(sum(rows))
+    layout = h5py.VirtualLayout(shape=(total, height, width), dtype=dtype)
+    start = 0
+    for shard, count in zip(shard_files, rows):
+        if count:
+            source = h5py.VirtualSource(os.path.relpath(shard, path.parent), "relevance", shape=(count, height, width))
+            layout[start:start + count] = source
+        start += count
+    tmp = temporary(path)
+    with h5py.File(tmp, "w") as handle:
+        handle.create_virtual_dataset("relevance", layout, fillvalue=np.nan)
+    commit(tmp, path)

@@ -1,0 +1,147 @@
+"""End to end: a small generated dataset through Ray actors into HDF5 and Parquet; the maps equal LRPModel on
+the same preprocessed images, the statistics equal recomputed ones, a corrupt image is recorded and the run goes
+on, a deleted shard is redone on resume, and bad configurations stop before anything is written."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import warnings
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import lrp_module as lrp
+from lrp_module.zoo import build_vgg
+from pipeline import stats
+from pipeline.cli import main as cli_main
+from pipeline.config import ConfigError, load_config
+from pipeline.datasets import load_records
+from pipeline.preprocess import load
+from pipeline.run import RunError, explain
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.timeout(600)
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "images"
+    rng = np.random.default_rng(0)
+    for i, wnid in enumerate(["n01440764", "n01440764", "n02123045", "n02123045", "n07920052", "n07920052"]):
+        folder = root / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (80 + 10 * i, 64 + 7 * i)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img{i}.JPEG")
+    (root / "n07920052" / "broken.JPEG").write_bytes(b"not an image at all")
+    return root
+
+
+def _config(dataset, tmp_path, **overrides):
+    values = dict(dataset=str(dataset), model="vgg11", weights="random", size=SIZE, batch_size=2, shard_size=3,
+                  map_dtype="float32", out=str(tmp_path / "run"), cache=str(tmp_path.parent / "artifact-cache"))
+    values.update(overrides)
+    return load_config(values)
+
+
+def _run(config, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return explain(config, progress=False, **kwargs)
+
+
+def test_end_to_end(dataset, tmp_path, local_ray):
+    config = _config(dataset, tmp_path)
+    manifest = _run(config)
+    out = tmp_path / "run"
+    assert manifest["totals"] == {"images": 7, "explained": 6, "failed": 1}
+    assert manifest["random_weights"] and (out / "_SUCCESS").exists()
+    failures = pd.read_parquet(out / "failures.parquet")
+    assert failures.image_id.tolist() == ["broken"] and "not a decodable image" in failures.reason[0]
+    # the maps, through the virtual dataset, equal LRPModel on the same preprocessed images
+    records = [r for r in load_records(dataset) if r.image_id != "broken"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lrp.LRPModel(build_vgg("vgg11", "random")[0], "epsilon_gamma_box")
+    from pipeline.preprocess import Preprocessing
+    prep = Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE)
+    x = torch.stack([load(r, prep)[0] for r in records])
+    logits, expected = model.explain(x)
+    expected = expected.sum(1)
+    table = pd.read_parquet(out / "stats").sort_values("image_id").reset_index(drop=True)
+    with h5py.File(out / "relevance.h5") as handle:
+        maps = torch.from_numpy(handle["relevance"][:])
+    assert maps.shape == (6, SIZE, SIZE)
+    by_id = {r.image_id: i for i, r in enumerate(records)}
+    order = [by_id[i] for i in table.image_id]
+    # the virtual dataset is in dataset order, which is the order of records (broken is last in its class)
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    recomputed = stats.map_statistics(expected[order])
+    for column in ("relevance_sum", "positive_sum", "gini", "entropy", "centre_row", "positive_in_top5pct"):
+        np.testing.assert_allclose(table[column].to_numpy(), recomputed[column].numpy(), rtol=1e-3, atol=1e-6)
+    assert table.pred.tolist() == logits.argmax(1)[order].tolist()
+    assert table.label.tolist() == [0, 0, 281, 281, 967, 967] and table.wnid[2] == "n02123045"
+    assert table.label_name[2] == "tabby" and table.correct.notna().all()
+    assert table.shard.str.startswith("relevance/shard-").all()
+
+
+def test_resume_redoes_only_missing_shards(dataset, tmp_path, local_ray):
+    config = _config(dataset, tmp_path)
+    _run(config)
+    out = tmp_path / "run"
+    before = pd.read_parquet(out / "stats").drop(columns="seconds").sort_values("image_id").reset_index(drop=True)
+    with h5py.File(out / "relevance.h5") as handle:
+        maps_before = handle["relevance"][:]
+    (out / "stats" / "shard-00001.parquet").unlink()  # as if killed mid-shard
+    (out / "_SUCCESS").unlink()
+    untouched = (out / "relevance" / "shard-00000.h5").stat().st_mtime_ns
+    _run(config)
+    assert (out / "relevance" / "shard-00000.h5").stat().st_mtime_ns == untouched
+    after = pd.read_parquet(out / "stats").drop(columns="seconds").sort_values("image_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
+    with h5py.File(out / "relevance.h5") as handle:
+        np.testing.assert_array_equal(handle["relevance"][:], maps_before)
+    assert (out / "_SUCCESS").exists()
+
+
+def test_other_configuration_is_refused_unless_overwrite(dataset, tmp_path, local_ray):
+    _run(_config(dataset, tmp_path, limit=3))
+    with pytest.raises(RunError, match="differs in composite"):
+        _run(_config(dataset, tmp_path, limit=3, composite="epsilon_plus_flat"))
+    manifest = _run(_config(dataset, tmp_path, limit=3, composite="epsilon_plus_flat"), overwrite=True)
+    assert manifest["config"]["composite"] == "epsilon_plus_flat" and manifest["totals"]["images"] == 3
+
+
+def test_bad_configuration_stops_before_writing(tmp_path, dataset, capsys):
+    configs = tmp_path / "configs"
+    shutil.copytree(load_config.__globals__["CONFIG_DIR"], configs)
+    good = (configs / "run.yaml").read_text()
+    (configs / "run.yaml").write_text(good + "colour: blue\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'colour'"):
+        load_config({}, config_dir=configs)
+    (configs / "run.yaml").write_text(good)
+    with pytest.raises(ConfigError, match=r"command line: top_k must be a fraction"):
+        load_config({"dataset": str(dataset), "top_k": 2.0})
+    with pytest.raises(ConfigError, match=r"command line: model must be one of"):
+        load_config({"dataset": str(dataset), "model": "resnet50"})
+    (configs / "datasets" / "mine.yaml").write_text("root: ${SURELY_UNSET_VARIABLE_X}\n")
+    with pytest.raises(ConfigError, match="unset environment variable"):
+        load_config({"dataset": "mine"}, config_dir=configs)
+    out = tmp_path / "never"
+    assert cli_main(["explain", "--dataset", str(dataset), "--composite", "nope", "--out", str(out)]) == 2
+    assert "error: command line: composite must be one of" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli_main(["explain", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no such dataset directory" in capsys.readouterr().err and not out.exists()
