@@ -95,6 +95,8 @@ def test_end_to_end(dataset, tmp_path, local_ray):
     assert table.label.tolist() == [0, 0, 281, 281, 967, 967] and table.wnid[2] == "n02123045"
     assert table.label_name[2] == "tabby" and table.correct.notna().all()
     assert table.shard.str.startswith("relevance/shard-").all()
+    duckdb = pytest.importorskip("duckdb")
+    assert duckdb.sql(f"select count(*) from '{out}/stats/*.parquet'").fetchone()[0] == 6
 
 
 def test_resume_redoes_only_missing_shards(dataset, tmp_path, local_ray):
