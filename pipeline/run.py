@@ -51,7 +51,14 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
     """The traced LRP module for this configuration, built (and verified) once, reused by later runs."""
     from export.artifacts import ExportConfig, export_artifacts
 
-    key = f"{config.model}-{config.composite}-k{config.top_k}-{config.size}-{Path(weights).name}"
+    source = Path(weights)
+    if source.is_file():  # a state-dict file: key by content, so a replaced file is never served stale
+        from lrp_module.zoo import sha256_file
+
+        weights_key = f"{source.stem}-{sha256_file(source)[:12]}"
+    else:
+        weights_key = weights
+    key = f"{config.model}-{config.composite}-k{config.top_k}-{config.size}-{weights_key}"
     directory = Path(config.cache) / key
     artifact, sidecar = directory / "lrp.torchscript.pt", directory / "lrp.json"
     if not (artifact.is_file() and sidecar.is_file()):
@@ -129,8 +136,8 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     weights, weights_warning = resolve_weights(config)
     if weights_warning:
         print(f"\n{'!' * 100}\n{weights_warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
+    artifact, sidecar = cached_artifact(config, weights)  # missing weights fail here, before the run dir exists
     _prepare_run_dir(out, config, overwrite)
-    artifact, sidecar = cached_artifact(config, weights)
     shards = shards_of(records, config.shard_size)
     todo = [i for i in range(len(shards)) if not shard_done(out, i)]
     metadata = sidecar["metadata"]

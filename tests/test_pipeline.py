@@ -147,3 +147,31 @@ def test_bad_configuration_stops_before_writing(tmp_path, dataset, capsys):
     assert not out.exists()
     assert cli_main(["explain", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no such dataset directory" in capsys.readouterr().err and not out.exists()
+
+
+from .test_datasets import layouts  # noqa: E402,F401  (the same images written in every layout)
+
+
+def test_every_layout_end_to_end_agrees(layouts, tmp_path, local_ray):  # noqa: F811
+    results = {}
+    for name in ("imagefolder", "kaggle", "devkit", "wds", "plain"):
+        out = tmp_path / name
+        _run(_config(layouts / name, tmp_path, out=str(out)))
+        table = pd.read_parquet(out / "stats").sort_values("image_id").reset_index(drop=True)
+        with h5py.File(out / "relevance.h5") as handle:
+            maps = handle["relevance"][:]
+        order = np.argsort([f"{s}:{r:05d}" for s, r in zip(table.shard, table.row)])
+        results[name] = (table, maps[np.argsort(order)] if len(order) else maps)
+    reference_table, reference_maps = results["plain"]
+    for name, (table, maps) in results.items():
+        assert table.image_id.tolist() == reference_table.image_id.tolist(), name
+        np.testing.assert_array_equal(table.pred, reference_table.pred)
+        np.testing.assert_allclose(table.gini, reference_table.gini, rtol=1e-6)
+        np.testing.assert_array_equal(maps, reference_maps)
+        if name != "plain":
+            assert table.label.tolist() == [281, 0, 999, 281], name
+    for name in ("kaggle", "devkit"):  # boxes only there: the first two images have them, the third none
+        table = results[name][0]
+        assert table.positive_in_box[:2].notna().all() and pd.isna(table.positive_in_box[2]), name
+        np.testing.assert_allclose(table.positive_in_box[:2], results["kaggle"][0].positive_in_box[:2])
+    assert results["imagefolder"][0].positive_in_box.isna().all()
