@@ -147,37 +147,40 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
         "tf32": config.tf32, "class_names": metadata.get("class_names") or _imagenet_names(),
         "attributes": {"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
     }
+    if todo:
+        _run_shards(config, artifact, settings, shards, todo, out, strict, progress)
+    return _finish(out, config, shards, weights, weights_warning, sidecar, started)
+
+
+def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[list[ImageRecord]],
+                todo: list[int], out: Path, strict: bool, progress: bool) -> None:
+    """Feed the unfinished shards to a pool of actors, one shard in flight per actor, with a progress bar."""
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from .worker import ShardExplainer
+
     ray, started_ray = _start_ray()
-    failed_total, reasons = 0, {}
     try:
         count, options, device, threads = _actor_plan(ray, config)
-        settings.update(device=device, threads=threads)
-        from ray.util import ActorPool
-
-        from .worker import ShardExplainer
-
+        settings = {**settings, "device": device, "threads": threads}
         remote = ray.remote(ShardExplainer).options(max_restarts=2, max_task_retries=2, **options)
-        pool = ActorPool([remote.remote(str(artifact.resolve()), settings) for _ in range(min(count, len(todo)) or 1)])
-        from tqdm import tqdm
-
-        done_images = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
-        with tqdm(total=len(records), initial=done_images, unit="img", disable=not progress, desc="explain",
+        pool = ActorPool([remote.remote(str(artifact.resolve()), settings) for _ in range(min(count, len(todo)))])
+        total = sum(len(s) for s in shards)
+        done = total - sum(len(shards[i]) for i in todo)
+        failed = 0
+        with tqdm(total=total, initial=done, unit="img", disable=not progress, desc="explain",
                   dynamic_ncols=True) as bar:
             for result in pool.map_unordered(
                     lambda actor, i: actor.explain_shard.remote(i, shards[i], str(out.resolve())), todo):
-                failed_total += result["failed"]
-                for reason in result["reasons"]:
-                    key = reason.split(":")[0]
-                    reasons[key] = reasons.get(key, 0) + 1
+                failed += result["failed"]
                 bar.update(result["explained"] + result["failed"])
-                bar.set_postfix(failed=failed_total)
+                bar.set_postfix(failed=failed)
                 if strict and result["failed"]:
                     raise RunError(f"--strict: shard {result['shard']} had failures: {result['reasons'][0]}")
     finally:
         if started_ray:
             ray.shutdown()
-    manifest = _finish(out, config, shards, weights, weights_warning, sidecar, started)
-    return manifest
 
 
 def _imagenet_names() -> list[str]:

@@ -69,8 +69,9 @@ class ShardExplainer:
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
         name = shard_name(index)
         columns = {"image_id": [r["image_id"] for r in rows], "path": [r["path"] for r in rows],
-                   "label": [-1 if r["label"] is None else r["label"] for r in rows],
-                   "pred": [r["pred"] for r in rows], "target": [r["target"] for r in rows]}
+                   "label": np.array([-1 if r["label"] is None else r["label"] for r in rows], dtype=np.int64),
+                   "pred": np.array([r["pred"] for r in rows], dtype=np.int64),
+                   "target": np.array([r["target"] for r in rows], dtype=np.int64)}
         write_relevance(out / "relevance" / f"{name}.h5", array, columns, self.settings.get("attributes", {}),
                         dtype=self.settings.get("map_dtype", "float16"),
                         compression=int(self.settings.get("compression", 4)))

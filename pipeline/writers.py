@@ -86,7 +86,7 @@ def write_parquet(rows: Sequence[dict], schema: pa.Schema, path: Path) -> None:
     commit(tmp, path)
 
 
-def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence], attributes: dict,
+def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence[str] | np.ndarray], attributes: dict,
                     dtype: str = "float16", compression: int = 4) -> None:
     """(N, H, W) maps, one image per chunk, gzip + shuffle; per-image columns beside; run attributes."""
     tmp = temporary(path)
@@ -96,11 +96,11 @@ def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence], 
                               compression="gzip" if n else None, compression_opts=compression if n else None,
                               shuffle=bool(n))
         strings = h5py.string_dtype()
-        for name, values in columns.items():
-            if values and isinstance(values[0], str) or not values:
-                handle.create_dataset(name, data=np.array(values, dtype=object), dtype=strings)
+        for name, values in columns.items():  # numpy arrays as they are; lists are strings
+            if isinstance(values, np.ndarray):
+                handle.create_dataset(name, data=values)
             else:
-                handle.create_dataset(name, data=np.asarray(values))
+                handle.create_dataset(name, data=np.array(values, dtype=object), dtype=strings)
         for key, value in attributes.items():
             handle.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
     commit(tmp, path)

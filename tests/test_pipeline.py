@@ -96,7 +96,7 @@ def test_end_to_end(dataset, tmp_path, local_ray):
     assert table.label_name[2] == "tabby" and table.correct.notna().all()
     assert table.shard.str.startswith("relevance/shard-").all()
     duckdb = pytest.importorskip("duckdb")
-    assert duckdb.sql(f"select count(*) from '{out}/stats/*.parquet'").fetchone()[0] == 6
+    assert duckdb.sql(f"select count(*) from '{out}/stats/*.parquet'").fetchall()[0][0] == 6
 
 
 def test_resume_redoes_only_missing_shards(dataset, tmp_path, local_ray):
