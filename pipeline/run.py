@@ -147,14 +147,14 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
         "tf32": config.tf32, "class_names": metadata.get("class_names") or _imagenet_names(),
         "attributes": {"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
     }
-    if todo:
-        _run_shards(config, artifact, settings, shards, todo, out, strict, progress)
-    return _finish(out, config, shards, weights, weights_warning, sidecar, started)
+    work = _run_shards(config, artifact, settings, shards, todo, out, strict, progress) if todo else {}
+    return _finish(out, config, shards, weights, weights_warning, sidecar, started, work)
 
 
 def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[list[ImageRecord]],
-                todo: list[int], out: Path, strict: bool, progress: bool) -> None:
-    """Feed the unfinished shards to a pool of actors, one shard in flight per actor, with a progress bar."""
+                todo: list[int], out: Path, strict: bool, progress: bool) -> dict:
+    """Feed the unfinished shards to a pool of actors, one shard in flight per actor, with a progress bar.
+    Returns what the manifest records of this work: images, seconds, the actors' peak memory."""
     from ray.util import ActorPool
     from tqdm import tqdm
 
@@ -168,16 +168,21 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
         pool = ActorPool([remote.remote(str(artifact.resolve()), settings) for _ in range(min(count, len(todo)))])
         total = sum(len(s) for s in shards)
         done = total - sum(len(shards[i]) for i in todo)
-        failed = 0
+        failed, peak, begun = 0, 0.0, time.time()
         with tqdm(total=total, initial=done, unit="img", disable=not progress, desc="explain",
                   dynamic_ncols=True) as bar:
             for result in pool.map_unordered(
                     lambda actor, i: actor.explain_shard.remote(i, shards[i], str(out.resolve())), todo):
                 failed += result["failed"]
+                peak = max(peak, result["peak_rss_mb"])
                 bar.update(result["explained"] + result["failed"])
                 bar.set_postfix(failed=failed)
                 if strict and result["failed"]:
                     raise RunError(f"--strict: shard {result['shard']} had failures: {result['reasons'][0]}")
+        images = sum(len(shards[i]) for i in todo)
+        seconds = time.time() - begun
+        return {"images_this_invocation": images, "explain_seconds": seconds,
+                "images_per_second": images / seconds if seconds else None, "actor_peak_rss_mb": peak}
     finally:
         if started_ray:
             ray.shutdown()
@@ -190,7 +195,7 @@ def _imagenet_names() -> list[str]:
 
 
 def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | None, sidecar: dict,
-            started: float) -> dict:
+            started: float, work: dict) -> dict:
     import h5py
 
     rows, entries, failures = [], [], []
@@ -225,7 +230,7 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
         "totals": {"images": sum(len(s) for s in shards), "explained": explained, "failed": failed},
         "failure_reasons": _reason_counts(all_failures),
         "shards": entries,
-        "timings": {"seconds_this_invocation": seconds},
+        "timings": {"seconds_this_invocation": seconds, **work},
     }
     tmp = temporary(out / "manifest.json")
     tmp.write_text(json.dumps(manifest, indent=2, default=str))

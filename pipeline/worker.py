@@ -2,6 +2,7 @@
 shard's HDF5 maps, Parquet statistics and failures. A plain class: the driver wraps it as a Ray actor."""
 from __future__ import annotations
 
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,10 +36,13 @@ class ShardExplainer:
         return self.class_names[index] if 0 <= index < len(self.class_names) else None
 
     def _decode(self, record: ImageRecord):
+        """The preprocessed image and boxes, or the exception that becomes this image's failure reason."""
         try:
             return load(record, self.preprocessing)
         except DecodeError as error:
             return error
+        except Exception as error:  # anything else one image can trigger must not stop the shard
+            return DecodeError(f"preprocessing failed: {type(error).__name__}: {error}")
 
     def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str) -> dict:
         out = Path(out_dir)
@@ -80,7 +84,8 @@ class ShardExplainer:
         write_parquet(failures, FAILURE_SCHEMA, out / "failures" / f"{name}.parquet")
         write_parquet(rows, STATS_SCHEMA, out / "stats" / f"{name}.parquet")  # last: marks the shard done
         return {"shard": index, "explained": len(rows), "failed": len(failures),
-                "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started}
+                "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def _explain_batch(self, chunk, offset: int):
         x = torch.stack([tensor for _, (tensor, _) in chunk]).to(self.device)
