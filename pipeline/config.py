@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,9 @@ def load_config(overrides: dict[str, Any] | None = None, config_dir: Path = CONF
     values["dataset"] = dataset
     config = RunConfig(**values)
     validate(config, sources)
-    if config.out is None:
-        config.out = f"runs/{Path(dataset).name or 'dataset'}-{config.model}-{config.composite}"
+    if config.out is None:  # a readable directory name, also for a tar glob
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset).name.replace(".tar", "")).strip("_") or "dataset"
+        config.out = f"runs/{name}-{config.model}-{config.composite}"
     return config
 
 

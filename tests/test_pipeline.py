@@ -175,3 +175,23 @@ def test_every_layout_end_to_end_agrees(layouts, tmp_path, local_ray):  # noqa: 
         assert table.positive_in_box[:2].notna().all() and pd.isna(table.positive_in_box[2]), name
         np.testing.assert_allclose(table.positive_in_box[:2], results["kaggle"][0].positive_in_box[:2])
     assert results["imagefolder"][0].positive_in_box.isna().all()
+
+
+def test_explicit_imagenet_weights_fail_when_missing(dataset, tmp_path, monkeypatch):
+    """The sample falls back to random weights only under `auto`; asking for ImageNet weights that are not there
+    fails before the run directory exists."""
+    from lrp_module import zoo
+
+    monkeypatch.setenv(zoo.OFFLINE_ENV, "1")
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "empty-hub"))
+    try:
+        with pytest.raises(zoo.WeightsError, match="ImageNet weights for vgg11 are not available"):
+            _run(_config(dataset, tmp_path, weights="imagenet", out=str(tmp_path / "never")))
+        assert not (tmp_path / "never").exists()
+        from pipeline.run import resolve_weights
+
+        weights, warning = resolve_weights(_config(dataset, tmp_path, weights="auto"))
+        assert weights == "random" and "RANDOM weights" in warning
+    finally:
+        torch.hub.set_dir(previous)
