@@ -6,7 +6,6 @@ exists (written last, atomically); running the same command again skips done sha
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import shutil
@@ -26,7 +25,6 @@ from .datasets import load_records
 from .datasets.records import ImageRecord
 from .writers import FAILURE_SCHEMA, commit, sha256, shard_name, temporary, write_virtual_dataset
 
-log = logging.getLogger("pipeline")
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")
 

@@ -3,8 +3,6 @@ the same preprocessed images, the statistics equal recomputed ones, a corrupt im
 on, a deleted shard is redone on resume, and bad configurations stop before anything is written."""
 from __future__ import annotations
 
-import io
-import json
 import shutil
 import warnings
 
