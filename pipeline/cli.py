@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from export.artifacts import ExportError
 from lrp_module.zoo import WeightsError
 
 from .config import ConfigError, load_config
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(overrides)
         manifest = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress)
-    except (ConfigError, DatasetError, WeightsError, RunError) as error:
+    except (ConfigError, DatasetError, WeightsError, ExportError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     totals = manifest["totals"]
