@@ -8,26 +8,16 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from bench.lrp_speed import best_seconds
 from export import load_artifact
 from export.artifacts import ExportConfig, build_explainer, write_artifacts
 
 DEFAULT_OUT = Path("bench/results/export_speed.json")
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:

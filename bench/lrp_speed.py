@@ -105,14 +105,19 @@ def blog_code(model: nn.Module) -> Callable[[torch.Tensor], object]:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def seconds_per_image(fn: Callable, x: torch.Tensor, repeats: int) -> float:
-    fn(x)  # warm-up
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Best of `repeats` timed calls after one warm-up call (shared by the benchmarks)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn(x)
+        fn()
         times.append(time.perf_counter() - start)
-    return min(times) / x.shape[0]
+    return min(times)
+
+
+def seconds_per_image(fn: Callable, x: torch.Tensor, repeats: int) -> float:
+    return best_seconds(lambda: fn(x), repeats) / x.shape[0]
 
 
 def peak_memory_mb(spec: str, args: argparse.Namespace) -> float | None:

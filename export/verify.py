@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from lrp_module import LRPModel
 
 from . import runner
@@ -63,11 +61,3 @@ def verify_artifacts(lrp: LRPModel, config, out_dir: Path, written: dict[str, st
                                    + ("" if ok else f" exceeds {TOLERANCE:.0e}")}
     return results
 
-
-def equal_to_eager(artifact: Path, lrp: LRPModel, x: torch.Tensor, target: torch.Tensor, channel_sum: bool = True):
-    """Differences (logits, relevance) of one artifact, run in a fresh process, to eager LRP."""
-    logits, relevance = lrp.explain(x, target)
-    if channel_sum:
-        relevance = relevance.sum(dim=1)
-    got = run_fresh(artifact, x.numpy(), target.numpy())
-    return relative_difference(got["logits"], logits.numpy()), relative_difference(got["relevance"], relevance.numpy())

@@ -97,12 +97,11 @@ def _vgg_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _parse_steps(model: nn.Module, composite: Composite) -> tuple[list[nn.Module], list[AnyRule], list[str]]:
+def _parse_steps(model: nn.Module, composite: Composite) -> tuple[list[nn.Module], list[AnyRule | None]]:
     """Group the layer list into steps (conv+bn+relu fused) and pick each step's rule."""
     layers = _vgg_layers(model)
     steps: list[nn.Module] = []
-    rules: list[AnyRule] = []
-    skipped: list[str] = []
+    rules: list[AnyRule | None] = []
     block, seen_affine, i = 0, False, 0
     while i < len(layers):
         name, module = layers[i]
@@ -129,7 +128,7 @@ def _parse_steps(model: nn.Module, composite: Composite) -> tuple[list[nn.Module
             steps.append(FlattenStep())
             rules.append(None)
         elif isinstance(module, (nn.Dropout, nn.Identity)):
-            skipped.append(name)  # identity in eval mode: relevance passes unchanged
+            pass  # identity in eval mode: relevance passes unchanged
         else:
             raise ValueError(f"unsupported layer {name} ({type(module).__name__}): LRP here covers VGG's "
                              "Conv2d, BatchNorm, ReLU, MaxPool2d, AdaptiveAvgPool2d, Linear and Dropout")
@@ -138,7 +137,7 @@ def _parse_steps(model: nn.Module, composite: Composite) -> tuple[list[nn.Module
         kind = PoolRule if isinstance(step, PoolStep) else Rule
         if rule is not None and not isinstance(rule, kind):
             raise ValueError(f"rule {rule!r} cannot be used on {step.name} ({type(step).__name__})")
-    return steps, rules, skipped
+    return steps, rules
 
 
 def _bind_rules(steps: Sequence[nn.Module], rules: Sequence[AnyRule | None]) -> None:
@@ -184,7 +183,7 @@ class LRPModel(nn.Module):
         super().__init__()
         model = model.eval()
         self.composite = get_composite(composite, **(composite_params or {}))
-        steps, rules, self.skipped = _parse_steps(model, self.composite)
+        steps, rules = _parse_steps(model, self.composite)
         _bind_rules(steps, rules)
         self.steps = nn.ModuleList(steps)
         self.rules = rules

@@ -2,7 +2,7 @@
 name. Shipped in configs/imagenet_classes.tsv."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,17 +13,13 @@ CLASSES_FILE = Path(__file__).resolve().parent.parent / "configs" / "imagenet_cl
 class ClassList:
     wnids: tuple[str, ...]
     names: tuple[str, ...]
+    positions: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:  # built once: looked up for every record of a dataset
+        object.__setattr__(self, "positions", {wnid: i for i, wnid in enumerate(self.wnids)})
 
     def index(self, wnid: str) -> int | None:
-        return self._positions().get(wnid)
-
-    def _positions(self) -> dict[str, int]:
-        return _positions(self.wnids)
-
-
-@lru_cache(maxsize=None)
-def _positions(wnids: tuple[str, ...]) -> dict[str, int]:
-    return {w: i for i, w in enumerate(wnids)}
+        return self.positions.get(wnid)
 
 
 @lru_cache(maxsize=1)

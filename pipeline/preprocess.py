@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -32,13 +33,21 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def transforms(self) -> v2.Compose:
-        return v2.Compose([
-            v2.Resize(self.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.CenterCrop(self.crop),
-            v2.ClampBoundingBoxes(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(self.mean, self.std),
-        ])
+        return _transforms(self)
+
+
+@lru_cache(maxsize=8)
+def _transforms(preprocessing: Preprocessing) -> v2.Compose:
+    """The transform pipeline of one preprocessing setting, built once (it is applied to every image; the
+    transforms are deterministic and stateless, so the decode threads can share it)."""
+    p = preprocessing
+    return v2.Compose([
+        v2.Resize(p.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+        v2.CenterCrop(p.crop),
+        v2.ClampBoundingBoxes(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(p.mean, p.std),
+    ])
 
 
 def read_bytes(path: str) -> bytes:
