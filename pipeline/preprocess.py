@@ -36,14 +36,19 @@ class Preprocessing:
         return _transforms(self)
 
 
+def geometry(preprocessing: Preprocessing) -> list[v2.Transform]:
+    """The resize and centre crop alone: what the maps' pixels line up with (the report shows this crop)."""
+    p = preprocessing
+    return [v2.Resize(p.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True), v2.CenterCrop(p.crop)]
+
+
 @lru_cache(maxsize=8)
 def _transforms(preprocessing: Preprocessing) -> v2.Compose:
     """The transform pipeline of one preprocessing setting, built once (it is applied to every image; the
     transforms are deterministic and stateless, so the decode threads can share it)."""
     p = preprocessing
     return v2.Compose([
-        v2.Resize(p.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop(p.crop),
+        *geometry(p),
         v2.ClampBoundingBoxes(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(p.mean, p.std),

@@ -1,0 +1,181 @@
+"""Build the report of a run (RUN/report/index.html + img/) and single heat maps for chosen images. Reads the
+statistics columns once, then maps and image files for the shown rows only, so a 50,000-image run stays fast."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from . import html, selection, tables
+from .files import inside
+from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
+from .plots import write_plots
+from .run_data import ReportError, RunData, open_run, read_maps
+from .tiles import TileFiles, render
+
+IMAGE_FOLDER = "img"
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _render_all(rows: pd.DataFrame, maps: dict, folder: Path, cmap: str) -> dict[str, TileFiles]:
+    """image_id -> its files; each image rendered once however many galleries show it (threads: PIL and zlib
+    release the GIL while encoding and decoding)."""
+    unique = rows.drop_duplicates("image_id")
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap)
+                   for image_id, path in zip(unique["image_id"], unique["path"])}
+        return {image_id: future.result() for image_id, future in futures.items()}
+
+
+def _caption(row) -> list[str]:
+    def name(index, text) -> str:
+        return f"{text} ({int(index)})" if isinstance(text, str) else str(int(index))
+
+    lines = []
+    if pd.notna(row.label):
+        lines.append(f"label: {name(row.label, row.label_name)}")
+    lines.append(f"pred: {name(row.pred, row.pred_name)}  p={row.pred_probability:.3g}")
+    if int(row.target) != int(row.pred):
+        lines.append(f"map for: {int(row.target)}  p={row.target_probability:.3g}")
+    return lines
+
+
+def _tiles(rows: pd.DataFrame, files: dict[str, TileFiles]) -> list[html.Tile]:
+    tiles = []
+    for row in rows.itertuples(index=False):
+        f = files[row.image_id]
+        verdict = None if pd.isna(row.correct) else bool(row.correct)
+        prefix = f"{IMAGE_FOLDER}/"
+        tiles.append(html.Tile(row.image_id, prefix + f.heatmap, f.image and prefix + f.image,
+                               f.overlay and prefix + f.overlay, _caption(row), verdict, f.problem))
+    return tiles
+
+
+def _galleries(run: RunData, n: int, per_class: int) -> list[tuple[str, str, str, pd.DataFrame]]:
+    """(anchor, title, note, rows) of each gallery."""
+    stats = run.stats
+    if run.has_labels:
+        galleries = [
+            ("errors", "Most confident errors", "Wrong predictions with the highest probability.",
+             selection.most_confident_errors(stats, n)),
+            ("uncertain", "Least confident correct", "Right predictions with the lowest probability.",
+             selection.least_confident_correct(stats, n)),
+        ]
+    else:
+        galleries = [
+            ("confident", "Most confident predictions", "The run has no labels: highest probability first.",
+             selection.most_confident(stats, n)),
+            ("uncertain", "Least confident predictions", "The run has no labels: lowest probability first.",
+             selection.least_confident(stats, n)),
+        ]
+    by = "label" if run.has_labels else "predicted class"
+    galleries.append(("classes", "Sample per class", f"Up to {per_class} image(s) per {by}, drawn with a fixed seed.",
+                      selection.per_class_sample(stats, per_class, run.has_labels)))
+    return galleries
+
+
+def _failures_section(run: RunData) -> str:
+    failures = run.failures
+    if failures.empty:
+        return '<p class="note">No failures.</p>'
+    reasons = failures["reason"].astype(str).str.split(":").str[0].value_counts()
+    shown = failures.head(200)
+    more = f'<p class="note">First 200 of {len(failures):,}; all in failures.parquet.</p>' if len(failures) > 200 else ""
+    return (html.table(["reason", "images"], [[r, f"{c:,}"] for r, c in reasons.items()]) + "<br>"
+            + html.table(["image id", "path", "reason"],
+                         [[str(r.image_id), str(r.path), str(r.reason)] for r in shown.itertuples()]) + more)
+
+
+def _prepare(out: Path) -> Path:
+    """A fresh out/img folder (a previous report's pictures removed, nothing else in out touched)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        images = out / IMAGE_FOLDER
+        if images.is_dir():
+            shutil.rmtree(images)
+        images.mkdir()
+        return images
+    except OSError as error:
+        raise ReportError(f"{out}: cannot write the report ({error.strerror or error})") from None
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: int = 1, gallery: int = 12,
+                 cmap: str = DEFAULT_COLOUR_MAP) -> Path:
+    """Write the report; returns the path of index.html."""
+    started = time.perf_counter()
+    if per_class < 0 or gallery < 0:
+        raise ReportError(f"--per-class and --gallery must be >= 0 (got {per_class}, {gallery})")
+    lookup_table(cmap)  # an unknown colour map fails before anything is written
+    run = open_run(run_dir)
+    out = Path(out) if out else run.root / "report"
+    images = _prepare(out)
+    galleries = _galleries(run, gallery, per_class)
+    shown = pd.concat([rows for *_, rows in galleries]) if galleries else run.stats.iloc[:0]
+    files = _render_all(shown, read_maps(run.root, shown.drop_duplicates("image_id")), images, cmap)
+    Image.fromarray(colour_bar(cmap)).save(images / "colour-bar.png")
+    plot_files = write_plots(run.stats, run.list_columns, images, run.has_labels)
+
+    missing = sum(1 for f in files.values() if f.problem)
+    extra = [("images shown", f"{len(files):,}" + (f" ({missing:,} image files not found or unreadable — dataset "
+                                                    "moved? — heat map only)" if missing else ""))]
+    sections = [("summary", "Summary", html.section("summary", "Summary", html.key_values(tables.summary(run, extra))))]
+    for anchor, title, note, rows in galleries:
+        body = html.gallery(_tiles(rows, files), "None in this run.")
+        sections.append((anchor, title, html.section(anchor, title, body, note)))
+    sections.append(("distributions", "Distributions", html.section(
+        "distributions", "Distributions of the statistics",
+        html.plots([(t, f"{IMAGE_FOLDER}/{name}") for t, name in plot_files]),
+        "Per-image statistics (stats/*.parquet); wrong and correct predictions overlaid where labels exist.")))
+    headings, rows = tables.per_class(run.stats, run.has_labels)
+    sections.append(("per-class", "Per class", html.section(
+        "per-class", "Per class", html.table(headings, rows) if rows else '<p class="note">No images.</p>',
+        "By label" if run.has_labels else "By predicted class (the run has no labels)")))
+    sections.append(("failures", "Failures", html.section("failures", "Failures", _failures_section(run))))
+
+    config = run.manifest.get("config", {})
+    title = f"LRP audit: {config.get('model', '?')} / {config.get('composite', '?')} on {config.get('dataset', run.root.name)}"
+    warning = ("RANDOM weights: this run's maps say nothing about a trained model."
+               if run.manifest.get("random_weights") else None)
+    index = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"), encoding="utf-8")
+    os.replace(tmp, index)
+    print(f"report: {len(files):,} images, {len(plot_files)} plots in {time.perf_counter() - started:.1f} s -> {index}")
+    return index
+
+
+def write_heatmaps(run_dir: str | Path, ids: list[str], out: str | Path | None = None,
+                   cmap: str = DEFAULT_COLOUR_MAP) -> list[Path]:
+    """PNG heat map (and overlay, where the image file is readable) of each chosen image; unknown ids fail before
+    anything is written. Returns the files written."""
+    ids = [i for i in dict.fromkeys(i.strip() for i in ids) if i]
+    if not ids:
+        raise ReportError("no image ids given")
+    lookup_table(cmap)
+    run = open_run(run_dir)
+    rows = run.stats[run.stats["image_id"].isin(ids)].drop_duplicates("image_id")
+    unknown = [i for i in ids if i not in set(rows["image_id"])]
+    if unknown:
+        raise ReportError(f"unknown image id(s) in {run.root}: {', '.join(unknown[:10])}"
+                          + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+    folder = Path(out) if out else run.root / "heatmaps"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ReportError(f"{folder}: cannot write ({error.strerror or error})") from None
+    maps = read_maps(run.root, rows)
+    written = []
+    for image_id, path in zip(rows["image_id"], rows["path"]):
+        files = render(image_id, path, maps[image_id], folder, cmap, photo_format="png")
+        written += [inside(folder, name) for name in (files.heatmap, files.image, files.overlay) if name]
+        if files.problem:
+            print(f"{image_id}: {files.problem}: heat map only")
+    return written

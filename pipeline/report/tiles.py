@@ -1,0 +1,56 @@
+"""One shown image as three pictures beside the report: the preprocessed crop the map belongs to (resize and
+centre crop as in the pipeline, no normalisation), the heat map, and the overlay. A missing or unreadable image
+file leaves the heat map alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..preprocess import DecodeError, Preprocessing, decode, geometry, read_bytes
+from .files import inside, safe_name
+from .heatmap import heatmap, overlay
+
+
+@dataclass(frozen=True)
+class TileFiles:
+    """File names (relative to the image folder) of one image's pictures; image/overlay None when unreadable."""
+    heatmap: str
+    image: str | None
+    overlay: str | None
+    problem: str | None = None
+
+
+def preprocessing_for(size: int) -> Preprocessing:
+    """The pipeline's 256/224 recipe at the run's crop size (as pipeline/worker.py builds it)."""
+    return Preprocessing(resize=round(size * 256 / 224), crop=size)
+
+
+def display_crop(path: str, preprocessing: Preprocessing) -> np.ndarray:
+    """(crop, crop, 3) uint8: the image as the model saw it, before normalisation. Raises DecodeError."""
+    image = decode(read_bytes(path))
+    for transform in geometry(preprocessing):
+        image = transform(image)
+    return np.asarray(image)
+
+
+def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: str, photo_format: str = "jpg"
+           ) -> TileFiles:
+    """Write <name>-heatmap.png, and <name>-image.<photo_format> / <name>-overlay.<photo_format> when the image
+    can be read. PNG keeps the heat map's colours exact; JPEG keeps the report's photographs small and fast."""
+    stem = safe_name(image_id)
+    heat_name = f"{stem}-heatmap.png"
+    Image.fromarray(heatmap(relevance, cmap)).save(inside(folder, heat_name), compress_level=1)
+    try:
+        crop = display_crop(path, preprocessing_for(relevance.shape[0]))
+    except DecodeError as error:
+        return TileFiles(heat_name, None, None, f"image not available ({error})")
+    if crop.shape[:2] != relevance.shape:  # a non-square map: fit the crop to it rather than fail
+        crop = np.asarray(Image.fromarray(crop).resize(relevance.shape[::-1], Image.BILINEAR))
+    image_name, overlay_name = f"{stem}-image.{photo_format}", f"{stem}-overlay.{photo_format}"
+    options = {"quality": 90} if photo_format == "jpg" else {"compress_level": 1}
+    Image.fromarray(crop).save(inside(folder, image_name), **options)
+    Image.fromarray(overlay(crop, relevance, cmap)).save(inside(folder, overlay_name), **options)
+    return TileFiles(heat_name, image_name, overlay_name)
