@@ -18,7 +18,7 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline export explain clean
+.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report export explain report heatmaps clean
 
 venv: $(STAMP)
 
@@ -30,10 +30,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps --ignore-requires-python $(ZENNIT)
 	touch $(STAMP)
 
-test: $(STAMP)
+# The report's browser test drives Debian's Chromium (headless); installed once, as root, where missing.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-lrp bench-export bench-pipeline
+bench: bench-lrp bench-export bench-pipeline bench-report
 
 bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
@@ -43,6 +49,9 @@ bench-export: $(STAMP)
 
 bench-pipeline: $(STAMP)
 	$(PY) -m bench.pipeline_speed
+
+bench-report: $(STAMP)
+	$(PY) -m bench.report_speed
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)
@@ -54,6 +63,14 @@ explain: $(STAMP)
 	$(PY) -m pipeline explain $(call given,DATASET,dataset) $(call given,MODEL,model) \
 		$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
 		$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(EXPLAIN_ARGS)
+
+# e.g. make report RUN=runs/x (REPORT_ARGS='--per-class 2 --gallery 24'); opens from RUN/report/index.html
+report: $(STAMP)
+	$(PY) -m pipeline report '$(RUN)' $(REPORT_ARGS)
+
+# e.g. make heatmaps RUN=runs/x IDS=ILSVRC2012_val_00000001,ILSVRC2012_val_00000002 -> RUN/heatmaps/*.png
+heatmaps: $(STAMP)
+	$(PY) -m pipeline heatmaps '$(RUN)' --ids '$(IDS)' $(HEATMAP_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,6 +9,7 @@ from lrp_module.zoo import WeightsError
 
 from .config import ConfigError, load_config
 from .datasets import DatasetError
+from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
 from .run import RunError, explain
 
 OPTIONS = [
@@ -44,11 +45,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a run directory made with another config")
     run.add_argument("--strict", action="store_true", help="stop at the first image that cannot be explained")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_report_commands(commands)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in REPORT_COMMANDS:
+        return run_report_command(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["tf32"] = args.tf32
     try:

@@ -42,6 +42,8 @@ class RunData:
 
 def open_run(root: str | Path) -> RunData:
     """Read what the report needs from a run directory; ReportError when it is not one."""
+    if not str(root).strip():
+        raise ReportError("no run directory given (RUN=...)")
     root = Path(root)
     stats_dir = root / "stats"
     if not root.is_dir():
