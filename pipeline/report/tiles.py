@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..preprocess import DecodeError, Preprocessing, decode, geometry, read_bytes
@@ -29,11 +30,12 @@ def preprocessing_for(size: int) -> Preprocessing:
 
 
 def display_crop(path: str, preprocessing: Preprocessing) -> np.ndarray:
-    """(crop, crop, 3) uint8: the image as the model saw it, before normalisation. Raises DecodeError."""
-    image = decode(read_bytes(path))
+    """(crop, crop, 3) uint8: the image as the model saw it, before normalisation (the same uint8 tensor
+    resize and crop as pipeline.preprocess, so the map's pixels line up exactly). Raises DecodeError."""
+    image = torch.from_numpy(np.asarray(decode(read_bytes(path))).copy()).permute(2, 0, 1)  # as preprocess() does
     for transform in geometry(preprocessing):
         image = transform(image)
-    return np.asarray(image)
+    return image.permute(1, 2, 0).numpy()
 
 
 def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: str, photo_format: str = "jpg"

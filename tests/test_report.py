@@ -1,0 +1,270 @@
+"""The report on synthetic runs (the pipeline's real file layout and schema): which images the galleries pick,
+the colour map's symmetry, file names that cannot escape the report folder, runs without labels / boxes / image
+files, with failures and faithfulness columns, the heatmaps command and the one-line errors."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from bench.synthetic_run import stats_table, synthesise_run
+from pipeline.cli import main as cli_main
+from pipeline.datasets import load_records
+from pipeline.preprocess import load
+from pipeline.report import build_report, write_heatmaps
+from pipeline.report import heatmap as hm
+from pipeline.report import selection
+from pipeline.report.files import safe_name
+from pipeline.report.tiles import display_crop, preprocessing_for
+
+pytestmark = pytest.mark.timeout(120)
+SIZE = 32
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    """A few JPEGs of different shapes (the crop must come out SIZE x SIZE whatever the aspect)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(60, 40), (40, 70), (50, 50)]):
+        path = root / f"p{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _run(tmp_path, photos, n=40, classes=4, **options) -> Path:
+    failures = options.pop("failures", 0)
+    table = stats_table(n, classes, photos, size=SIZE, shard_size=16, **options)
+    return synthesise_run(tmp_path / "run", table, size=SIZE, shard_size=16, failures=failures)
+
+
+def _section_ids(index: Path, anchor: str) -> list[str]:
+    """Image ids of the tiles in one section, in page order."""
+    page = index.read_text()
+    body = page.split(f'<section id="{anchor}">', 1)[1].split("</section>", 1)[0]
+    return re.findall(r"<figure>.*?<b>(.*?)</b>", body)
+
+
+def _assert_links_resolve(index: Path) -> None:
+    page = index.read_text()
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources
+    for source in sources:
+        if source.startswith("#"):
+            assert f'id="{source[1:]}"' in page, source
+        else:
+            assert not re.match(r"^[a-z]+:|^/", source), f"not a relative link: {source}"
+            assert (index.parent / source).is_file(), source
+
+
+# --- selection -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stats(photos) -> pd.DataFrame:
+    return stats_table(300, 7, photos, seed=3).to_pandas()
+
+
+def test_most_confident_errors_are_the_most_probable_wrong_predictions(stats):
+    picked = selection.most_confident_errors(stats, 10)
+    wrong = stats[stats.correct == False]  # noqa: E712
+    assert len(picked) == 10 and (picked.correct == False).all()  # noqa: E712
+    assert picked.pred_probability.is_monotonic_decreasing
+    rest = wrong[~wrong.image_id.isin(picked.image_id)]
+    assert picked.pred_probability.min() >= rest.pred_probability.max()
+
+
+def test_least_confident_correct_are_the_least_probable_right_predictions(stats):
+    picked = selection.least_confident_correct(stats, 10)
+    right = stats[stats.correct == True]  # noqa: E712
+    assert len(picked) == 10 and (picked.correct == True).all()  # noqa: E712
+    assert picked.pred_probability.is_monotonic_increasing
+    rest = right[~right.image_id.isin(picked.image_id)]
+    assert picked.pred_probability.max() <= rest.pred_probability.min()
+
+
+@pytest.mark.parametrize("by_label", [True, False])
+def test_per_class_sample_takes_n_per_class_deterministically(stats, by_label):
+    column = "label" if by_label else "pred"
+    picked = selection.per_class_sample(stats, 3, by_label)
+    counts = stats[column].value_counts()
+    assert picked[column].value_counts().to_dict() == {c: min(3, k) for c, k in counts.items()}
+    shuffled = stats.sample(frac=1.0, random_state=1)  # shard order must not change the draw
+    again = selection.per_class_sample(shuffled, 3, by_label)
+    assert sorted(picked.image_id) == sorted(again.image_id)
+    other_seed = selection.per_class_sample(stats, 3, by_label, seed=1)
+    assert sorted(other_seed.image_id) != sorted(picked.image_id)
+
+
+# --- colour map ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cmap", sorted(hm.COLOUR_MAPS))
+def test_colour_map_is_centred_on_zero_and_symmetric(cmap):
+    table = hm.lookup_table(cmap)
+    centre = table[hm.CENTRE]
+    assert (hm.heatmap(np.zeros((4, 5)), cmap) == centre).all()
+    assert (hm.heatmap(np.full((3, 3), np.nan), cmap) == centre).all()
+    relevance = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+    indices = hm.colour_indices(hm.normalise(relevance))
+    assert (hm.colour_indices(hm.normalise(-relevance)) == 2 * hm.CENTRE - indices).all()
+    assert (hm.heatmap(relevance * 123.0, cmap) == hm.heatmap(relevance, cmap)).all()  # each map to its own max
+    peak = np.unravel_index(np.abs(relevance).argmax(), relevance.shape)
+    end = table[-1] if relevance[peak] > 0 else table[0]
+    assert (hm.heatmap(relevance, cmap)[peak] == end).all()
+    zero_pixel = relevance.copy()
+    zero_pixel[0, 0] = 0.0
+    assert (hm.heatmap(zero_pixel, cmap)[0, 0] == centre).all()
+
+
+def test_zennit_like_anchor_colours():
+    assert hm.lookup_table("coldnhot")[hm.CENTRE].tolist() == [0, 0, 0]
+    assert hm.lookup_table("coldnhot")[-1].tolist() == [255, 255, 255]
+    assert hm.lookup_table("coldnhot")[0].tolist() == [0, 255, 255]
+    bwr = hm.lookup_table("bwr")
+    assert bwr[hm.CENTRE].tolist() == [255, 255, 255]
+    assert (bwr[::-1] == bwr[:, ::-1]).all()  # blue and red mirror each other
+
+
+def test_overlay_keeps_the_image_where_relevance_is_zero():
+    image = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    relevance = np.zeros((8, 8), np.float32)
+    relevance[0, 0] = 1.0
+    blended = hm.overlay(image, relevance)
+    grey = np.rint(image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+    assert np.abs(blended[1:, 1:].astype(float) - grey[1:, 1:, None]).max() <= 1
+    assert not (blended[0, 0] == grey[0, 0]).all()
+
+
+# --- pictures line up with the maps, and stay inside the report folder ------------------------------------------
+
+
+def test_tile_image_is_the_crop_the_model_saw():
+    record = next(r for r in load_records(SAMPLE))
+    preprocessing = preprocessing_for(SIZE)
+    crop = display_crop(record.path, preprocessing)
+    x, _ = load(record, preprocessing)
+    mean, std = torch.tensor(preprocessing.mean)[:, None, None], torch.tensor(preprocessing.std)[:, None, None]
+    seen = ((x * std + mean) * 255).permute(1, 2, 0).numpy()
+    assert crop.shape == (SIZE, SIZE, 3) and np.abs(crop - seen).max() < 0.01
+
+
+@pytest.mark.parametrize("image_id", ["../../escaped", "/etc/passwd", "..", "a/../../b", "x\0y", "<b>&'\""])
+def test_safe_names_stay_in_the_folder(image_id, tmp_path):
+    name = safe_name(image_id)
+    assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) and (tmp_path / name).resolve().parent == tmp_path
+    assert safe_name(image_id + "x") != name
+
+
+def test_hostile_image_ids_cannot_write_outside_the_report(tmp_path, photos):
+    table = stats_table(6, 2, photos, size=SIZE, shard_size=16)
+    hostile = ["../../escaped", "../x", "<script>alert(1)</script>", "a/b", ".hidden", "ok"]
+    table = table.set_column(0, "image_id", [hostile])
+    run = synthesise_run(tmp_path / "run", table, size=SIZE, shard_size=16)
+    before = {p for p in tmp_path.rglob("*")}
+    index = build_report(run, per_class=3)
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(p.is_relative_to(run / "report") for p in new)
+    page = index.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    _assert_links_resolve(index)
+    written = write_heatmaps(run, ["../../escaped"], out=tmp_path / "maps")
+    assert written and all(p.parent == (tmp_path / "maps").resolve() for p in written)
+
+
+# --- whole reports -----------------------------------------------------------------------------------------------
+
+
+def test_report_with_labels_boxes_failures_and_faithfulness(tmp_path, photos):
+    run = _run(tmp_path, photos, boxes=True, failures=3, faithfulness=True)
+    index = build_report(run, gallery=5, per_class=2)
+    page = index.read_text()
+    stats = pd.read_parquet(run / "stats")
+    assert _section_ids(index, "errors") == selection.most_confident_errors(stats, 5).image_id.tolist()
+    assert _section_ids(index, "uncertain") == selection.least_confident_correct(stats, 5).image_id.tolist()
+    assert sorted(_section_ids(index, "classes")) == sorted(selection.per_class_sample(stats, 2, True).image_id)
+    for text in ("accuracy", "pointing game", "relevance mass in box", "AOPC MoRF", "AOPC (mean)", "broken0",
+                 "not a decodable image", "RANDOM weights"):
+        assert text in page, text
+    assert (index.parent / "img" / "curves.png").is_file()
+    assert (index.parent / "img" / "hist-aopc_morf.png").is_file()
+    per_class = page.split('<section id="per-class">', 1)[1].split("</section>", 1)[0]
+    assert per_class.count("<tr>") == 1 + stats.label.nunique()  # heading + one row per class
+    _assert_links_resolve(index)
+    tiles = list((index.parent / "img").glob("*-heatmap.png"))
+    assert tiles and all(Image.open(t).size == (SIZE, SIZE) for t in tiles)
+
+
+def test_report_without_labels_or_boxes(tmp_path, photos):
+    run = _run(tmp_path, photos, labelled=False)
+    index = build_report(run, gallery=4, per_class=1, out=tmp_path / "elsewhere")
+    page = index.read_text()
+    assert index == tmp_path / "elsewhere" / "index.html"
+    assert "Most confident predictions" in page and "Most confident errors" not in page
+    assert "no labels" in page and "pointing game" not in page and "AOPC" not in page
+    stats = pd.read_parquet(run / "stats")
+    assert _section_ids(index, "confident") == selection.most_confident(stats, 4).image_id.tolist()
+    assert len(_section_ids(index, "classes")) == stats.pred.nunique()
+    _assert_links_resolve(index)
+
+
+def test_missing_image_files_give_heat_maps_only(tmp_path):
+    run = _run(tmp_path, ["/nowhere/moved.jpg"], n=10)
+    index = build_report(run, gallery=3)
+    page = index.read_text()
+    assert "image files not found" in page and "heat map only" in page
+    assert list((index.parent / "img").glob("*-heatmap.png")) and not list((index.parent / "img").glob("*.jpg"))
+    _assert_links_resolve(index)
+
+
+def test_rebuilding_replaces_the_previous_pictures(tmp_path, photos):
+    run = _run(tmp_path, photos)
+    build_report(run, gallery=8, per_class=3)
+    many = len(list((run / "report" / "img").iterdir()))
+    build_report(run, gallery=1, per_class=0)
+    assert len(list((run / "report" / "img").iterdir())) < many
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+
+
+def test_heatmaps_command_writes_the_requested_pngs(tmp_path, photos, capsys):
+    run = _run(tmp_path, photos)
+    assert cli_main(["heatmaps", str(run), "--ids", "img0000003,img0000007", "--cmap", "bwr"]) == 0
+    written = sorted(p.name for p in (run / "heatmaps").iterdir())
+    for image_id in ("img0000003", "img0000007"):
+        stem = safe_name(image_id)
+        assert {f"{stem}-heatmap.png", f"{stem}-image.png", f"{stem}-overlay.png"} <= set(written)
+    assert len(written) == 6
+    assert Image.open(run / "heatmaps" / f"{safe_name('img0000003')}-heatmap.png").size == (SIZE, SIZE)
+
+
+def test_report_command(tmp_path, photos):
+    run = _run(tmp_path, photos)
+    assert cli_main(["report", str(run), "--gallery", "2", "--per-class", "1"]) == 0
+    assert (run / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["report", "{tmp}/missing"], "missing: no such run directory"),
+    (["report", "{tmp}"], "not a run directory"),
+    (["report", "{run}", "--gallery", "-1"], "--gallery must be >= 0"),
+    (["heatmaps", "{run}", "--ids", "img0000001,nope,also-nope"], "unknown image id(s)"),
+    (["heatmaps", "{run}", "--ids", ","], "no image ids given"),
+    (["heatmaps", "{tmp}/missing", "--ids", "a"], "no such run directory"),
+])
+def test_bad_input_is_one_line_error(tmp_path, photos, capsys, argv, culprit):
+    run = _run(tmp_path, photos, n=8)
+    argv = [a.format(tmp=tmp_path, run=run) for a in argv]
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("error: ") and culprit in error
+    assert not (run / "heatmaps").exists() and not (run / "report").exists()
