@@ -125,6 +125,13 @@ def test_colour_map_is_centred_on_zero_and_symmetric(cmap):
     assert (hm.heatmap(zero_pixel, cmap)[0, 0] == centre).all()
 
 
+@pytest.mark.parametrize("cmap", sorted(hm.COLOUR_MAPS))
+def test_palette_png_has_the_heat_map_colours(cmap, tmp_path):
+    relevance = np.random.default_rng(1).normal(size=(20, 24)).astype(np.float32)
+    hm.heatmap_image(relevance, cmap).save(tmp_path / "map.png")
+    assert (np.asarray(Image.open(tmp_path / "map.png").convert("RGB")) == hm.heatmap(relevance, cmap)).all()
+
+
 def test_zennit_like_anchor_colours():
     assert hm.lookup_table("coldnhot")[hm.CENTRE].tolist() == [0, 0, 0]
     assert hm.lookup_table("coldnhot")[-1].tolist() == [255, 255, 255]

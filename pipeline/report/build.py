@@ -108,20 +108,34 @@ def _prepare(out: Path) -> Path:
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: int = 1, gallery: int = 12,
-                 cmap: str = DEFAULT_COLOUR_MAP) -> Path:
-    """Write the report; returns the path of index.html."""
+                 cmap: str = DEFAULT_COLOUR_MAP, timings: dict[str, float] | None = None) -> Path:
+    """Write the report; returns the path of index.html. `timings`, when given, receives seconds per phase."""
     started = time.perf_counter()
+    timings = {} if timings is None else timings
+    clock = [started]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        timings[phase] = now - clock[0]
+        clock[0] = now
+
     if per_class < 0 or gallery < 0:
         raise ReportError(f"--per-class and --gallery must be >= 0 (got {per_class}, {gallery})")
     lookup_table(cmap)  # an unknown colour map fails before anything is written
     run = open_run(run_dir)
     out = Path(out) if out else run.root / "report"
     images = _prepare(out)
+    lap("read statistics")
     galleries = _galleries(run, gallery, per_class)
-    shown = pd.concat([rows for *_, rows in galleries]) if galleries else run.stats.iloc[:0]
-    files = _render_all(shown, read_maps(run.root, shown.drop_duplicates("image_id")), images, cmap)
+    shown = pd.concat([rows for *_, rows in galleries])
+    lap("select")
+    maps = read_maps(run.root, shown.drop_duplicates("image_id"))
+    lap("read maps")
+    files = _render_all(shown, maps, images, cmap)
     Image.fromarray(colour_bar(cmap)).save(images / "colour-bar.png")
+    lap("render tiles")
     plot_files = write_plots(run.stats, run.list_columns, images, run.has_labels)
+    lap("plots")
 
     missing = sum(1 for f in files.values() if f.problem)
     extra = [("images shown", f"{len(files):,}" + (f" ({missing:,} image files not found or unreadable — dataset "
@@ -148,6 +162,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
     tmp = out / ".index.html.tmp"
     tmp.write_text(html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"), encoding="utf-8")
     os.replace(tmp, index)
+    lap("tables and page")
+    timings["total"] = time.perf_counter() - started
     print(f"report: {len(files):,} images, {len(plot_files)} plots in {time.perf_counter() - started:.1f} s -> {index}")
     return index
 

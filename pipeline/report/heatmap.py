@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 from matplotlib.colors import LinearSegmentedColormap
+from PIL import Image
 
 # Anchor colours along the normalised value mapped from [-1, 1] to [0, 1]; 0.5 (relevance zero) is the centre.
 COLOUR_MAPS: dict[str, list[tuple[float, str]]] = {
@@ -51,6 +52,15 @@ def colour_indices(normalised: np.ndarray) -> np.ndarray:
 def heatmap(relevance: np.ndarray, cmap: str = DEFAULT_COLOUR_MAP) -> np.ndarray:
     """(H, W) map -> (H, W, 3) uint8 picture."""
     return lookup_table(cmap)[colour_indices(normalise(relevance))]
+
+
+def heatmap_image(relevance: np.ndarray, cmap: str = DEFAULT_COLOUR_MAP) -> Image.Image:
+    """The heat map as a palette image (one byte per pixel: the colour table has LEVELS entries), which PNG
+    stores exactly and writes about three times faster than RGB."""
+    indices = colour_indices(normalise(relevance)).astype(np.uint8)
+    image = Image.fromarray(indices).convert("P")  # "L" -> "P" keeps the indices
+    image.putpalette(lookup_table(cmap).tobytes())
+    return image
 
 
 def overlay(image: np.ndarray, relevance: np.ndarray, cmap: str = DEFAULT_COLOUR_MAP, strength: float = 0.85

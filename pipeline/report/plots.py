@@ -21,29 +21,36 @@ def plotted_columns(stats: pd.DataFrame) -> list[str]:
             and not pd.api.types.is_bool_dtype(stats[c]) and stats[c].notna().any()]
 
 
+def _figure(width: float, height: float) -> tuple[Figure, object]:
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(left=0.17, right=0.97, bottom=0.14, top=0.88)  # fixed margins: layout engines are slow
+    return figure, figure.add_subplot()
+
+
 def _save(figure: Figure, path: Path) -> None:
     FigureCanvasAgg(figure)
     figure.savefig(path, dpi=80)
 
 
 def histogram(stats: pd.DataFrame, column: str, path: Path, split_by_correct: bool) -> None:
-    """One histogram; correct, wrong and unlabelled images overlaid when `split_by_correct`."""
-    figure = Figure(figsize=(3.6, 2.4), layout="constrained")
-    axes = figure.add_subplot()
-    values = stats[column].astype("float64")
-    finite = values[np.isfinite(values)]
-    edges = np.histogram_bin_edges(finite, bins=BINS) if len(finite) else BINS
+    """One histogram (counts computed by numpy, drawn as filled steps: fast for 50,000 values); correct, wrong
+    and unlabelled images overlaid when `split_by_correct`."""
+    figure, axes = _figure(3.6, 2.4)
+    values = stats[column].astype("float64").to_numpy()
+    finite = np.isfinite(values)
+    edges = np.histogram_bin_edges(values[finite], bins=BINS) if finite.any() else np.linspace(0, 1, BINS + 1)
     if split_by_correct:
         correct = stats["correct"].astype("boolean")
         groups = (("correct", "#1f77b4", correct.eq(True)), ("wrong", "#d62728", correct.eq(False)),
                   ("no label", "#7f7f7f", correct.isna()))
         for name, colour, member in groups:
-            part = values[member.fillna(False).to_numpy()]
+            part = values[member.fillna(False).to_numpy() & finite]
             if len(part):
-                axes.hist(part[np.isfinite(part)], bins=edges, alpha=0.6, color=colour, label=f"{name} ({len(part)})")
+                counts, _ = np.histogram(part, bins=edges)
+                axes.stairs(counts, edges, fill=True, alpha=0.5, color=colour, label=f"{name} ({len(part):,})")
         axes.legend(fontsize=7)
     else:
-        axes.hist(finite, bins=edges, color="#555555")
+        axes.stairs(np.histogram(values[finite], bins=edges)[0], edges, fill=True, color="#555555")
     axes.set_title(column, fontsize=9)
     axes.set_ylabel("images", fontsize=8)
     axes.tick_params(labelsize=7)
@@ -53,8 +60,7 @@ def histogram(stats: pd.DataFrame, column: str, path: Path, split_by_correct: bo
 def mean_curves(stats: pd.DataFrame, columns: list[str], path: Path) -> None:
     """Mean (over images) of each list column, e.g. the model's score as the most relevant regions are removed
     (MoRF) against a random order."""
-    figure = Figure(figsize=(4.2, 2.8), layout="constrained")
-    axes = figure.add_subplot()
+    figure, axes = _figure(4.2, 2.8)
     for column in columns:
         curves = [np.asarray(c, dtype=np.float64) for c in stats[column] if c is not None and len(c)]
         if not curves:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..preprocess import DecodeError, Preprocessing, decode, geometry, read_bytes
 from .files import inside, safe_name
-from .heatmap import heatmap, overlay
+from .heatmap import heatmap_image, overlay
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: 
     can be read. PNG keeps the heat map's colours exact; JPEG keeps the report's photographs small and fast."""
     stem = safe_name(image_id)
     heat_name = f"{stem}-heatmap.png"
-    Image.fromarray(heatmap(relevance, cmap)).save(inside(folder, heat_name), compress_level=1)
+    heatmap_image(relevance, cmap).save(inside(folder, heat_name), compress_level=1)
     try:
         crop = display_crop(path, preprocessing_for(relevance.shape[0]))
     except DecodeError as error:
