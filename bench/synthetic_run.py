@@ -88,7 +88,7 @@ def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int 
     for sub in ("stats", "relevance", "failures"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     n = table.num_rows
-    shards = (n + shard_size - 1) // shard_size
+    shards = max(1, (n + shard_size - 1) // shard_size)  # a run whose images all failed still has a shard
     chosen = None
     if maps_for is not None:
         frame = table.to_pandas()
@@ -100,8 +100,9 @@ def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int 
         start, stop = index * shard_size, min(n, (index + 1) * shard_size)
         pq.write_table(table.slice(start, stop - start), root / "stats" / f"{shard_name(index)}.parquet")
         with h5py.File(root / "relevance" / f"{shard_name(index)}.h5", "w") as handle:
-            maps = handle.create_dataset("relevance", shape=(stop - start, size, size), dtype="float16",
-                                         chunks=(1, size, size), compression="gzip", shuffle=True)
+            count = max(0, stop - start)
+            chunked = {"chunks": (1, size, size), "compression": "gzip", "shuffle": True} if count else {}
+            maps = handle.create_dataset("relevance", shape=(count, size, size), dtype="float16", **chunked)
             for row in range(stop - start):
                 if chosen is None or ids[start + row] in chosen:
                     maps[row] = smooth_map(rng, size)

@@ -232,6 +232,14 @@ def test_missing_image_files_give_heat_maps_only(tmp_path):
     _assert_links_resolve(index)
 
 
+def test_report_of_a_run_whose_images_all_failed(tmp_path):
+    run = _run(tmp_path, ["/nowhere/x.jpg"], n=0, failures=2)
+    index = build_report(run)
+    page = index.read_text()
+    assert "broken1" in page and "0 explained, 2 failed" in page and "None in this run." in page
+    _assert_links_resolve(index)
+
+
 def test_rebuilding_replaces_the_previous_pictures(tmp_path, photos):
     run = _run(tmp_path, photos)
     build_report(run, gallery=8, per_class=3)
