@@ -16,9 +16,8 @@ from bench.synthetic_run import stats_table, synthesise_run
 from pipeline.cli import main as cli_main
 from pipeline.datasets import load_records
 from pipeline.preprocess import load
-from pipeline.report import build_report, write_heatmaps
+from pipeline.report import build_report, selection, write_heatmaps
 from pipeline.report import heatmap as hm
-from pipeline.report import selection
 from pipeline.report.files import safe_name
 from pipeline.report.tiles import display_crop, preprocessing_for
 
@@ -75,8 +74,8 @@ def stats(photos) -> pd.DataFrame:
 
 def test_most_confident_errors_are_the_most_probable_wrong_predictions(stats):
     picked = selection.most_confident_errors(stats, 10)
-    wrong = stats[stats.correct == False]  # noqa: E712
-    assert len(picked) == 10 and (picked.correct == False).all()  # noqa: E712
+    wrong = stats[stats.correct.eq(False)]
+    assert len(picked) == 10 and picked.correct.eq(False).all()
     assert picked.pred_probability.is_monotonic_decreasing
     rest = wrong[~wrong.image_id.isin(picked.image_id)]
     assert picked.pred_probability.min() >= rest.pred_probability.max()
@@ -84,8 +83,8 @@ def test_most_confident_errors_are_the_most_probable_wrong_predictions(stats):
 
 def test_least_confident_correct_are_the_least_probable_right_predictions(stats):
     picked = selection.least_confident_correct(stats, 10)
-    right = stats[stats.correct == True]  # noqa: E712
-    assert len(picked) == 10 and (picked.correct == True).all()  # noqa: E712
+    right = stats[stats.correct.eq(True)]
+    assert len(picked) == 10 and picked.correct.eq(True).all()
     assert picked.pred_probability.is_monotonic_increasing
     rest = right[~right.image_id.isin(picked.image_id)]
     assert picked.pred_probability.max() <= rest.pred_probability.min()

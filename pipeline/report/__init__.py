@@ -3,4 +3,4 @@ from .build import build_report, write_heatmaps
 from .heatmap import COLOUR_MAPS, DEFAULT_COLOUR_MAP
 from .run_data import ReportError
 
-__all__ = ["build_report", "write_heatmaps", "ReportError", "COLOUR_MAPS", "DEFAULT_COLOUR_MAP"]
+__all__ = ["COLOUR_MAPS", "DEFAULT_COLOUR_MAP", "ReportError", "build_report", "write_heatmaps"]

@@ -3,7 +3,7 @@ normalisation (R / max|R| in [-1, 1], so equal positive and negative relevance g
 overlay of the map on the image it explains."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from matplotlib.colors import LinearSegmentedColormap
@@ -26,7 +26,7 @@ class ColourMapError(ValueError):
     """An unknown colour map name."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def lookup_table(name: str = DEFAULT_COLOUR_MAP) -> np.ndarray:
     """(LEVELS, 3) uint8 colours; index CENTRE is relevance zero."""
     if name not in COLOUR_MAPS:

@@ -33,7 +33,7 @@ def fmt(value, digits: int = 3) -> str:
 def _rate(flags: pd.Series) -> tuple[float | None, int]:
     """Share of True among the known values, and how many are known."""
     known = flags.astype("boolean").dropna()
-    return (float(known.mean()) if len(known) else None), int(len(known))
+    return (float(known.mean()) if len(known) else None), len(known)
 
 
 def _has(stats: pd.DataFrame, column: str) -> bool:
@@ -57,9 +57,9 @@ def summary(run: RunData, extra: list[tuple[str, str]] = ()) -> list[tuple[str, 
         ("top-k", fmt(config.get("top_k"))),
         ("target", str(config.get("target", "–"))),
         ("input / map size", f"{run.size} x {run.size} ({config.get('map_dtype', '?')})"),
-        ("images", f"{fmt(totals.get('images', len(stats) + len(run.failures)))} in the dataset, "
-                   f"{fmt(totals.get('explained', len(stats)))} explained, "
-                   f"{fmt(totals.get('failed', len(run.failures)))} failed"),
+        ("images", (f"{fmt(totals.get('images', len(stats) + len(run.failures)))} in the dataset, "
+                    f"{fmt(totals.get('explained', len(stats)))} explained, "
+                    f"{fmt(totals.get('failed', len(run.failures)))} failed")),
     ]
     accuracy, labelled = _rate(stats["correct"]) if len(stats) else (None, 0)
     rows.append(("accuracy", f"{fmt(accuracy)} on {fmt(labelled)} labelled images" if labelled else
