@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -108,6 +109,7 @@ def region_perturbation(forward: Callable[[Tensor], Tensor], x: Tensor, relevanc
     batch_size = batch_size or n
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    relevance = relevance.to(x.device)
     generators = [torch.Generator().manual_seed(s) for s in _seeds(seed, n)]
     lower, upper = _bounds(low, channels), _bounds(high, channels)
     # drawn first, so that the noise is the same for MoRF and random order
@@ -130,3 +132,21 @@ def region_perturbation(forward: Callable[[Tensor], Tensor], x: Tensor, relevanc
 def aopc(curve: Tensor) -> Tensor:
     """Area over the perturbation curve per image: 1/(L+1) * sum_{k=0..L} (f(x^(0)) - f(x^(k)))."""
     return (curve[:, :1] - curve).mean(dim=1)
+
+
+FLIP_COLUMNS = ("aopc_morf", "aopc_random", "flip_curve_morf", "flip_curve_random", "flip_seconds")
+
+
+def flip_statistics(forward: Callable[[Tensor], Tensor], x: Tensor, relevance: Tensor, target: Tensor,
+                    image_ids: Sequence[str], steps: int, patch: int, batch_size: int | None = None
+                    ) -> dict[str, Tensor]:
+    """The pipeline's per-image faithfulness columns: MoRF and random-order curves and their AOPC, each image
+    seeded by its id (`stable_seed`), and the time both took per image."""
+    seeds = [stable_seed(image_id) for image_id in image_ids]
+    start = time.perf_counter()
+    curves = {order: region_perturbation(forward, x, relevance, target, steps=steps, patch=patch, order=order,
+                                         seed=seeds, batch_size=batch_size) for order in ORDERS}
+    seconds = (time.perf_counter() - start) / max(1, x.shape[0])
+    return {"aopc_morf": aopc(curves["morf"]), "aopc_random": aopc(curves["random"]),
+            "flip_curve_morf": curves["morf"], "flip_curve_random": curves["random"],
+            "flip_seconds": torch.full((x.shape[0],), seconds)}
