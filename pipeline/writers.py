@@ -65,7 +65,8 @@ STATS_SCHEMA = pa.schema([
     _field("centre_row", pa.float32(), "row of the positive relevance's centre of mass (map pixels)"),
     _field("centre_col", pa.float32(), "column of the positive relevance's centre of mass (map pixels)"),
     _field("pointing_game_hit", pa.bool_(), "arg-max pixel inside a label box (null without boxes)"),
-    _field("positive_in_box", pa.float32(), "share of positive relevance inside the label boxes (null without)"),
+    _field("positive_in_box", pa.float32(), "relevance mass accuracy (Arras et al. 2022, 'sum,pos' pooling): positive "
+           "relevance inside the label boxes / all positive relevance (null without boxes)"),
     _field("shard", pa.string(), "relevance shard file holding the map", False),
     _field("row", pa.int64(), "row of the map in that shard's `relevance` dataset", False),
     _field("seconds", pa.float32(), "explanation time of the image's batch, per image", False),
