@@ -111,3 +111,24 @@ def test_flipping_settings_are_checked_and_part_of_the_identity(dataset):  # noq
     assert off.digest() != on.digest()
     assert load_config({**base, "flip_steps": 20}).digest() == off.digest()  # off: the steps change nothing
     assert on.digest() != load_config({**base, "faithfulness": True, "flip_steps": 21}).digest()
+
+
+def test_classifier_from_other_weights_than_the_lrp_artifact_is_refused(dataset, tmp_path):  # noqa: F811
+    """The classifier shares the LRP artifact's cache key; building it checks that both hold the same weights."""
+    from export import ExportError
+    from export.classifier import export_classifier
+
+    config = _config(dataset, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifact, _ = cached_artifact(config, "random")
+        state = build_vgg("vgg11", "random")[0].state_dict()
+    state["classifier.6.bias"] = state["classifier.6.bias"] + 1.0
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    path = tmp_path / "classifier.torchscript.pt"
+    with pytest.raises(ExportError, match="classifier logits differ from lrp_artifact"):
+        export_classifier("vgg11", str(other), SIZE, path, lrp_artifact=artifact)
+    assert not path.exists()
+    checks = export_classifier("vgg11", "random", SIZE, path, lrp_artifact=artifact)["checks"]
+    assert path.is_file() and checks["lrp_artifact"] <= 1e-4 and checks["eager"] <= 1e-4
