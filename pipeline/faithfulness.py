@@ -106,7 +106,7 @@ def region_perturbation(forward: Callable[[Tensor], Tensor], x: Tensor, relevanc
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= count:
         raise ValueError(f"steps must be an integer in [1, {count}] (the {patch}x{patch} regions of a {h}x{w} "
                          f"image), got {steps!r}")
-    batch_size = batch_size or n
+    batch_size = batch_size or max(n, 1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     relevance = relevance.to(x.device)

@@ -111,6 +111,11 @@ def test_flipping_settings_are_checked_and_part_of_the_identity(dataset):  # noq
     assert off.digest() != on.digest()
     assert load_config({**base, "flip_steps": 20}).digest() == off.digest()  # off: the steps change nothing
     assert on.digest() != load_config({**base, "faithfulness": True, "flip_steps": 21}).digest()
+    from pipeline.cli import parser
+
+    args = parser().parse_args(["explain", "--faithfulness", "--flip-steps", "8", "--flip-patch", "4"])
+    assert (args.faithfulness, args.flip_steps, args.flip_patch) == (True, 8, 4)
+    assert parser().parse_args(["explain"]).faithfulness is None  # configs/run.yaml decides
 
 
 def test_classifier_from_other_weights_than_the_lrp_artifact_is_refused(dataset, tmp_path):  # noqa: F811
