@@ -17,6 +17,7 @@ from lrp_module.topk import validate_top_k
 from lrp_module.zoo import VGG_NAMES
 
 from .datasets.layouts import LAYOUTS
+from .faithfulness import region_count
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -172,8 +173,6 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
 
 def _validate_faithfulness(config: RunConfig, fail, positive_int) -> None:
     """Pixel flipping: on/off, and (when on) steps no more than the image has patch x patch regions."""
-    from .faithfulness import region_count
-
     if not isinstance(config.faithfulness, bool):
         fail("faithfulness", f"must be true or false, got {config.faithfulness!r}")
     positive_int("flip_steps")
