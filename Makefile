@@ -18,7 +18,7 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report export explain report heatmaps clean
+.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness export explain report heatmaps clean
 
 venv: $(STAMP)
 
@@ -39,7 +39,7 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-lrp bench-export bench-pipeline bench-report
+bench: bench-lrp bench-export bench-pipeline bench-report bench-faithfulness
 
 bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
@@ -52,6 +52,9 @@ bench-pipeline: $(STAMP)
 
 bench-report: $(STAMP)
 	$(PY) -m bench.report_speed
+
+bench-faithfulness: $(STAMP)
+	$(PY) -m bench.faithfulness_speed
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)

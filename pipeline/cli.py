@@ -31,6 +31,8 @@ OPTIONS = [
     ("device", str, "auto | cpu | cuda"),
     ("out", str, "run directory (default runs/<dataset>-<model>-<composite>)"),
     ("cache", str, "where traced LRP modules are kept"),
+    ("flip_steps", int, "pixel flipping: regions perturbed (with --faithfulness)"),
+    ("flip_patch", int, "pixel flipping: region side in pixels (with --faithfulness)"),
 ]
 
 
@@ -42,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     for name, kind, doc in OPTIONS:
         run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=doc)
     run.add_argument("--tf32", action="store_true", default=None, help="allow TF32 on GPUs")
+    run.add_argument("--faithfulness", action="store_true", default=None,
+                     help="pixel flipping per image: MoRF and random-order curves and their AOPC")
     run.add_argument("--overwrite", action="store_true", help="replace a run directory made with another config")
     run.add_argument("--strict", action="store_true", help="stop at the first image that cannot be explained")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_report_command(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["tf32"] = args.tf32
+    overrides["faithfulness"] = args.faithfulness
     try:
         config = load_config(overrides)
         manifest = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress)

@@ -17,6 +17,7 @@ from lrp_module.topk import validate_top_k
 from lrp_module.zoo import VGG_NAMES
 
 from .datasets.layouts import LAYOUTS
+from .faithfulness import region_count
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -47,12 +48,17 @@ class RunConfig:
     tf32: bool = False
     out: str | None = None
     cache: str = ".cache/artifacts"
+    faithfulness: bool = False
+    flip_steps: int = 100
+    flip_patch: int = 9
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs produce the same outputs (not how fast or where they run)."""
         keys = ("root", "layout", "limit", "model", "weights", "composite", "top_k", "target", "size",
                 "shard_size", "map_dtype", "compression")
-        return {k: getattr(self, k) for k in keys}
+        identity = {k: getattr(self, k) for k in keys}
+        identity["faithfulness"] = self.faithfulness and {"steps": self.flip_steps, "patch": self.flip_patch}
+        return identity
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -162,6 +168,21 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
         fail("device", f"must be auto, cpu or cuda, got {config.device!r}")
     if not isinstance(config.tf32, bool):
         fail("tf32", f"must be true or false, got {config.tf32!r}")
+    _validate_faithfulness(config, fail, positive_int)
+
+
+def _validate_faithfulness(config: RunConfig, fail, positive_int) -> None:
+    """Pixel flipping: on/off, and (when on) steps no more than the image has patch x patch regions."""
+    if not isinstance(config.faithfulness, bool):
+        fail("faithfulness", f"must be true or false, got {config.faithfulness!r}")
+    positive_int("flip_steps")
+    positive_int("flip_patch")
+    if config.faithfulness and config.flip_patch > config.size:
+        fail("flip_patch", f"must be at most size ({config.size}), got {config.flip_patch}")
+    regions = region_count(config.size, config.size, config.flip_patch)
+    if config.faithfulness and config.flip_steps > regions:
+        fail("flip_steps", f"must be at most {regions} (the {config.flip_patch}x{config.flip_patch} regions of a "
+                           f"{config.size}x{config.size} image), got {config.flip_steps}")
 
 
 def as_dict(config: RunConfig) -> dict[str, Any]:

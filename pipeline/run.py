@@ -68,6 +68,17 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
     return artifact, json.loads(sidecar.read_text())
 
 
+def cached_classifier(config: RunConfig, weights: str, artifact: Path) -> Path:
+    """The forward-only traced VGG for pixel flipping, beside the LRP artifact (same cache key: configuration +
+    weights hash), built once and checked against eager PyTorch and the LRP artifact's logits."""
+    from export.classifier import CLASSIFIER_FILE, export_classifier
+
+    path = artifact.parent / CLASSIFIER_FILE
+    if not path.is_file():
+        export_classifier(config.model, weights, config.size, path, lrp_artifact=artifact)
+    return path
+
+
 def shards_of(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:
     return [records[i:i + size] for i in range(0, len(records), size)]
 
@@ -135,6 +146,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     if weights_warning:
         print(f"\n{'!' * 100}\n{weights_warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     artifact, sidecar = cached_artifact(config, weights)  # missing weights fail here, before the run dir exists
+    classifier = cached_classifier(config, weights, artifact) if config.faithfulness else None
     _prepare_run_dir(out, config, overwrite)
     shards = shards_of(records, config.shard_size)
     todo = [i for i in range(len(shards)) if not shard_done(out, i)]
@@ -145,6 +157,9 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
         "tf32": config.tf32, "class_names": metadata.get("class_names") or _imagenet_names(),
         "attributes": {"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
     }
+    if classifier is not None:
+        settings["faithfulness"] = {"classifier": str(classifier.resolve()), "steps": config.flip_steps,
+                                    "patch": config.flip_patch}
     work = _run_shards(config, artifact, settings, shards, todo, out, strict, progress) if todo else {}
     return _finish(out, config, shards, weights, weights_warning, sidecar, started, work)
 

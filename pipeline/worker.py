@@ -12,6 +12,7 @@ import torch
 
 from . import stats as statistics
 from .datasets.records import ImageRecord
+from .faithfulness import FLIP_COLUMNS, flip_statistics
 from .preprocess import DecodeError, Preprocessing, load
 from .writers import FAILURE_SCHEMA, STATS_SCHEMA, shard_name, write_parquet, write_relevance
 
@@ -31,6 +32,8 @@ class ShardExplainer:
         self.preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size)  # the 256/224 recipe
         self.decoders = ThreadPoolExecutor(max_workers=max(1, int(settings.get("decode_threads", 2))))
         self.class_names = settings.get("class_names") or []
+        flipping = settings.get("faithfulness")  # pixel flipping needs plain forward passes: the traced VGG
+        self.classifier = torch.jit.load(flipping["classifier"], map_location=self.device) if flipping else None
 
     def _name(self, index: int) -> str | None:
         return self.class_names[index] if 0 <= index < len(self.class_names) else None
@@ -99,6 +102,11 @@ class ShardExplainer:
         used = torch.where(target.cpu() < 0, predicted, target.cpu())
         values = {**statistics.map_statistics(relevance), **statistics.prediction(logits, used)}
         values.update(statistics.localisation(relevance, [boxes for _, (_, boxes) in chunk]))
+        if self.classifier is not None:
+            flipping = self.settings["faithfulness"]
+            values.update(flip_statistics(self.classifier, x, relevance, used.to(self.device),
+                                          [record.image_id for record, _ in chunk], flipping["steps"],
+                                          flipping["patch"], int(self.settings["batch_size"])))
         rows = []
         for i, (record, _) in enumerate(chunk):
             label = record.label
@@ -115,6 +123,7 @@ class ShardExplainer:
                     "positive_in_top10pct", "gini", "entropy", "centre_row", "centre_col", "positive_in_box")},
                 "pointing_game_hit": None if np.isnan(float(values["pointing_game_hit"][i]))
                 else bool(values["pointing_game_hit"][i]),
+                **{key: (values[key][i].tolist() if key in values else None) for key in FLIP_COLUMNS},
             })
         return list(relevance.numpy()), rows
 

@@ -65,10 +65,19 @@ STATS_SCHEMA = pa.schema([
     _field("centre_row", pa.float32(), "row of the positive relevance's centre of mass (map pixels)"),
     _field("centre_col", pa.float32(), "column of the positive relevance's centre of mass (map pixels)"),
     _field("pointing_game_hit", pa.bool_(), "arg-max pixel inside a label box (null without boxes)"),
-    _field("positive_in_box", pa.float32(), "share of positive relevance inside the label boxes (null without)"),
+    _field("positive_in_box", pa.float32(), "relevance mass accuracy (Arras et al. 2022, 'sum,pos' pooling): positive "
+           "relevance inside the label boxes / all positive relevance (null without boxes)"),
     _field("shard", pa.string(), "relevance shard file holding the map", False),
     _field("row", pa.int64(), "row of the map in that shard's `relevance` dataset", False),
     _field("seconds", pa.float32(), "explanation time of the image's batch, per image", False),
+    # pixel flipping (pipeline/faithfulness.py), null unless the run has `faithfulness: true`
+    _field("aopc_morf", pa.float32(), "AOPC of the target logit, regions perturbed most relevant first"),
+    _field("aopc_random", pa.float32(), "AOPC of the target logit, regions perturbed in a random order"),
+    _field("flip_curve_morf", pa.list_(pa.float32()),
+           "target logit after k = 0..flip_steps regions perturbed, most relevant first"),
+    _field("flip_curve_random", pa.list_(pa.float32()),
+           "target logit after k = 0..flip_steps regions perturbed, in a random order (the baseline)"),
+    _field("flip_seconds", pa.float32(), "pixel flipping time (both orders) of the image's batch, per image"),
 ])
 
 FAILURE_SCHEMA = pa.schema([

@@ -1,0 +1,50 @@
+"""A forward-only TorchScript classifier beside the LRP artifact. Pixel flipping needs hundreds of plain forward
+passes per image; the LRP module would compute a relevance map on each, the traced VGG does not."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lrp_module.zoo import build_vgg
+
+from .artifacts import ExportError
+from .verify import relative_difference
+
+CLASSIFIER_FILE = "classifier.torchscript.pt"
+TOLERANCE = 1e-4  # max |difference| over max |reference logit|, as for the LRP artifacts
+
+
+def export_classifier(model: str, weights: str, size: int, path: Path, lrp_artifact: Path | None = None) -> dict:
+    """Trace `model` with `weights` at size x size, check it against eager PyTorch (and, when given, against the
+    logits of the LRP artifact built from the same weights) on a batch of another size, write it atomically.
+    Returns the checks; a failed check is an ExportError naming the difference and nothing is written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights warn; tracing and TorchScript's deprecation warn
+        vgg, info = build_vgg(model, weights)
+        traced = torch.jit.trace(vgg, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),
+                                 check_trace=False)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = traced(x)
+        checks = {"eager": relative_difference(logits.numpy(), vgg(x).numpy())}
+        if lrp_artifact is not None:
+            lrp_logits, _ = torch.jit.load(str(lrp_artifact))(x, torch.full((3,), -1))
+            checks["lrp_artifact"] = relative_difference(logits.numpy(), lrp_logits.numpy())
+    failed = {k: v for k, v in checks.items() if not v <= TOLERANCE}
+    if failed:
+        detail = ", ".join(f"{k} {v:.2e}" for k, v in failed.items())
+        raise ExportError(f"{path.name}: traced classifier logits differ from {detail} (tolerance {TOLERANCE:.0e})")
+    meta = {"model": model, "weights": info.to_dict(), "input": ["N", 3, size, size], "output": "logits (N, classes)",
+            "checks": checks, "tolerance": TOLERANCE}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        torch.jit.save(traced, str(tmp), _extra_files={"classifier_metadata.json": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return meta
