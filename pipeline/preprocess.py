@@ -107,8 +107,8 @@ def decode(data: bytes) -> Image.Image:
         raise DecodeError("empty file")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise DecodeError("refused: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set, truncated images would pass")
-    image = _open(data)
     try:
+        image = _open(data)
         image.load()
         image = ImageOps.exif_transpose(image)
         if image.mode in SIXTEEN_BIT_MODES:
@@ -118,6 +118,8 @@ def decode(data: bytes) -> Image.Image:
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
             return background
         return image.convert("RGB")
+    except DecodeError:
+        raise
     except (OSError, EOFError, SyntaxError, ValueError) as error:
         text = str(error)
         if "truncated" in text.lower() or isinstance(error, EOFError):

@@ -41,7 +41,7 @@ def outside_root(root: Path, path: Path) -> str | None:
     target = path.resolve()
     if target.is_relative_to(root.resolve()):
         return None
-    return f"outside the dataset root (links to {target})"
+    return f"outside the dataset root: links to {target}"
 
 
 def _labelled(image_id: str, path: Path | str, wnid: str | None, boxes=(), root: Path | None = None,
@@ -50,7 +50,7 @@ def _labelled(image_id: str, path: Path | str, wnid: str | None, boxes=(), root:
     index = classes.index(wnid) if wnid else None
     name = classes.names[index] if index is not None else None
     if problem is None and wnid and index is None:
-        problem = f"unknown wnid {wnid} in {source}"
+        problem = f"unknown wnid in {source}: {wnid}"
     if problem is None and root is not None:
         problem = outside_root(root, Path(path))
     return ImageRecord(image_id, str(path), wnid, index, name, tuple(boxes), problem)
@@ -133,7 +133,7 @@ def imagenet_val(root: Path) -> list[ImageRecord]:
             problem = f"missing image: {source} labels it, no such file in the dataset root"
             path = root / f"{image_id}.JPEG"
         else:
-            problem, path = f"invalid image id {image_id!r} in {source}", root / source
+            problem, path = f"invalid image id in {source}: {image_id!r}", root / source
         records.append(ImageRecord(image_id, str(path), labels[image_id], problem=problem))
     return sorted(records, key=lambda record: record.image_id)
 
@@ -161,7 +161,7 @@ def webdataset(root: Path | str) -> list[ImageRecord]:
                         text = archive.extractfile(cls).read().decode(errors="replace").strip()
                         label = int(text) if re.fullmatch(r"-?\d+", text) else None
                         if label is None or not 0 <= label < len(classes.wnids):
-                            problem = f"unknown class index {text[:20]!r} in {cls.name}"
+                            problem = f"unknown class index: {text[:20]!r} in {cls.name}"
                     wnid = classes.wnids[label] if label is not None and problem is None else None
                     # members are read from inside the shard only, so a name like ../x cannot reach outside
                     records.append(_labelled(Path(key).name, f"{shard}::{name}", wnid, problem=problem))
