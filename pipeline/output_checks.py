@@ -38,7 +38,8 @@ def check_writable(out: Path) -> None:
     except OSError as error:
         raise OutputCheckError(f"run directory {out} is not writable: {error.strerror or error}") from None
     finally:
-        probe.unlink(missing_ok=True)
+        if probe.is_file():
+            probe.unlink()
         for directory in created:
             if directory.is_dir():
                 directory.rmdir()

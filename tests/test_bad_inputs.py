@@ -56,11 +56,6 @@ def val_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def artifact_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("artifact-cache")
-
-
-@pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
