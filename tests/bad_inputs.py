@@ -84,7 +84,8 @@ def bomb_png() -> bytes:
     return raw_png(20000, 20000, 8, 0, b"\0" * 64)
 
 
-def _contents() -> dict[str, bytes | None]:
+def sample_files() -> dict[str, bytes]:
+    """The bytes of every case that is a file of its own."""
     good = encode(Image.fromarray(reference_rgb(1)), "JPEG", quality=95)
     rgb16_rows = b"".join(b"\0" + row.tobytes() for row in rgb16())
     grey16_png = encode(Image.fromarray(grey16()), "PNG")
@@ -133,7 +134,7 @@ def val_name(number: int) -> str:
 def _place(path: Path, name: str, data: bytes | None, outside: Path) -> None:
     if name == "outside":  # a link to a perfectly good image that lies outside the dataset root
         target = outside / "secret.JPEG"
-        target.write_bytes(_contents()["good"])
+        target.write_bytes(sample_files()["good"])
         path.symlink_to(target)
     elif name == "dangling":
         path.symlink_to(path.parent / "deleted-long-ago.JPEG")
@@ -147,7 +148,7 @@ def make_imagefolder(base: Path) -> tuple[Path, dict[str, str]]:
     """root/<wnid>/<case><suffix> for every case; returns the root and image id -> expected outcome."""
     root, outside = base / "imagefolder", base / "outside-imagefolder"
     outside.mkdir(parents=True)
-    contents = _contents()
+    contents = sample_files()
     expected = {}
     for i, case in enumerate(CASES):
         folder = root / WNIDS[i % 2]
@@ -164,7 +165,7 @@ def make_imagenet_val(base: Path, with_unreadable: bool = True) -> tuple[Path, d
     root, outside = base / "imagenet_val", base / "outside-val"
     root.mkdir(parents=True)
     outside.mkdir(parents=True)
-    contents = _contents()
+    contents = sample_files()
     contents["unknown_wnid"] = contents["good"]
     expected, ids, rows = {}, {}, []
     cases = [c for c in CASES + LABEL_CASES if with_unreadable or c.name != "unreadable"]

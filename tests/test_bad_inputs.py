@@ -21,12 +21,22 @@ import torch
 from PIL import Image, ImageFile
 
 from pipeline.cli import main as cli_main
-from pipeline.config import load_config
 from pipeline.datasets import load_records
 from pipeline.preprocess import DecodeError, Preprocessing, decode, preprocess, read_bytes
 
-from .bad_inputs import (CASES, HEIGHT, INVALID_ID, WIDTH, alpha_png, grey16, make_imagefolder, make_imagenet_val,
-                         reference_rgb, rgb16)
+from .bad_inputs import (
+    CASES,
+    HEIGHT,
+    INVALID_ID,
+    WIDTH,
+    alpha_png,
+    grey16,
+    make_imagefolder,
+    make_imagenet_val,
+    reference_rgb,
+    rgb16,
+    sample_files,
+)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -62,13 +72,6 @@ def local_ray():
     ray.shutdown()
 
 
-def _config(root, out, cache, **overrides):
-    values = dict(dataset=str(root), model="vgg11", weights="random", size=SIZE, batch_size=4, shard_size=4,
-                  map_dtype="float32", out=str(out), cache=str(cache))
-    values.update(overrides)
-    return load_config(values)
-
-
 def _case_path(root: Path, name: str) -> Path:
     """The file of a case in the ImageFolder dataset (links included, dangling ones too)."""
     return next(folder / name for folder in root.iterdir() if os.path.lexists(folder / name))
@@ -82,26 +85,22 @@ def _decoded(data: bytes) -> np.ndarray:
 
 def test_loading_truncated_images_is_off():
     """Truncated files must fail; the project never sets Pillow's global switch that would pad them."""
-    import pipeline.run  # noqa: F401  (everything the driver and workers import)
+    import pipeline.run
     import pipeline.worker  # noqa: F401
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped():
-    from .bad_inputs import _contents
-
-    grey = _decoded(_contents()["grey16"])
+    grey = _decoded(sample_files()["grey16"])
     np.testing.assert_array_equal(grey[..., 0], np.rint(grey16() / 257.0))  # 65535 -> 255, not 255 -> 255
     assert grey[..., 0].max() > 240 and len(np.unique(grey)) > 200
-    colour = _decoded(_contents()["rgb16"])
+    colour = _decoded(sample_files()["rgb16"])
     assert np.abs(colour - np.rint(rgb16().astype(np.float64) / 257.0)).max() <= 1
 
 
 def test_colour_modes_become_the_rgb_the_eye_sees():
-    from .bad_inputs import _contents
-
-    contents = _contents()
+    contents = sample_files()
     cmyk = _decoded(contents["cmyk"])
     assert np.abs(cmyk - reference_rgb(8)).mean() < 4  # converted back, not inverted or channel-swapped
     np.testing.assert_array_equal(_decoded(contents["palette"]),
@@ -114,10 +113,8 @@ def test_colour_modes_become_the_rgb_the_eye_sees():
 
 
 def test_exif_orientation_is_applied():
-    from .bad_inputs import _contents
-
     prep = Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE)
-    rotated = decode(_contents()["exif"])
+    rotated = decode(sample_files()["exif"])
     assert rotated.size == (WIDTH, HEIGHT)  # stored 30 wide, 40 high
     seen, _ = preprocess(rotated, (), prep)
     reference, _ = preprocess(Image.fromarray(reference_rgb(4)), (), prep)
@@ -127,9 +124,7 @@ def test_exif_orientation_is_applied():
 
 
 def test_one_pixel_image_is_explainable():
-    from .bad_inputs import _contents
-
-    tensor, _ = preprocess(decode(_contents()["one_pixel"]), (), Preprocessing(resize=37, crop=SIZE))
+    tensor, _ = preprocess(decode(sample_files()["one_pixel"]), (), Preprocessing(resize=37, crop=SIZE))
     assert tensor.shape == (3, SIZE, SIZE)
     assert torch.allclose(tensor, tensor[:, :1, :1].expand_as(tensor))  # the one colour everywhere
 
@@ -147,10 +142,8 @@ def test_unreadable_files_have_specific_reasons(folder_dataset, case):
 
 def test_image_just_over_the_pixel_limit_is_refused(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 30 = 1200 pixels: over, but under twice
-    from .bad_inputs import _contents
-
     with pytest.raises(DecodeError, match="decompression bomb: 1200 pixels > limit 1000"):
-        decode(_contents()["good"])
+        decode(sample_files()["good"])
 
 
 def test_permission_denied_is_reported(folder_dataset):
@@ -159,7 +152,7 @@ def test_permission_denied_is_reported(folder_dataset):
     code = ("import sys; from pipeline.preprocess import read_bytes, DecodeError\n"
             "try: read_bytes(sys.argv[1])\nexcept DecodeError as e: print(e)")
     result = subprocess.run(unprivileged([sys.executable, "-c", code, str(path)]), capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=False)
     assert result.stdout.strip() == "permission denied", result.stderr
 
 
@@ -203,7 +196,8 @@ def test_cli_explains_good_images_and_lists_bad_ones(folder_dataset, tmp_path, a
     command = [sys.executable, "-m", "pipeline", "explain", "--dataset", str(root), "--model", "vgg11",
                "--weights", "random", "--size", str(SIZE), "--batch-size", "4", "--shard-size", "4",
                "--out", str(out), "--cache", str(cache), "--no-progress"]
-    result = subprocess.run(unprivileged(command), capture_output=True, text=True, env=env, timeout=560, cwd=REPO)
+    result = subprocess.run(unprivileged(command), capture_output=True, text=True, env=env, timeout=560, cwd=REPO,
+                            check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     good = sorted(k for k, v in expected.items() if v == "explained")
     bad = {k: v for k, v in expected.items() if v != "explained"}
@@ -250,9 +244,7 @@ def test_label_file_cases_end_to_end(val_dataset, tmp_path, artifact_cache, loca
 def test_strict_stops_at_the_first_bad_image(tmp_path, artifact_cache, local_ray, capsys):
     """--strict: the worker returns at the first failed image of its shard (nothing of that shard written), the
     driver raises at once (no later shard started), exit code 1, no _SUCCESS."""
-    from .bad_inputs import _contents
-
-    contents = _contents()
+    contents = sample_files()
     root = tmp_path / "data" / "n01440764"
     root.mkdir(parents=True)
     names = ["a0", "a1", "a2", "a3", "b4-empty", "b5", "c6-text", "c7", "c8"]  # shards of 3: bad first in shard 1

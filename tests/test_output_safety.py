@@ -74,7 +74,8 @@ def tmpfs(tmp_path):
     """A real 64 KiB filesystem (root only); resized with remount."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                            check=False)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
     yield mount
@@ -143,8 +144,8 @@ def test_disk_full_while_writing_stops_cleanly_and_resumes(good_dataset, tmpfs, 
 
 @pytest.fixture(scope="module")
 def artifact(artifact_cache, good_dataset):
-    config = load_config(dict(dataset=str(good_dataset), model="vgg11", weights="random", size=SIZE,
-                              cache=str(artifact_cache)))
+    config = load_config({"dataset": str(good_dataset), "model": "vgg11", "weights": "random", "size": SIZE,
+                          "cache": str(artifact_cache)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cached_artifact(config, "random")[0]
@@ -232,8 +233,8 @@ def test_cached_artifact_is_rebuilt_unless_it_is_what_we_built(artifact, good_da
                                                                capsys):
     cache = tmp_path / "cache"
     shutil.copytree(artifact.parent.parent, cache)
-    config = load_config(dict(dataset=str(good_dataset), model="vgg11", weights="random", size=SIZE,
-                              cache=str(cache)))
+    config = load_config({"dataset": str(good_dataset), "model": "vgg11", "weights": "random", "size": SIZE,
+                          "cache": str(cache)})
     built = []
 
     def fake_export(export, directory, verify=True):  # stands for a real rebuild: what we build, we trust
@@ -262,8 +263,8 @@ def test_cached_artifact_is_rebuilt_unless_it_is_what_we_built(artifact, good_da
 def test_records_with_problems_are_never_opened(artifact, tmp_path, monkeypatch):
     """Label-file ids like ../../etc/passwd, links outside the root, missing images: the worker records them as
     failures without opening anything; every file it opens lies inside the dataset root."""
-    root, expected, ids = make_imagenet_val(tmp_path, with_unreadable=False)
-    import pipeline.preprocess as preprocess
+    root, expected, _ = make_imagenet_val(tmp_path, with_unreadable=False)
+    from pipeline import preprocess
 
     opened = []
     real = preprocess.read_bytes
@@ -297,6 +298,23 @@ def test_webdataset_member_named_outside_is_read_from_the_shard(tmp_path):
     assert record.image_id == "evil" and record.path.endswith("shard-000000.tar::../evil.jpg")
     tensor, _ = load(record)  # decodes: it read the member, not the text file the name points at
     assert tensor.shape == (3, 224, 224)
+
+
+def test_webdataset_unknown_class_index_is_a_failure_not_unlabelled(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(reference_rgb(0)).save(buffer, format="JPEG")
+    with tarfile.open(root / "shard-000000.tar", "w") as archive:
+        for name, payload in (("a.jpg", buffer.getvalue()), ("a.cls", b"5000"), ("b.jpg", buffer.getvalue()),
+                              ("b.cls", b"tabby"), ("c.jpg", buffer.getvalue()), ("c.cls", b"281")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    records = {r.image_id: r for r in load_records(root)}
+    assert records["a"].problem == "unknown class index: '5000' in a.cls"
+    assert records["b"].problem == "unknown class index: 'tabby' in b.cls"
+    assert records["c"].problem is None and records["c"].label == 281
 
 
 def test_annotation_paths_are_ignored(tmp_path):
