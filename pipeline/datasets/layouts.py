@@ -106,9 +106,10 @@ def imagenet_val(root: Path) -> list[ImageRecord]:
                 parts = (row.get("PredictionString") or "").split()
                 if not parts:
                     continue
-                labels[row.get("ImageId") or ""] = parts[0]
-                boxes[row["ImageId"]] = [tuple(float(v) for v in parts[i + 1:i + 5])
-                                         for i in range(0, len(parts), 5) if parts[i] == parts[0]]
+                image_id = row.get("ImageId") or ""
+                labels[image_id] = parts[0]
+                boxes[image_id] = [tuple(float(v) for v in parts[i + 1:i + 5])
+                                   for i in range(0, len(parts), 5) if parts[i] == parts[0]]
     elif truth is not None:
         meta = _find(root, "meta.mat")
         if meta is None:
