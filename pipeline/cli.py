@@ -9,8 +9,14 @@ from lrp_module.zoo import WeightsError
 
 from .config import ConfigError, load_config
 from .datasets import DatasetError
+from .output_checks import OutputCheckError
 from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
-from .run import RunError, explain
+from .run import RunError, StrictStop, explain
+from .writers import OutputError
+
+EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be explained (listed in "
+              "failures.parquet; with --strict, the first one stops the run); 2 the run could not start or "
+              "finish (configuration, dataset, weights, unwritable or full output directory)")
 
 OPTIONS = [
     ("dataset", str, "a name in configs/datasets/ (sample, imagenet-val) or a folder / tar-shard glob"),
@@ -40,14 +46,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline")
     commands = p.add_subparsers(dest="command", required=True)
     run = commands.add_parser("explain", help=__doc__.splitlines()[0],
-                              description=__doc__.splitlines()[0] + " Values override configs/run.yaml.")
+                              description=__doc__.splitlines()[0] + " Values override configs/run.yaml.",
+                              epilog=EXIT_CODES)
     for name, kind, doc in OPTIONS:
         run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=doc)
     run.add_argument("--tf32", action="store_true", default=None, help="allow TF32 on GPUs")
     run.add_argument("--faithfulness", action="store_true", default=None,
                      help="pixel flipping per image: MoRF and random-order curves and their AOPC")
     run.add_argument("--overwrite", action="store_true", help="replace a run directory made with another config")
-    run.add_argument("--strict", action="store_true", help="stop at the first image that cannot be explained")
+    run.add_argument("--strict", action="store_true", help="stop at the first image that cannot be explained "
+                     "(exit code 1, no _SUCCESS)")
+    run.add_argument("--no-space-check", action="store_true",
+                     help="skip the free-space estimate made before the run (write errors still stop it)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_report_commands(commands)
     return p
@@ -62,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides["faithfulness"] = args.faithfulness
     try:
         config = load_config(overrides)
-        manifest = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress)
-    except (ConfigError, DatasetError, WeightsError, ExportError, RunError) as error:
+        manifest = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
+                           check_space=not args.no_space_check)
+    except StrictStop as error:  # an image failed, as without --strict: exit code 1
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ConfigError, DatasetError, WeightsError, ExportError, RunError, OutputCheckError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     totals = manifest["totals"]

@@ -5,14 +5,17 @@ normalisation), done with torchvision.transforms.v2 so that bounding boxes follo
 """
 from __future__ import annotations
 
+import errno
 import io
+import re
 import tarfile
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -23,6 +26,11 @@ from .datasets.records import Box, ImageRecord
 
 class DecodeError(ValueError):
     """An image cannot be read; the message is the reason recorded in failures.parquet."""
+
+
+# Oversized images are refused by `decode` itself (a failure row); Pillow's own warning would only add noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grey PNGs open in one of these
 
 
 @dataclass(frozen=True)
@@ -64,27 +72,66 @@ def read_bytes(path: str) -> bytes:
                 return archive.extractfile(member).read()
         with open(path, "rb") as handle:
             return handle.read()
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except FileNotFoundError:
+        raise DecodeError("missing file (deleted, or a dangling link)") from None
+    except IsADirectoryError:
+        raise DecodeError("not a file (a directory)") from None
     except (OSError, KeyError, tarfile.TarError, AttributeError) as error:
         raise DecodeError(f"unreadable: {type(error).__name__}: {error}") from None
 
 
-def decode(data: bytes) -> Image.Image:
-    """RGB, EXIF orientation applied (as the eye sees it)."""
-    if not data:
-        raise DecodeError("empty file")
+def _open(data: bytes) -> Image.Image:
+    """Pillow's image with only the header read; refuses images over Pillow's pixel limit before decoding them."""
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # over twice the limit: Pillow refuses at open
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        raise DecodeError(f"decompression bomb: {found.group(1) if found else '?'} pixels > limit "
+                          f"{Image.MAX_IMAGE_PIXELS}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (no known image format)") from None
+    pixels = image.size[0] * image.size[1]
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        raise DecodeError(f"decompression bomb: {pixels} pixels > limit {Image.MAX_IMAGE_PIXELS}")
+    return image
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit grey scaled to 8 bits (65535 -> 255); Pillow's own convert would clip everything above 255."""
+    array = np.asarray(image, dtype=np.float64)
+    grey = np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+def decode(data: bytes) -> Image.Image:
+    """RGB as the eye sees it: EXIF orientation applied, alpha composited on white, palettes, grey, CMYK and
+    16-bit grey converted. Truncated files fail (Pillow's LOAD_TRUNCATED_IMAGES must stay off)."""
+    if not data:
+        raise DecodeError("empty file")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DecodeError("refused: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set, truncated images would pass")
+    try:
+        image = _open(data)
         image.load()
         image = ImageOps.exif_transpose(image)
+        if image.mode in SIXTEEN_BIT_MODES:
+            return _sixteen_bit_to_rgb(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGB", image.size, (255, 255, 255))  # alpha composited on white
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
             return background
         return image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        raise DecodeError(f"decompression bomb: {error}") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DecodeError(f"not a decodable image: {error}") from None
+    except DecodeError:
+        raise
+    except (OSError, EOFError, SyntaxError, ValueError) as error:
+        text = str(error)
+        if "truncated" in text.lower() or isinstance(error, EOFError):
+            raise DecodeError(f"truncated image: {text}") from None
+        if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+            raise DecodeError("out of memory decoding the image") from None
+        raise DecodeError(f"not a decodable image: {text}") from None
 
 
 def preprocess(image: Image.Image, boxes: tuple[Box, ...], preprocessing: Preprocessing = Preprocessing()

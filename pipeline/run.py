@@ -20,10 +20,12 @@ import pyarrow.parquet as pq
 
 from lrp_module.zoo import WeightsError, build_vgg
 
+from .artifact_trust import record_trust, untrusted_reason
 from .config import RunConfig
 from .datasets import load_records
 from .datasets.records import ImageRecord
-from .writers import FAILURE_SCHEMA, commit, sha256, shard_name, temporary, write_virtual_dataset
+from .output_checks import check_free_space, check_writable
+from .writers import FAILURE_SCHEMA, atomic, commit, sha256, shard_name, temporary, write_virtual_dataset
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")
@@ -31,6 +33,10 @@ RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps s
 
 class RunError(RuntimeError):
     """The run cannot start or finish; the message says why."""
+
+
+class StrictStop(RunError):
+    """--strict: an image could not be explained; the message names it and the reason."""
 
 
 def resolve_weights(config: RunConfig) -> tuple[str, str | None]:
@@ -59,12 +65,18 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
     key = f"{config.model}-{config.composite}-k{config.top_k}-{config.size}-{weights_key}"
     directory = Path(config.cache) / key
     artifact, sidecar = directory / "lrp.torchscript.pt", directory / "lrp.json"
+    if artifact.is_file() and sidecar.is_file():
+        reason = untrusted_reason([artifact, sidecar])
+        if reason:  # never load TorchScript this project did not build: rebuild it
+            print(f"rebuilding the cached artifact {artifact}: {reason}", file=sys.stderr, flush=True)
+            artifact.unlink()
     if not (artifact.is_file() and sidecar.is_file()):
         export = ExportConfig(model=config.model, weights=weights, composite=config.composite, top_k=config.top_k,
                               height=config.size, width=config.size, formats=("torchscript",))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_artifacts(export, directory, verify=True)
+        record_trust([artifact, sidecar])
     return artifact, json.loads(sidecar.read_text())
 
 
@@ -132,9 +144,10 @@ def _actor_plan(ray, config: RunConfig) -> tuple[int, dict, str, int]:
     return count, {"num_cpus": 0.5}, "cpu", max(1, cpus // count)
 
 
-def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, progress: bool = True) -> dict:
-    """Run the job; returns the manifest. Raises RunError (or DatasetError / WeightsError) before writing when
-    the configuration cannot work."""
+def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, progress: bool = True,
+            check_space: bool = True) -> dict:
+    """Run the job; returns the manifest. Raises RunError (or DatasetError / WeightsError / OutputCheckError)
+    before writing when the configuration cannot work, OutputError when a write fails (the run stops)."""
     started = time.time()
     out = Path(config.out)
     records = load_records(config.root, config.layout)
@@ -142,6 +155,10 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
         records = records[:config.limit]
     if not records:
         raise RunError(f"{config.root}: no images to explain")
+    check_writable(out)  # before anything is written, the artifact cache included
+    if check_space:
+        remaining = [s for i, s in enumerate(shards_of(records, config.shard_size)) if not shard_done(out, i)]
+        check_free_space(out, sum(map(len, remaining)), config.size, config.map_dtype, config.compression)
     weights, weights_warning = resolve_weights(config)
     if weights_warning:
         print(f"\n{'!' * 100}\n{weights_warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
@@ -154,7 +171,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     settings = {
         "batch_size": config.batch_size, "size": config.size, "map_dtype": config.map_dtype,
         "compression": config.compression, "target": config.target, "decode_threads": config.decode_threads,
-        "tf32": config.tf32, "class_names": metadata.get("class_names") or _imagenet_names(),
+        "tf32": config.tf32, "strict": strict, "class_names": metadata.get("class_names") or _imagenet_names(),
         "attributes": {"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
     }
     if classifier is not None:
@@ -186,12 +203,11 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
                   dynamic_ncols=True) as bar:
             for result in pool.map_unordered(
                     lambda actor, i: actor.explain_shard.remote(i, shards[i], str(out.resolve())), todo):
+                _stop_if_needed(result, strict)
                 failed += result["failed"]
                 peak = max(peak, result["peak_rss_mb"])
                 bar.update(result["explained"] + result["failed"])
                 bar.set_postfix(failed=failed)
-                if strict and result["failed"]:
-                    raise RunError(f"--strict: shard {result['shard']} had failures: {result['reasons'][0]}")
         images = sum(len(shards[i]) for i in todo)
         seconds = time.time() - begun
         return {"images_this_invocation": images, "explain_seconds": seconds,
@@ -199,6 +215,17 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _stop_if_needed(result: dict, strict: bool) -> None:
+    """A shard's result that ends the run: a write error (disk full, ...), or under --strict a failed image."""
+    if "write_error" in result:
+        raise RunError(f"{result['write_error']} (the run stopped; make room and run the same command again "
+                       "to resume)")
+    stopped = result.get("stopped_at")
+    if strict and (stopped or result["failed"]):
+        where = f"image {stopped['image_id']} ({stopped['path']})" if stopped else f"shard {result['shard']}"
+        raise StrictStop(f"--strict: {where} could not be explained: {result['reasons'][0]}")
 
 
 def _imagenet_names() -> list[str]:
@@ -227,9 +254,8 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
     write_virtual_dataset(out / "relevance.h5", [out / "relevance" / f"{shard_name(i)}.h5" for i in range(len(shards))],
                           rows, config.size, config.size, config.map_dtype)
     all_failures = pa.concat_tables(failures) if failures else FAILURE_SCHEMA.empty_table()
-    tmp = temporary(out / "failures.parquet")
-    pq.write_table(all_failures, tmp)
-    commit(tmp, out / "failures.parquet")
+    with atomic(out / "failures.parquet") as tmp:
+        pq.write_table(all_failures, tmp)
     explained, failed = sum(rows), all_failures.num_rows
     seconds = time.time() - started
     import torch
@@ -245,10 +271,10 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
         "shards": entries,
         "timings": {"seconds_this_invocation": seconds, **work},
     }
-    tmp = temporary(out / "manifest.json")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    commit(tmp, out / "manifest.json")
-    (out / "_SUCCESS").write_text("")
+    with atomic(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    with atomic(out / "_SUCCESS") as tmp:
+        tmp.write_text("")
     return manifest
 
 

@@ -1,5 +1,9 @@
 """Explain one shard: decode in background threads, run the traced LRP module, compute statistics, write the
-shard's HDF5 maps, Parquet statistics and failures. A plain class: the driver wraps it as a Ray actor."""
+shard's HDF5 maps, Parquet statistics and failures. A plain class: the driver wraps it as a Ray actor.
+
+With settings["strict"] a shard stops at its first failed image and writes nothing (the shard stays undone).
+A write error (disk full, ...) is not an image failure: the shard writes nothing under a final name and its
+result carries `write_error` for the driver to stop the run."""
 from __future__ import annotations
 
 import resource
@@ -14,7 +18,7 @@ from . import stats as statistics
 from .datasets.records import ImageRecord
 from .faithfulness import FLIP_COLUMNS, flip_statistics
 from .preprocess import DecodeError, Preprocessing, load
-from .writers import FAILURE_SCHEMA, STATS_SCHEMA, shard_name, write_parquet, write_relevance
+from .writers import FAILURE_SCHEMA, STATS_SCHEMA, OutputError, shard_name, write_parquet, write_relevance
 
 
 class ShardExplainer:
@@ -40,6 +44,8 @@ class ShardExplainer:
 
     def _decode(self, record: ImageRecord):
         """The preprocessed image and boxes, or the exception that becomes this image's failure reason."""
+        if record.problem:  # known from the listing (outside the root, missing, unknown label): never opened
+            return DecodeError(record.problem)
         try:
             return load(record, self.preprocessing)
         except DecodeError as error:
@@ -50,31 +56,55 @@ class ShardExplainer:
     def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str) -> dict:
         out = Path(out_dir)
         started = time.perf_counter()
+        strict = bool(self.settings.get("strict"))
         # every decode is submitted now and runs in the pool's threads while earlier batches are explained
         decoded = self.decoders.map(self._decode, records)
         failures: list[dict] = []
         maps, rows = [], []
         batch = int(self.settings["batch_size"])
         pending: list = []
-        for record in records:
-            item = next(decoded)
-            if isinstance(item, Exception):
-                failures.append({"image_id": record.image_id, "path": record.path, "reason": str(item),
-                                 "shard": index})
-            else:
-                pending.append((record, item))
-            if len(pending) == batch or (record is records[-1] and pending):
-                try:
-                    maps_chunk, rows_chunk = self._explain_batch(pending, len(maps))
-                    maps += maps_chunk
-                    rows += rows_chunk
-                except Exception as error:  # an image that breaks the model: record it, go on
-                    failures += [{"image_id": r.image_id, "path": r.path, "reason": f"explain failed: {error}",
-                                  "shard": index} for r, _ in pending]
-                pending = []
+        try:
+            for record in records:
+                item = next(decoded)
+                if isinstance(item, Exception):
+                    failures.append({"image_id": record.image_id, "path": record.path, "reason": str(item),
+                                     "shard": index})
+                else:
+                    pending.append((record, item))
+                if strict and failures:
+                    return self._stopped(index, failures[0], started)
+                if len(pending) == batch or (record is records[-1] and pending):
+                    try:
+                        maps_chunk, rows_chunk = self._explain_batch(pending, len(maps))
+                        maps += maps_chunk
+                        rows += rows_chunk
+                    except Exception as error:  # an image that breaks the model: record it, go on
+                        failures += [{"image_id": r.image_id, "path": r.path, "reason": f"explain failed: {error}",
+                                      "shard": index} for r, _ in pending]
+                        if strict:
+                            return self._stopped(index, failures[0], started)
+                    pending = []
+        finally:
+            decoded.close()  # a strict stop cancels the decodes not yet started
         size = self.settings["size"]
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
         name = shard_name(index)
+        try:
+            self._write(out, name, index, array, rows, failures)
+        except OutputError as error:  # the run stops; nothing half-written is left under a final name
+            return {"shard": index, "explained": 0, "failed": 0, "reasons": [], "write_error": str(error),
+                    "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+        return {"shard": index, "explained": len(rows), "failed": len(failures),
+                "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started,
+                "peak_rss_mb": _peak_rss_mb()}
+
+    def _stopped(self, index: int, failure: dict, started: float) -> dict:
+        """--strict: the shard's result at its first failure; nothing of the shard is written."""
+        return {"shard": index, "explained": 0, "failed": 1, "reasons": [failure["reason"]], "stopped_at": failure,
+                "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+
+    def _write(self, out: Path, name: str, index: int, array: np.ndarray, rows: list[dict],
+               failures: list[dict]) -> None:
         columns = {"image_id": [r["image_id"] for r in rows], "path": [r["path"] for r in rows],
                    "label": np.array([-1 if r["label"] is None else r["label"] for r in rows], dtype=np.int64),
                    "pred": np.array([r["pred"] for r in rows], dtype=np.int64),
@@ -86,9 +116,6 @@ class ShardExplainer:
             row["shard"] = f"relevance/{name}.h5"
         write_parquet(failures, FAILURE_SCHEMA, out / "failures" / f"{name}.parquet")
         write_parquet(rows, STATS_SCHEMA, out / "stats" / f"{name}.parquet")  # last: marks the shard done
-        return {"shard": index, "explained": len(rows), "failed": len(failures),
-                "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def _explain_batch(self, chunk, offset: int):
         x = torch.stack([tensor for _, (tensor, _) in chunk]).to(self.device)
@@ -134,6 +161,10 @@ class ShardExplainer:
         if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
             return torch.full((len(records),), int(mode))
         return torch.full((len(records),), -1)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _scalar(value: torch.Tensor) -> float | None:

@@ -2,10 +2,12 @@
 virtual dataset over all shards. Every file is written under a temporary name and renamed when complete."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -24,6 +26,34 @@ def temporary(path: Path) -> Path:
 
 def commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
+
+
+class OutputError(OSError):
+    """A run file cannot be written (disk full, read-only disk, ...): the run stops; the message names the file."""
+
+
+def _why(error: BaseException) -> str:
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "errno = 28" in text:
+        return "no space left on device"
+    if getattr(error, "strerror", None):
+        return error.strerror
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary name to write `path` under; renamed to `path` when the block completes, removed when it
+    fails, so that a final name only ever holds a complete file. Write errors become OutputError."""
+    tmp = temporary(path)
+    try:
+        yield tmp
+        commit(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, OutputError):
+            raise OutputError(f"cannot write {path}: {_why(error)}") from error
+        raise
 
 
 def sha256(path: Path) -> str:
@@ -90,16 +120,14 @@ FAILURE_SCHEMA = pa.schema([
 
 def write_parquet(rows: Sequence[dict], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist(list(rows), schema=schema)
-    tmp = temporary(path)
-    pq.write_table(table, tmp)
-    commit(tmp, path)
+    with atomic(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence[str] | np.ndarray], attributes: dict,
                     dtype: str = "float16", compression: int = 4) -> None:
     """(N, H, W) maps, one image per chunk, gzip + shuffle; per-image columns beside; run attributes."""
-    tmp = temporary(path)
-    with h5py.File(tmp, "w") as handle:
+    with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
         n, h, w = maps.shape
         handle.create_dataset("relevance", data=maps.astype(dtype), chunks=(1, h, w) if n else None,
                               compression="gzip" if n else None, compression_opts=compression if n else None,
@@ -112,7 +140,6 @@ def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence[st
                 handle.create_dataset(name, data=np.array(values, dtype=object), dtype=strings)
         for key, value in attributes.items():
             handle.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-    commit(tmp, path)
 
 
 def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequence[int], height: int, width: int,
@@ -126,7 +153,5 @@ def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequenc
             source = h5py.VirtualSource(os.path.relpath(shard, path.parent), "relevance", shape=(count, height, width))
             layout[start:start + count] = source
         start += count
-    tmp = temporary(path)
-    with h5py.File(tmp, "w") as handle:
+    with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_virtual_dataset("relevance", layout, fillvalue=np.nan)
-    commit(tmp, path)

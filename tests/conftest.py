@@ -14,3 +14,9 @@ def vgg11():
 def images():
     torch.manual_seed(1)
     return torch.randn(3, 3, 64, 64)
+
+
+@pytest.fixture(scope="session")
+def artifact_cache(tmp_path_factory):
+    """One cache of traced LRP modules for the pipeline tests of a session: each configuration is built once."""
+    return tmp_path_factory.mktemp("artifact-cache")

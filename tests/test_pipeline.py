@@ -67,7 +67,7 @@ def test_end_to_end(dataset, tmp_path, local_ray):
     assert manifest["totals"] == {"images": 7, "explained": 6, "failed": 1}
     assert manifest["random_weights"] and (out / "_SUCCESS").exists()
     failures = pd.read_parquet(out / "failures.parquet")
-    assert failures.image_id.tolist() == ["broken"] and "not a decodable image" in failures.reason[0]
+    assert failures.image_id.tolist() == ["broken"] and failures.reason[0].startswith("not an image")
     # the maps, through the virtual dataset, equal LRPModel on the same preprocessed images
     records = [r for r in load_records(dataset) if r.image_id != "broken"]
     with warnings.catch_warnings():

@@ -6,6 +6,11 @@
   box XMLs in bbox/ or val/) or Kaggle's LOC_val_solution.csv (+ LOC_synset_mapping.txt), boxes kept;
 - `webdataset`: *.tar shards with <key>.jpg and <key>.cls (class index) members;
 - `plain`: any folder of images, unlabelled.
+
+A record that cannot be explained for a reason the listing already shows (a link leading outside the dataset
+root, an unknown wnid or class index, an image the labels name that does not exist, an image id from a label
+file that is not a validation image name) carries that reason as `problem`; the worker records it as a failure
+without opening anything. Label and annotation files never supply paths: image paths come from listing the root.
 """
 from __future__ import annotations
 
@@ -27,20 +32,35 @@ KAGGLE_SOLUTION = "LOC_val_solution.csv"
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files of a folder; links are listed even when dangling, so that they are reported, not skipped."""
+    return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _labelled(image_id: str, path: Path | str, wnid: str | None, boxes=()) -> ImageRecord:
+def outside_root(root: Path, path: Path) -> str | None:
+    """Why `path` may not be read as part of the dataset at `root` (it resolves outside it), or None."""
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return f"outside the dataset root: links to {target}"
+
+
+def _labelled(image_id: str, path: Path | str, wnid: str | None, boxes=(), root: Path | None = None,
+              source: str = "labels", problem: str | None = None) -> ImageRecord:
     classes = imagenet_classes()
     index = classes.index(wnid) if wnid else None
     name = classes.names[index] if index is not None else None
-    return ImageRecord(image_id, str(path), wnid, index, name, tuple(boxes))
+    if problem is None and wnid and index is None:
+        problem = f"unknown wnid in {source}: {wnid}"
+    if problem is None and root is not None:
+        problem = outside_root(root, Path(path))
+    return ImageRecord(image_id, str(path), wnid, index, name, tuple(boxes), problem)
 
 
 def imagefolder(root: Path) -> list[ImageRecord]:
     records = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        records += [_labelled(p.stem, p, folder.name) for p in _images(folder)]
+        records += [_labelled(p.stem, p, folder.name, root=root, source="the folder name")
+                    for p in _images(folder)]
     return records
 
 
@@ -79,15 +99,17 @@ def imagenet_val(root: Path) -> list[ImageRecord]:
     truth, solution = _find(root, DEVKIT_TRUTH), _find(root, KAGGLE_SOLUTION)
     labels: dict[str, str] = {}
     boxes: dict[str, list[Box]] = {}
+    source = (solution or truth or Path("labels")).name
     if solution is not None:
         with open(solution, newline="") as handle:
             for row in csv.DictReader(handle):
-                parts = row["PredictionString"].split()
+                parts = (row.get("PredictionString") or "").split()
                 if not parts:
                     continue
-                labels[row["ImageId"]] = parts[0]
-                boxes[row["ImageId"]] = [tuple(float(v) for v in parts[i + 1:i + 5])
-                                         for i in range(0, len(parts), 5) if parts[i] == parts[0]]
+                image_id = row.get("ImageId") or ""
+                labels[image_id] = parts[0]
+                boxes[image_id] = [tuple(float(v) for v in parts[i + 1:i + 5])
+                                   for i in range(0, len(parts), 5) if parts[i] == parts[0]]
     elif truth is not None:
         meta = _find(root, "meta.mat")
         if meta is None:
@@ -106,7 +128,15 @@ def imagenet_val(root: Path) -> list[ImageRecord]:
     else:
         raise DatasetError(f"{root}: ImageNet validation images without {DEVKIT_TRUTH} (+ meta.mat) or "
                            f"{KAGGLE_SOLUTION}")
-    return [_labelled(i, images[i], labels.get(i), boxes.get(i, ())) for i in sorted(images)]
+    records = [_labelled(i, images[i], labels.get(i), boxes.get(i, ()), root, source) for i in images]
+    for image_id in sorted(set(labels) - set(images)):  # promised by the labels, not on disk: never opened
+        if VAL_NAME.match(image_id):
+            problem = f"missing image: {source} labels it, no such file in the dataset root"
+            path = root / f"{image_id}.JPEG"
+        else:
+            problem, path = f"invalid image id in {source}: {image_id!r}", root / source
+        records.append(ImageRecord(image_id, str(path), labels[image_id], problem=problem))
+    return sorted(records, key=lambda record: record.image_id)
 
 
 def webdataset(root: Path | str) -> list[ImageRecord]:
@@ -116,6 +146,9 @@ def webdataset(root: Path | str) -> list[ImageRecord]:
     classes = imagenet_classes()
     records = []
     for shard in shards:
+        problem = outside_root(Path(root), Path(shard)) if Path(root).is_dir() else None
+        if problem:
+            raise DatasetError(f"{shard}: shard {problem}")
         try:
             with tarfile.open(shard) as archive:
                 members = {m.name: m for m in archive.getmembers() if m.isfile()}
@@ -123,19 +156,23 @@ def webdataset(root: Path | str) -> list[ImageRecord]:
                     key, suffix = name.rsplit(".", 1) if "." in name else (name, "")
                     if suffix.lower() not in ("jpg", "jpeg", "png"):
                         continue
-                    label = None
+                    label, problem = None, None
                     cls = members.get(f"{key}.cls")
                     if cls is not None:
-                        label = int(archive.extractfile(cls).read().decode().strip())
-                    wnid = classes.wnids[label] if label is not None and 0 <= label < len(classes.wnids) else None
-                    records.append(_labelled(Path(key).name, f"{shard}::{name}", wnid))
+                        text = archive.extractfile(cls).read().decode(errors="replace").strip()
+                        label = int(text) if re.fullmatch(r"-?\d+", text) else None
+                        if label is None or not 0 <= label < len(classes.wnids):
+                            problem = f"unknown class index: {text[:20]!r} in {cls.name}"
+                    wnid = classes.wnids[label] if label is not None and problem is None else None
+                    # members are read from inside the shard only, so a name like ../x cannot reach outside
+                    records.append(_labelled(Path(key).name, f"{shard}::{name}", wnid, problem=problem))
         except tarfile.TarError as error:
             raise DatasetError(f"{shard}: unreadable tar shard ({error})") from None
     return records
 
 
 def plain(root: Path) -> list[ImageRecord]:
-    return [ImageRecord(p.stem, str(p)) for p in _images(root)]
+    return [ImageRecord(p.stem, str(p), problem=outside_root(root, p)) for p in _images(root)]
 
 
 LAYOUTS: dict[str, Callable[[Path], list[ImageRecord]]] = {

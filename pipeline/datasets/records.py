@@ -14,6 +14,7 @@ class ImageRecord:
     label: int | None = None  # ILSVRC class index (torchvision's), None when unlabelled or unknown
     label_name: str | None = None
     boxes: tuple[Box, ...] = field(default_factory=tuple)
+    problem: str | None = None  # why it cannot be explained, known from the listing alone (never opened then)
 
 
 class DatasetError(ValueError):
