@@ -13,19 +13,19 @@ from .writers import atomic, sha256
 TRUST_FILE = "lrp.sha256"
 
 
-def record_trust(files: list[Path]) -> None:
-    """Record the hashes of files this project has just built (written beside the first one)."""
-    trust = files[0].parent / TRUST_FILE
+def record_trust(files: list[Path], record: str = TRUST_FILE) -> None:
+    """Record the hashes of files this project has just built (in `record`, beside the first one)."""
+    trust = files[0].parent / record
     with atomic(trust) as tmp:
         tmp.write_text("".join(f"{sha256(path)}  {path.name}\n" for path in files))
 
 
-def untrusted_reason(files: list[Path]) -> str | None:
+def untrusted_reason(files: list[Path], record: str = TRUST_FILE) -> str | None:
     """Why the cached files may not be loaded, or None when they are exactly what this project built."""
     directory = files[0].parent
-    trust = directory / TRUST_FILE
+    trust = directory / record
     if not trust.is_file():
-        return f"no {TRUST_FILE} record that this project built it"
+        return f"no {record} record that this project built it"
     for path in (directory, trust, *files):
         if path.is_symlink():
             return f"{path} is a link"

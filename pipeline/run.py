@@ -86,8 +86,15 @@ def cached_classifier(config: RunConfig, weights: str, artifact: Path) -> Path:
     from export.classifier import CLASSIFIER_FILE, export_classifier
 
     path = artifact.parent / CLASSIFIER_FILE
+    record = "classifier.sha256"
+    if path.is_file():
+        reason = untrusted_reason([path], record)
+        if reason:  # the same rule as the LRP artifact: only TorchScript this project built is loaded
+            print(f"rebuilding the cached classifier {path}: {reason}", file=sys.stderr, flush=True)
+            path.unlink()
     if not path.is_file():
         export_classifier(config.model, weights, config.size, path, lrp_artifact=artifact)
+        record_trust([path], record)
     return path
 
 

@@ -30,7 +30,7 @@ from pipeline.config import load_config
 from pipeline.datasets import load_records
 from pipeline.output_checks import estimated_bytes
 from pipeline.preprocess import load
-from pipeline.run import RunError, _stop_if_needed, cached_artifact
+from pipeline.run import RunError, _stop_if_needed, cached_artifact, cached_classifier
 
 from .bad_inputs import make_imagenet_val, reference_rgb
 
@@ -258,6 +258,31 @@ def test_cached_artifact_is_rebuilt_unless_it_is_what_we_built(artifact, good_da
     cached_artifact(config, "random")
     assert len(built) == 3 and "no lrp.sha256 record" in capsys.readouterr().err
     assert sidecar["metadata"]["weights"]["kind"] == "random"
+
+
+def test_cached_classifier_is_rebuilt_unless_it_is_what_we_built(artifact, good_dataset, tmp_path, monkeypatch,
+                                                                 capsys):
+    """The forward-only classifier (pixel flipping) is TorchScript too: the same trust rule as the LRP artifact."""
+    config = load_config({"dataset": str(good_dataset), "model": "vgg11", "weights": "random", "size": SIZE,
+                          "cache": str(tmp_path / "cache")})
+    lrp_artifact = tmp_path / "cache" / "key" / "lrp.torchscript.pt"
+    lrp_artifact.parent.mkdir(parents=True)
+    built = []
+
+    def fake_export(model, weights, size, path, lrp_artifact=None):  # stands for a real build
+        built.append(path)
+        torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))
+
+    import export.classifier
+
+    monkeypatch.setattr(export.classifier, "export_classifier", fake_export)
+    path = cached_classifier(config, "random", lrp_artifact)
+    assert len(built) == 1 and (path.parent / "classifier.sha256").is_file()
+    cached_classifier(config, "random", lrp_artifact)
+    assert len(built) == 1  # what we built and recorded is reused
+    path.write_bytes(path.read_bytes() + b"planted")
+    cached_classifier(config, "random", lrp_artifact)
+    assert len(built) == 2 and "sha256 mismatch" in capsys.readouterr().err
 
 
 def test_records_with_problems_are_never_opened(artifact, tmp_path, monkeypatch):
