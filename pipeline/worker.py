@@ -2,7 +2,9 @@
 shard's HDF5 maps, Parquet statistics and failures. A plain class: the driver wraps it as a Ray actor."""
 from __future__ import annotations
 
+import os
 import resource
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 from . import stats as statistics
+from .faults import inject_fault
 from .datasets.records import ImageRecord
 from .preprocess import DecodeError, Preprocessing, load
 from .writers import FAILURE_SCHEMA, STATS_SCHEMA, shard_name, write_parquet, write_relevance
@@ -37,6 +40,7 @@ class ShardExplainer:
 
     def _decode(self, record: ImageRecord):
         """The preprocessed image and boxes, or the exception that becomes this image's failure reason."""
+        inject_fault(record.path)  # off unless LRP_FAULT_INJECT=1 (tests and the soak benchmark)
         try:
             return load(record, self.preprocessing)
         except DecodeError as error:
@@ -44,11 +48,31 @@ class ShardExplainer:
         except Exception as error:  # anything else one image can trigger must not stop the shard
             return DecodeError(f"preprocessing failed: {type(error).__name__}: {error}")
 
-    def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str) -> dict:
+    def ready(self) -> bool:
+        """Returns once the module is loaded: the driver starts a shard's clock only after this."""
+        return True
+
+    def probe(self, record: ImageRecord) -> bool:
+        """Decode and explain one image, writing nothing: the driver's way to find the image that kills or hangs
+        the worker (an ordinary failure is the shard run's to record)."""
+        item = self._decode(record)
+        if not isinstance(item, Exception):
+            try:
+                self._explain_batch([(record, item)], 0)
+            except Exception:
+                pass
+        return True
+
+    def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str,
+                      skip: dict[int, str] | None = None) -> dict:
+        """Explain and write one shard; `skip` maps positions of images known to kill the worker to the reason
+        recorded for them instead."""
         out = Path(out_dir)
         started = time.perf_counter()
+        skip = skip or {}
         # every decode is submitted now and runs in the pool's threads while earlier batches are explained
-        decoded = self.decoders.map(self._decode, records)
+        decoded = self.decoders.map(lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record),
+                                    range(len(records)), records)
         failures: list[dict] = []
         maps, rows = [], []
         batch = int(self.settings["batch_size"])
@@ -85,7 +109,7 @@ class ShardExplainer:
         write_parquet(rows, STATS_SCHEMA, out / "stats" / f"{name}.parquet")  # last: marks the shard done
         return {"shard": index, "explained": len(rows), "failed": len(failures),
                 "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "worker": _where()}
 
     def _explain_batch(self, chunk, offset: int):
         x = torch.stack([tensor for _, (tensor, _) in chunk]).to(self.device)
@@ -125,6 +149,17 @@ class ShardExplainer:
         if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
             return torch.full((len(records),), int(mode))
         return torch.full((len(records),), -1)
+
+
+def _where() -> dict:
+    """The node, host and process that explained a shard (recorded in the manifest)."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        node = None
+    return {"node": node, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _scalar(value: torch.Tensor) -> float | None:
