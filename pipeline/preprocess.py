@@ -6,6 +6,7 @@ normalisation), done with torchvision.transforms.v2 so that bounding boxes follo
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -79,7 +80,8 @@ def decode(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise DecodeError(f"decompression bomb: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DecodeError(f"not a decodable image: {error}") from None
+        # PIL names the in-memory file by its address; drop it so that reasons are the same in every run
+        raise DecodeError(f"not a decodable image: {re.sub(r' <[^<>]* at 0x[0-9a-fA-F]+>', '', str(error))}") from None
 
 
 def preprocess(image: Image.Image, boxes: tuple[Box, ...], preprocessing: Preprocessing = Preprocessing()
