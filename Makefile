@@ -18,7 +18,7 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline export explain clean
+.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-reliability export explain clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-lrp bench-export bench-pipeline
+bench: bench-lrp bench-export bench-pipeline bench-reliability
 
 bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
@@ -43,6 +43,10 @@ bench-export: $(STAMP)
 
 bench-pipeline: $(STAMP)
 	$(PY) -m bench.pipeline_speed
+
+# a few thousand tiny images, some broken, an actor SIGKILLed mid-run: nothing lost or duplicated, the cost
+bench-reliability: $(STAMP)
+	$(PY) -m bench.reliability_soak
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,12 +27,13 @@ def make_images(root: Path, count: int, broken: tuple[int, ...] = (), faults: di
     rng = np.random.default_rng(seed)
     for i in range(count):
         path = root / f"img{i:05d}.png"
+        pixels = rng.integers(0, 255, (36 + i % 5, 40, 3), dtype=np.uint8)  # drawn for every i: the same images
         if i in broken:
             path.write_bytes(b"not an image")
         elif faults and i in faults:
             path.write_bytes(fault_file(faults[i]))
         else:
-            Image.fromarray(rng.integers(0, 255, (36 + i % 5, 40, 3), dtype=np.uint8)).save(path)
+            Image.fromarray(pixels).save(path)
     return root
 
 
@@ -122,3 +125,37 @@ def assert_exactly_once(out: Path, image_count: int) -> None:
     ids = stats.image_id.tolist() + failures.image_id.tolist()
     assert len(ids) == len(set(ids)), "an image is recorded twice"
     assert sorted(ids) == [f"img{i:05d}" for i in range(image_count)], "an image is missing"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(dataset: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    """`python -m pipeline explain` on a tiny configuration (vgg11, random weights, 32x32, shards of 4)."""
+    return [sys.executable, "-m", "pipeline", "explain", "--dataset", str(dataset), "--model", "vgg11",
+            "--weights", "random", "--size", "32", "--batch-size", "2", "--shard-size", "4", "--map-dtype",
+            "float32", "--out", str(out), "--cache", str(cache), "--no-progress", *extra]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This checkout first on the path (also for Ray's workers); no inherited RAY_ADDRESS unless given."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A process in a session (and process group) of its own, output to `log`."""
+    with open(log, "wb") as handle:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def assert_same_outputs(out: Path, reference: Path) -> None:
+    """Bit-identical maps, exactly equal statistics (timing aside) and failures."""
+    maps, stats, failures = read_run(out)
+    ref_maps, ref_stats, ref_failures = read_run(reference)
+    assert maps.shape == ref_maps.shape and maps.tobytes() == ref_maps.tobytes(), "the maps differ"
+    pd.testing.assert_frame_equal(stats, ref_stats, check_exact=True)
+    pd.testing.assert_frame_equal(failures, ref_failures, check_exact=True)

@@ -17,7 +17,8 @@ from pipeline.config import load_config
 from pipeline.faults import ENV
 from pipeline.run import explain
 
-from .fault_tools import actor_processes, assert_exactly_once, committed_stats, make_images, read_run, wait_for
+from .fault_tools import (actor_processes, assert_exactly_once, assert_same_outputs, committed_stats, make_images,
+                          read_run, wait_for)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -71,11 +72,7 @@ def test_same_maps_with_one_or_two_actors(images, cache, clean, tmp_path, fault_
     out = tmp_path / "two"
     manifest = _run(_config(images, out, cache, actors=2))
     assert len({entry["worker"]["pid"] for entry in manifest["shards"]}) == 2
-    maps, stats, failures = read_run(out)
-    ref_maps, ref_stats, ref_failures = read_run(clean)
-    assert maps.tobytes() == ref_maps.tobytes()
-    pd.testing.assert_frame_equal(stats, ref_stats)
-    pd.testing.assert_frame_equal(failures, ref_failures)
+    assert_same_outputs(out, clean)
 
 
 def test_killed_actor_shard_is_redone(images, cache, clean, tmp_path, fault_ray):
@@ -95,11 +92,7 @@ def test_killed_actor_shard_is_redone(images, cache, clean, tmp_path, fault_ray)
     workers = {entry["worker"]["pid"] for entry in manifest["shards"]}
     assert victim in workers and len(workers) == 2  # the killed actor's shards before, its successor's after
     assert_exactly_once(out, IMAGES)
-    maps, stats, failures = read_run(out)
-    ref_maps, ref_stats, ref_failures = read_run(clean)
-    assert maps.tobytes() == ref_maps.tobytes()
-    pd.testing.assert_frame_equal(stats, ref_stats)
-    pd.testing.assert_frame_equal(failures, ref_failures)
+    assert_same_outputs(out, clean)
     assert not list(out.rglob(".tmp-*"))
 
 
@@ -122,11 +115,20 @@ def test_crashing_and_hanging_images_are_isolated(cache, clean, tmp_path, fault_
     assert reasons[f"img{hang:05d}"] == "timed out 2 times"
     assert "not a decodable image" in reasons[f"img{BROKEN[0]:05d}"]
     ref_maps, ref_stats, _ = read_run(clean)
-    kept = ~ref_stats.image_id.isin([f"img{crash:05d}", f"img{hang:05d}"]).to_numpy()
+    culprits = [f"img{crash:05d}", f"img{hang:05d}"]
+    # the culprits' shard-mates are explained in a smaller batch than before, which changes float rounding:
+    # equal to float32 precision there, bit-identical everywhere else
+    mates = [f"img{crash + 1:05d}", f"img{hang - 1:05d}"]
+    kept = ~ref_stats.image_id.isin(culprits).to_numpy()
+    expected = ref_stats[kept].reset_index(drop=True)
     local = ["row", "path"]  # rows move up in the two shards; the dataset folder differs
-    pd.testing.assert_frame_equal(stats.drop(columns=local), ref_stats[kept].drop(columns=local).reset_index(drop=True))
-    # maps in dataset order: the reference without the two culprits' rows
-    order = np.argsort([f"{s}:{r:05d}" for s, r in zip(ref_stats.shard, ref_stats.row)])
+    exact = ~expected.image_id.isin(mates).to_numpy()
+    pd.testing.assert_frame_equal(stats[exact].drop(columns=local), expected[exact].drop(columns=local),
+                                  check_exact=True)
+    pd.testing.assert_frame_equal(stats.drop(columns=local), expected.drop(columns=local), rtol=1e-4)
+    order = np.argsort([f"{s}:{r:05d}" for s, r in zip(ref_stats.shard, ref_stats.row)])  # dataset order
     ids_in_order = ref_stats.image_id.to_numpy()[order]
-    keep_rows = ~np.isin(ids_in_order, [f"img{crash:05d}", f"img{hang:05d}"])
-    assert maps.tobytes() == ref_maps[keep_rows].tobytes()
+    ref_maps = ref_maps[~np.isin(ids_in_order, culprits)]
+    same = ~np.isin(ids_in_order[~np.isin(ids_in_order, culprits)], mates)
+    assert maps[same].tobytes() == ref_maps[same].tobytes()
+    np.testing.assert_allclose(maps, ref_maps, rtol=1e-4, atol=1e-4 * np.abs(ref_maps).max())
