@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from .fault_tools import (actor_processes, assert_exactly_once, assert_same_outputs, cli, cli_env, committed_stats,
+from .fault_tools import (_cmdline, actor_processes, assert_exactly_once, assert_same_outputs, cli, cli_env, committed_stats,
                           kill_session, make_images, start, wait_for)
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
-IMAGES = 60
+IMAGES = 80
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -72,6 +72,24 @@ def cluster():
             default.unlink()
 
 
+def _busy_actors(session: int) -> list[int]:
+    return [pid for pid in actor_processes(session=session) if "explain_shard" in _cmdline(pid)]
+
+
+def _commit_watcher(out: Path, pids: list[int]):
+    """A check, to be polled, of whether a shard written by one of `pids` is committed (the temporary names of
+    a shard's files carry the writer's pid)."""
+    seen: set[Path] = set()
+
+    def committed() -> bool:
+        for pid in pids:
+            for tmp in (out / "relevance").glob(f".tmp-{pid}-shard-*.h5"):
+                seen.add(out / "stats" / tmp.name.split(f".tmp-{pid}-", 1)[1].replace(".h5", ".parquet"))
+        return any(path.exists() for path in seen)
+
+    return committed
+
+
 def test_run_survives_a_worker_node_dying(cluster, tmp_path):
     address, second_node, env = cluster
     dataset = make_images(tmp_path / "images", IMAGES, broken=(11,))
@@ -87,9 +105,13 @@ def test_run_survives_a_worker_node_dying(cluster, tmp_path):
     driver = start(cli(dataset, out, cache, "--actors", "2"), {**env, "RAY_ADDRESS": address},
                    tmp_path / "cluster.log")
     try:
-        # both nodes have an actor and the second node's has committed a shard: then the node dies
-        second_actors = wait_for(lambda: actor_processes(session=second_node.pid), 300, "an actor on node 2")
-        wait_for(lambda: len(committed_stats(out)) >= 4, 300, "four committed shards", poll_s=0.02)
+        # the second node's actor at work, a shard of its own committed (seen by its temporary files, named
+        # after its pid; or, if they were too quick to see, six more shards committed): then the node dies
+        second_actors = wait_for(lambda: _busy_actors(second_node.pid), 300, "an actor at work on node 2")
+        before = len(committed_stats(out))
+        by_second = _commit_watcher(out, second_actors)
+        wait_for(lambda: by_second() or len(committed_stats(out)) >= before + 6, 300,
+                 "a shard committed on node 2", poll_s=0.005)
         kill_session(second_node.pid)
         assert driver.wait(400) == 1, (tmp_path / "cluster.log").read_text()[-3000:]
     finally:
