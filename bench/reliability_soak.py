@@ -62,6 +62,10 @@ def audit(out: Path, manifest: dict, expected_ids: list[str], broken_ids: set[st
     }
 
 
+def _cell(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -104,9 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "broken_images": len(broken), "clean": clean, "faulty": faulty,
               "throughput_ratio": faulty["images_per_second"] / clean["images_per_second"]}
-    table = pd.DataFrame({"clean": clean, "faulty": faulty}).reindex(
-        ["images", "explained", "failed", "failed_broken", "failed_other", "lost", "duplicated", "retries",
-         "crashed", "actors_killed", "maps_equal_clean", "stats_equal_clean", "seconds", "images_per_second"])
+    rows = ["images", "explained", "failed", "failed_broken", "failed_other", "lost", "duplicated", "retries",
+            "crashed", "actors_killed", "maps_equal_clean", "stats_equal_clean", "seconds", "images_per_second"]
+    table = pd.DataFrame({name: [_cell(run.get(row, "-")) for row in rows] for name, run in
+                          (("clean", clean), ("faulty", faulty))}, index=rows)
     print(f"reliability soak: {args.images} images {args.size}x{args.size}, {len(broken)} broken, {args.model}, "
           f"{args.actors} actors, shards of {args.shard_size}; one actor SIGKILLed at {args.kill_at:.0%} of the "
           "clean run's time")

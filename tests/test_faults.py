@@ -132,3 +132,16 @@ def test_crashing_and_hanging_images_are_isolated(cache, clean, tmp_path, fault_
     same = ~np.isin(ids_in_order[~np.isin(ids_in_order, culprits)], mates)
     assert maps[same].tobytes() == ref_maps[same].tobytes()
     np.testing.assert_allclose(maps, ref_maps, rtol=1e-4, atol=1e-4 * np.abs(ref_maps).max())
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("shard_timeout_s", 0, "shard_timeout_s must be a positive number of seconds or null"),
+    ("shard_timeout_s", "soon", "shard_timeout_s must be a positive number"),
+    ("shard_retries", -1, "shard_retries must be an integer 0-10"),
+    ("shard_retries", True, "shard_retries must be an integer 0-10"),
+])
+def test_bad_fault_settings_are_refused(images, key, value, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"command line: {message}"):
+        load_config({"dataset": str(images), key: value})
