@@ -18,7 +18,8 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness export explain report heatmaps clean
+.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability export explain \
+	report heatmaps clean
 
 venv: $(STAMP)
 
@@ -39,7 +40,7 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-lrp bench-export bench-pipeline bench-report bench-faithfulness
+bench: bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability
 
 bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
@@ -55,6 +56,10 @@ bench-report: $(STAMP)
 
 bench-faithfulness: $(STAMP)
 	$(PY) -m bench.faithfulness_speed
+
+# a few thousand tiny images, some broken, an actor SIGKILLed mid-run: nothing lost or duplicated, the cost
+bench-reliability: $(STAMP)
+	$(PY) -m bench.reliability_soak
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)

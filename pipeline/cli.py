@@ -35,6 +35,8 @@ OPTIONS = [
     ("actors", str, "auto (one per GPU, else one CPU actor) or a number"),
     ("decode_threads", int, "decoding threads per actor"),
     ("device", str, "auto | cpu | cuda"),
+    ("shard_timeout_s", float, "seconds before a silent actor is killed and its shard retried (default 120 + 10/image)"),
+    ("shard_retries", int, "retries of a shard whose actor crashed or hung, before its images are isolated"),
     ("out", str, "run directory (default runs/<dataset>-<model>-<composite>)"),
     ("cache", str, "where traced LRP modules are kept"),
     ("flip_steps", int, "pixel flipping: regions perturbed (with --faithfulness)"),

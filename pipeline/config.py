@@ -46,6 +46,8 @@ class RunConfig:
     decode_threads: int = 2
     device: str = "auto"
     tf32: bool = False
+    shard_timeout_s: float | None = None
+    shard_retries: int = 2
     out: str | None = None
     cache: str = ".cache/artifacts"
     faithfulness: bool = False
@@ -168,6 +170,12 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
         fail("device", f"must be auto, cpu or cuda, got {config.device!r}")
     if not isinstance(config.tf32, bool):
         fail("tf32", f"must be true or false, got {config.tf32!r}")
+    timeout = config.shard_timeout_s
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        fail("shard_timeout_s", f"must be a positive number of seconds or null, got {timeout!r}")
+    retries = config.shard_retries
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+        fail("shard_retries", f"must be an integer 0-10, got {retries!r}")
     _validate_faithfulness(config, fail, positive_int)
 
 

@@ -126,7 +126,8 @@ def decode(data: bytes) -> Image.Image:
     except DecodeError:
         raise
     except (OSError, EOFError, SyntaxError, ValueError) as error:
-        text = str(error)
+        # PIL names the in-memory file by its address; drop it so that reasons are the same in every run
+        text = re.sub(r' <[^<>]* at 0x[0-9a-fA-F]+>', '', str(error))
         if "truncated" in text.lower() or isinstance(error, EOFError):
             raise DecodeError(f"truncated image: {text}") from None
         if isinstance(error, OSError) and error.errno == errno.ENOMEM:

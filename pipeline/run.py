@@ -25,7 +25,8 @@ from .config import RunConfig
 from .datasets import load_records
 from .datasets.records import ImageRecord
 from .output_checks import check_free_space, check_writable
-from .writers import FAILURE_SCHEMA, atomic, commit, sha256, shard_name, temporary, write_virtual_dataset
+from .writers import (FAILURE_SCHEMA, atomic, commit, sha256, shard_name, temporary, write_failed_shard,
+                      write_virtual_dataset)
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")
@@ -190,35 +191,57 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
 
 def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[list[ImageRecord]],
                 todo: list[int], out: Path, strict: bool, progress: bool) -> dict:
-    """Feed the unfinished shards to a pool of actors, one shard in flight per actor, with a progress bar.
-    Returns what the manifest records of this work: images, seconds, the actors' peak memory."""
-    from ray.util import ActorPool
+    """Feed the unfinished shards to actors through the fault-tolerant scheduler (pipeline/scheduler.py), with a
+    progress bar. Returns what the manifest records of this work: images, seconds, actors' peak memory, retries,
+    and which node / process explained each shard."""
     from tqdm import tqdm
 
+    from .scheduler import SchedulingError, ShardScheduler
     from .worker import ShardExplainer
 
     ray, started_ray = _start_ray()
     try:
         count, options, device, threads = _actor_plan(ray, config)
         settings = {**settings, "device": device, "threads": threads}
-        remote = ray.remote(ShardExplainer).options(max_restarts=2, max_task_retries=2, **options)
-        pool = ActorPool([remote.remote(str(artifact.resolve()), settings) for _ in range(min(count, len(todo)))])
+        # no Ray restarts or retries: the scheduler sees every death and replaces the actor itself; SPREAD puts
+        # the actors on different nodes of a cluster where it can
+        remote = ray.remote(ShardExplainer).options(max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD",
+                                                    **options)
         total = sum(len(s) for s in shards)
         done = total - sum(len(shards[i]) for i in todo)
-        failed, peak, begun = 0, 0.0, time.time()
+        failed, retries, peak, workers, begun = 0, 0, 0.0, {}, time.time()
+        timeout = config.shard_timeout_s or 120.0 + 10.0 * config.shard_size
         with tqdm(total=total, initial=done, unit="img", disable=not progress, desc="explain",
                   dynamic_ncols=True) as bar:
-            for result in pool.map_unordered(
-                    lambda actor, i: actor.explain_shard.remote(i, shards[i], str(out.resolve())), todo):
-                _stop_if_needed(result, strict)
+            def on_result(result: dict) -> None:
+                nonlocal failed, peak
+                _stop_if_needed(result, strict)  # a write error, or --strict and a failed image
                 failed += result["failed"]
-                peak = max(peak, result["peak_rss_mb"])
+                peak = max(peak, result.get("peak_rss_mb", 0.0))
+                workers[result["shard"]] = result.get("worker")
                 bar.update(result["explained"] + result["failed"])
-                bar.set_postfix(failed=failed)
+                bar.set_postfix(failed=failed, retries=retries)
+
+            def on_retry() -> None:
+                nonlocal retries
+                retries += 1
+                bar.set_postfix(failed=failed, retries=retries)
+
+            scheduler = ShardScheduler(
+                ray, lambda: remote.remote(str(artifact.resolve()), settings), min(count, len(todo)), shards,
+                str(out.resolve()), timeout, config.shard_retries, on_result, on_retry,
+                lambda index, reason: write_failed_shard(out, index, shards[index], reason, settings))
+            try:
+                counts = scheduler.run(todo)
+            except SchedulingError as error:
+                raise RunError(str(error)) from None
+        for leftover in out.rglob(".tmp-*"):  # files dead actors had begun
+            leftover.unlink(missing_ok=True)
         images = sum(len(shards[i]) for i in todo)
         seconds = time.time() - begun
         return {"images_this_invocation": images, "explain_seconds": seconds,
-                "images_per_second": images / seconds if seconds else None, "actor_peak_rss_mb": peak}
+                "images_per_second": images / seconds if seconds else None, "actor_peak_rss_mb": peak,
+                "retries": {"total": retries, **counts, "timeout_s": timeout}, "workers": workers}
     finally:
         if started_ray:
             ray.shutdown()
@@ -257,7 +280,7 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
         entries.append({"shard": index, "images": len(shards[index]), "explained": count,
                         "failed": failures[-1].num_rows, "relevance": f"relevance/{name}.h5",
                         "relevance_sha256": sha256(h5), "stats": f"stats/{name}.parquet",
-                        "stats_sha256": sha256(stats)})
+                        "stats_sha256": sha256(stats), "worker": work.get("workers", {}).get(index)})
     write_virtual_dataset(out / "relevance.h5", [out / "relevance" / f"{shard_name(i)}.h5" for i in range(len(shards))],
                           rows, config.size, config.size, config.map_dtype)
     all_failures = pa.concat_tables(failures) if failures else FAILURE_SCHEMA.empty_table()
@@ -275,8 +298,10 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
                      **sidecar["metadata"]["versions"]},
         "totals": {"images": sum(len(s) for s in shards), "explained": explained, "failed": failed},
         "failure_reasons": _reason_counts(all_failures),
+        "retries": work.get("retries", {"total": 0}),
         "shards": entries,
-        "timings": {"seconds_this_invocation": seconds, **work},
+        "timings": {"seconds_this_invocation": seconds,
+                    **{k: v for k, v in work.items() if k not in ("retries", "workers")}},
     }
     with atomic(out / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, default=str))

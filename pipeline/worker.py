@@ -6,7 +6,9 @@ A write error (disk full, ...) is not an image failure: the shard writes nothing
 result carries `write_error` for the driver to stop the run."""
 from __future__ import annotations
 
+import os
 import resource
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from . import stats as statistics
 from .datasets.records import ImageRecord
 from .faithfulness import FLIP_COLUMNS, flip_statistics
+from .faults import inject_fault
 from .preprocess import DecodeError, Preprocessing, load
 from .writers import FAILURE_SCHEMA, STATS_SCHEMA, OutputError, shard_name, write_parquet, write_relevance
 
@@ -46,6 +49,7 @@ class ShardExplainer:
         """The preprocessed image and boxes, or the exception that becomes this image's failure reason."""
         if record.problem:  # known from the listing (outside the root, missing, unknown label): never opened
             return DecodeError(record.problem)
+        inject_fault(record.path)  # off unless LRP_FAULT_INJECT=1 (tests and the soak benchmark)
         try:
             return load(record, self.preprocessing)
         except DecodeError as error:
@@ -53,12 +57,32 @@ class ShardExplainer:
         except Exception as error:  # anything else one image can trigger must not stop the shard
             return DecodeError(f"preprocessing failed: {type(error).__name__}: {error}")
 
-    def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str) -> dict:
+    def ready(self) -> bool:
+        """Returns once the module is loaded: the driver starts a shard's clock only after this."""
+        return True
+
+    def probe(self, record: ImageRecord) -> bool:
+        """Decode and explain one image, writing nothing: the driver's way to find the image that kills or hangs
+        the worker (an ordinary failure is the shard run's to record)."""
+        item = self._decode(record)
+        if not isinstance(item, Exception):
+            try:
+                self._explain_batch([(record, item)], 0)
+            except Exception:  # noqa: S110  (explain_shard records it as the image's failure)
+                pass
+        return True
+
+    def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str,
+                      skip: dict[int, str] | None = None) -> dict:
+        """Explain and write one shard; `skip` maps positions of images known to kill the worker to the reason
+        recorded for them instead."""
         out = Path(out_dir)
         started = time.perf_counter()
         strict = bool(self.settings.get("strict"))
+        skip = skip or {}
         # every decode is submitted now and runs in the pool's threads while earlier batches are explained
-        decoded = self.decoders.map(self._decode, records)
+        decoded = self.decoders.map(lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record),
+                                    range(len(records)), records)
         failures: list[dict] = []
         maps, rows = [], []
         batch = int(self.settings["batch_size"])
@@ -93,15 +117,15 @@ class ShardExplainer:
             self._write(out, name, index, array, rows, failures)
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
             return {"shard": index, "explained": 0, "failed": 0, "reasons": [], "write_error": str(error),
-                    "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+                    "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
         return {"shard": index, "explained": len(rows), "failed": len(failures),
                 "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started,
-                "peak_rss_mb": _peak_rss_mb()}
+                "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
 
     def _stopped(self, index: int, failure: dict, started: float) -> dict:
         """--strict: the shard's result at its first failure; nothing of the shard is written."""
         return {"shard": index, "explained": 0, "failed": 1, "reasons": [failure["reason"]], "stopped_at": failure,
-                "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
+                "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
 
     def _write(self, out: Path, name: str, index: int, array: np.ndarray, rows: list[dict],
                failures: list[dict]) -> None:
@@ -165,6 +189,17 @@ class ShardExplainer:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _where() -> dict:
+    """The node, host and process that explained a shard (recorded in the manifest)."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        node = None
+    return {"node": node, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _scalar(value: torch.Tensor) -> float | None:

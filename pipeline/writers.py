@@ -155,3 +155,19 @@ def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequenc
         start += count
     with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_virtual_dataset("relevance", layout, fillvalue=np.nan)
+
+
+def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, settings: dict) -> dict:
+    """A shard none of whose images could be explained (its actor kept dying): no maps, every image a failure;
+    written by the driver in the same files and order as an actor would."""
+    name = shard_name(index)
+    size = int(settings["size"])
+    columns = {"image_id": [], "path": [], "label": np.zeros(0, np.int64), "pred": np.zeros(0, np.int64),
+               "target": np.zeros(0, np.int64)}
+    write_relevance(out / "relevance" / f"{name}.h5", np.zeros((0, size, size), np.float32), columns,
+                    settings.get("attributes", {}), dtype=settings.get("map_dtype", "float16"))
+    failures = [{"image_id": r.image_id, "path": r.path, "reason": reason, "shard": index} for r in records]
+    write_parquet(failures, FAILURE_SCHEMA, out / "failures" / f"{name}.parquet")
+    write_parquet([], STATS_SCHEMA, out / "stats" / f"{name}.parquet")
+    return {"shard": index, "explained": 0, "failed": len(failures), "reasons": [reason] * len(failures),
+            "worker": None}
