@@ -95,7 +95,7 @@ def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int 
         chosen = set(maps_for(frame)["image_id"])
     ids = table.column("image_id").to_pylist()
     failure_rows = [{"image_id": f"broken{i}", "path": f"/nowhere/broken{i}.jpg",
-                     "reason": "not a decodable image: synthetic", "shard": 0} for i in range(failures)]
+                     "reason": "not an image (no known image format)", "shard": 0} for i in range(failures)]
     for index in range(shards):
         start, stop = index * shard_size, min(n, (index + 1) * shard_size)
         pq.write_table(table.slice(start, stop - start), root / "stats" / f"{shard_name(index)}.parquet")
@@ -118,7 +118,7 @@ def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int 
                     "sha256": None},
         "random_weights": random_weights,
         "totals": {"images": n + failures, "explained": n, "failed": failures},
-        "failure_reasons": {"not a decodable image": failures} if failures else {},
+        "failure_reasons": {"not an image (no known image format)": failures} if failures else {},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (root / "_SUCCESS").write_text("")

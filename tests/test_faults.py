@@ -113,7 +113,7 @@ def test_crashing_and_hanging_images_are_isolated(cache, clean, tmp_path, fault_
     reasons = dict(zip(failures.image_id, failures.reason))
     assert reasons[f"img{crash:05d}"] == "crashed the worker 2 times"
     assert reasons[f"img{hang:05d}"] == "timed out 2 times"
-    assert "not a decodable image" in reasons[f"img{BROKEN[0]:05d}"]
+    assert reasons[f"img{BROKEN[0]:05d}"].startswith("not an image")
     ref_maps, ref_stats, _ = read_run(clean)
     culprits = [f"img{crash:05d}", f"img{hang:05d}"]
     # the culprits' shard-mates are explained in a smaller batch than before, which changes float rounding:
