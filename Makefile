@@ -18,7 +18,7 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline export explain clean
+.PHONY: venv test bench bench-lrp bench-export bench-pipeline export explain clean train-demo shapes-data
 
 venv: $(STAMP)
 
@@ -50,10 +50,21 @@ export: $(STAMP)
 		--out $(OUT) $(EXPORT_ARGS)
 
 # e.g. make explain DATASET=imagenet-val MODEL=vgg19_bn COMPOSITE=epsilon_plus_flat TOPK=0.1 OUT=runs/x LIMIT=1000
-explain: $(STAMP)
+explain: $(STAMP) $(if $(filter shapes,$(DATASET)),shapes-data)
 	$(PY) -m pipeline explain $(call given,DATASET,dataset) $(call given,MODEL,model) \
 		$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
 		$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(EXPLAIN_ARGS)
+
+# The offline demo: the generated shapes' validation split (data/shapes/, not committed: made in a second) and
+# vgg-shapes trained on a training split (seeded, a few minutes on 2 cores; the result is committed).
+SHAPES_DIR := data/shapes
+shapes-data: $(SHAPES_DIR)/LOC_val_solution.csv
+
+$(SHAPES_DIR)/LOC_val_solution.csv: demo/shapes.py | $(STAMP)
+	$(PY) -m demo.shapes --out $(SHAPES_DIR)
+
+train-demo: $(STAMP)
+	$(PY) -m demo.train
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
