@@ -33,7 +33,7 @@ TRAIN_SEED, VAL_SEED = 1, 2
 VAL_PER_CLASS = 32
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down: smooth edges, a coverage-exact mask
 MARGIN = 6  # objects stay this far from the border: the pipeline's 256/224 centre crop keeps them whole
-RADIUS = (9.0, 15.0)
+RADIUS = (10.0, 16.0)
 JPEG_QUALITY = 95
 MASKS_FILE = "masks.npz"
 
@@ -101,14 +101,16 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     for _ in range(int(rng.integers(2, 5))):
         cx, cy = rng.uniform(0, n, 2)
         rx, ry = rng.uniform(4, 12, 2)
-        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=(*_random_colour(rng).astype(int), 200))
+        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=(*_random_colour(rng).astype(int), 160))
     blobs = blobs.filter(ImageFilter.GaussianBlur(float(rng.uniform(2.0, 3.5))))
     layer.paste(blobs, (0, 0), blobs)
-    draw = ImageDraw.Draw(layer)
-    for _ in range(int(rng.integers(3, 8))):
+    lines = Image.new("RGBA", (n, n), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(lines)
+    for _ in range(int(rng.integers(2, 6))):  # half-transparent: clutter, but fainter than the object's edges
         x0, y0, x1, y1 = rng.uniform(-8, n + 8, 4)
-        draw.line((x0, y0, x1, y1), fill=tuple(_random_colour(rng).astype(int)), width=int(rng.integers(1, 4)))
-    pixels = np.asarray(layer, dtype=np.float32) + rng.normal(0, 10, (n, n, 3))
+        draw.line((x0, y0, x1, y1), fill=(*_random_colour(rng).astype(int), 128), width=int(rng.integers(1, 3)))
+    layer.paste(lines, (0, 0), lines)
+    pixels = np.asarray(layer, dtype=np.float32) + rng.normal(0, 8, (n, n, 3))
     return np.clip(pixels, 0, 255)
 
 
@@ -117,7 +119,7 @@ def _object_colour(rng: np.random.Generator, background: np.ndarray, coverage: n
     under = (background * coverage[..., None]).sum((0, 1)) / max(float(coverage.sum()), 1.0)
     colour = _random_colour(rng)
     for _ in range(20):
-        if np.linalg.norm(colour - under) > 90:
+        if np.linalg.norm(colour - under) > 120:
             break
         colour = _random_colour(rng)
     return colour

@@ -25,9 +25,9 @@ from pipeline.preprocess import Preprocessing, decode, preprocess
 from . import shapes
 
 TRAIN_PER_CLASS = 1000
-EPOCHS = 8
-BATCH = 64
-LEARNING_RATE = 2e-3
+EPOCHS = 20
+BATCH = 32
+LEARNING_RATE = 3e-3
 SEED = 0
 
 
@@ -70,7 +70,7 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
     model = demo_model.build(len(shapes.CLASSES), cfg, batch_norm)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * -(-len(train_y) // BATCH)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, learning_rate, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, learning_rate, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         model.train()
@@ -91,7 +91,7 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
     facts = {
         "cfg": cfg, "batch_norm": batch_norm,
         "seed": seed, "epochs": epochs, "batch_size": BATCH, "learning_rate": learning_rate,
-        "optimiser": "AdamW, one-cycle schedule, horizontal flips",
+        "optimiser": "AdamW, one-cycle schedule (10 % warm-up), horizontal flips",
         "train_images": len(train_y), "train_seed": shapes.TRAIN_SEED,
         "val_images": len(val_y), "val_seed": shapes.VAL_SEED,
         "train_accuracy": accuracy(model, train_x, train_y), "val_accuracy": accuracy(model, val_x, val_y),

@@ -11,10 +11,11 @@ from torch import nn
 from torchvision.models.vgg import VGG, make_layers
 
 NAME = "vgg-shapes"
-CFG: list[int | str] = [16, "M", 32, "M", 32, "M", 64, "M", 64, "M"]
+CFG: list[int | str] = [8, "M", 16, "M", 32, "M", 32, "M", 32, "M"]
 BATCH_NORM = True  # as vgg*_bn; LRP folds it into the convolutions
-POOL = 2  # adaptive average pooling to 2x2 (a 64x64 input reaches the classifier at 2x2)
-HIDDEN = 128
+POOL = 1  # global average pooling: the classifier sees what, not where (a 64x64 input ends at 2x2)
+HIDDEN = 64
+DROPOUT = 0.25
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / f"{NAME}.pt"
 RECORD_FILE = WEIGHTS_DIR / f"{NAME}.json"  # sha256, classes, input size, training seed / epochs / accuracy
@@ -28,8 +29,8 @@ def build(num_classes: int, cfg: list[int | str] | None = None, batch_norm: bool
     channels = [c for c in cfg if c != "M"][-1]
     model.avgpool = nn.AdaptiveAvgPool2d((POOL, POOL))
     model.classifier = nn.Sequential(
-        nn.Linear(channels * POOL * POOL, HIDDEN), nn.ReLU(True), nn.Dropout(0.5),
-        nn.Linear(HIDDEN, HIDDEN), nn.ReLU(True), nn.Dropout(0.5),
+        nn.Linear(channels * POOL * POOL, HIDDEN), nn.ReLU(True), nn.Dropout(DROPOUT),
+        nn.Linear(HIDDEN, HIDDEN), nn.ReLU(True), nn.Dropout(DROPOUT),
         nn.Linear(HIDDEN, num_classes),
     )
     return model  # PyTorch's default Linear initialisation: without batch norm, VGG's N(0, 0.01) stalls
