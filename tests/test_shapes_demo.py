@@ -112,15 +112,19 @@ def test_changed_or_mismatched_weights_are_refused(tmp_path, monkeypatch):
 def test_lrp_points_at_the_shapes(localisation_results, composite):
     """On the 192 validation images: LRP's arg-max falls in the object's box far more often than a random
     map's (whose hit rate is about the box's share of the image), and far more of its positive relevance lies
-    in the box and in the exact mask than a uniform map puts there (the box's / mask's area)."""
+    in the box and in the exact mask than a uniform map puts there (the box's / mask's area) or than LRP of the
+    same network with random weights puts in the box."""
     results = localisation_results
     lrp, noise, area = results["maps"][f"lrp {composite}"], results["maps"]["random Gaussian map"], \
         results["area_fraction"]
+    untrained = results["maps"]["lrp epsilon_gamma_box, random weights"]
     assert area["box"] < 0.25 and abs(noise["pointing_game_box"] - area["box"]) < 0.1
     assert lrp["pointing_game_box"] >= 0.8 and lrp["pointing_game_box"] >= noise["pointing_game_box"] + 0.5
     assert lrp["pointing_game_mask"] >= 0.7
     assert lrp["positive_in_box"] >= 2.5 * area["box"]
     assert lrp["positive_in_mask"] >= 3 * area["mask"]
+    # training, not only the image's strong edges, puts the relevance on the object
+    assert lrp["positive_in_box"] >= untrained["positive_in_box"] + 0.3
 
 
 @pytest.fixture
