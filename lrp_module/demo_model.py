@@ -21,17 +21,18 @@ WEIGHTS_FILE = WEIGHTS_DIR / f"{NAME}.pt"
 RECORD_FILE = WEIGHTS_DIR / f"{NAME}.json"  # sha256, classes, input size, training seed / epochs / accuracy
 
 
-def build(num_classes: int, cfg: list[int | str] | None = None, batch_norm: bool = BATCH_NORM) -> VGG:
+def build(num_classes: int, cfg: list[int | str] | None = None, batch_norm: bool = BATCH_NORM, pool: int = POOL,
+          hidden: int = HIDDEN) -> VGG:
     """The architecture: torchvision's VGG class with a narrow feature cfg and the standard classifier
     (Linear-ReLU-Dropout-Linear-ReLU-Dropout-Linear) at small widths; random initialisation."""
     cfg = list(cfg or CFG)
     model = VGG(make_layers(cfg, batch_norm=batch_norm), num_classes=num_classes, init_weights=True)
     channels = [c for c in cfg if c != "M"][-1]
-    model.avgpool = nn.AdaptiveAvgPool2d((POOL, POOL))
+    model.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
     model.classifier = nn.Sequential(
-        nn.Linear(channels * POOL * POOL, HIDDEN), nn.ReLU(True), nn.Dropout(DROPOUT),
-        nn.Linear(HIDDEN, HIDDEN), nn.ReLU(True), nn.Dropout(DROPOUT),
-        nn.Linear(HIDDEN, num_classes),
+        nn.Linear(channels * pool * pool, hidden), nn.ReLU(True), nn.Dropout(DROPOUT),
+        nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(DROPOUT),
+        nn.Linear(hidden, num_classes),
     )
     return model  # PyTorch's default Linear initialisation: without batch norm, VGG's N(0, 0.01) stalls
 
@@ -47,7 +48,7 @@ def record() -> dict:
 def build_recorded() -> VGG:
     """The architecture the committed record describes (cfg, batch norm, classes), randomly initialised."""
     facts = record()
-    return build(len(facts["classes"]), facts["cfg"], facts["batch_norm"])
+    return build(len(facts["classes"]), facts["cfg"], facts["batch_norm"], facts["pool"], facts["hidden"])
 
 
 def class_names() -> list[str]:

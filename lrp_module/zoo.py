@@ -101,7 +101,10 @@ def _load_demo(name: str) -> tuple[dict, WeightsInfo]:
 
 def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Module, WeightsInfo]:
     """vgg-shapes with its committed weights ("demo"/"auto"/"DEFAULT"), a state-dict file, or "random"."""
-    classes = demo_model.class_names()
+    try:
+        classes = demo_model.class_names()
+    except FileNotFoundError as error:  # its record defines the classes and the architecture
+        raise WeightsError(str(error)) from None
     if str(weights) in set(IMAGENET_CHOICES) - set(DEMO_CHOICES):
         raise WeightsError(f"{name} has no ImageNet weights: use 'demo' (the committed trained weights), "
                            "a state-dict file, or 'random'")
