@@ -19,7 +19,7 @@ EXPORT_ARGS ?=
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
 .PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability export explain \
-	report heatmaps clean
+	report heatmaps train-demo shapes-data clean
 
 venv: $(STAMP)
 
@@ -67,7 +67,7 @@ export: $(STAMP)
 		--out $(OUT) $(EXPORT_ARGS)
 
 # e.g. make explain DATASET=imagenet-val MODEL=vgg19_bn COMPOSITE=epsilon_plus_flat TOPK=0.1 OUT=runs/x LIMIT=1000
-explain: $(STAMP)
+explain: $(STAMP) $(if $(filter shapes,$(DATASET)),shapes-data)
 	$(PY) -m pipeline explain $(call given,DATASET,dataset) $(call given,MODEL,model) \
 		$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
 		$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(EXPLAIN_ARGS)
@@ -79,6 +79,17 @@ report: $(STAMP)
 # e.g. make heatmaps RUN=runs/x IDS=ILSVRC2012_val_00000001,ILSVRC2012_val_00000002 -> RUN/heatmaps/*.png
 heatmaps: $(STAMP)
 	$(PY) -m pipeline heatmaps '$(RUN)' --ids '$(IDS)' $(HEATMAP_ARGS)
+
+# The offline demo: the generated shapes' validation split (data/shapes/, not committed: made in a second) and
+# vgg-shapes trained on a training split (seeded, a few minutes on 2 cores; the result is committed).
+SHAPES_DIR := data/shapes
+shapes-data: $(SHAPES_DIR)/LOC_val_solution.csv
+
+$(SHAPES_DIR)/LOC_val_solution.csv: demo/shapes.py | $(STAMP)
+	$(PY) -m demo.shapes --out $(SHAPES_DIR)
+
+train-demo: $(STAMP)
+	$(PY) -m demo.train
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

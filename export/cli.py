@@ -6,7 +6,7 @@ import json
 import sys
 
 from lrp_module.composites import COMPOSITES
-from lrp_module.zoo import VGG_NAMES, WeightsError
+from lrp_module.zoo import MODEL_NAMES, WeightsError
 
 from .artifacts import FILENAMES, ExportConfig, ExportError, export_artifacts
 from .runner import ArtifactError
@@ -14,9 +14,10 @@ from .runner import ArtifactError
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vgg16", help=f"one of {', '.join(VGG_NAMES)}")
+    p.add_argument("--model", default="vgg16", help=f"one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (torch hub cache or download), a state-dict file, or 'random'")
+                   help="'imagenet' (torch hub cache or download), 'demo' (vgg-shapes' committed weights), a state-dict "
+                        "file, or 'random'")
     p.add_argument("--composite", default="epsilon_gamma_box", help=f"one of {', '.join(COMPOSITES)}")
     p.add_argument("--top-k", type=float, default=0.0, help="fraction of relevance kept per layer (0 = off)")
     p.add_argument("--rescale-top-k", action="store_true", help="conserve each image's total after filtering")

@@ -16,10 +16,14 @@ import torch
 import torchvision
 from torch import nn
 
+from . import demo_model
+
 log = logging.getLogger(__name__)
 
 VGG_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+MODEL_NAMES = VGG_NAMES + (demo_model.NAME,)  # every model name accepted (vgg-shapes: lrp_module/demo_model.py)
 IMAGENET_CHOICES = ("imagenet", "DEFAULT", "IMAGENET1K_V1")
+DEMO_CHOICES = ("demo", "auto", "DEFAULT")  # vgg-shapes: the committed trained weights
 OFFLINE_ENV = "LRP_OFFLINE"  # set to 1 to never try a download
 
 
@@ -32,7 +36,7 @@ class WeightsInfo:
     """Provenance of a model's weights, for manifests and artifact metadata."""
 
     model: str
-    kind: str  # "imagenet" | "file" | "random"
+    kind: str  # "imagenet" | "demo" (vgg-shapes' committed weights) | "file" | "random"
     source: str | None = None  # file path or URL
     sha256: str | None = None
     categories: list[str] | None = field(default=None, repr=False)
@@ -66,8 +70,66 @@ def hub_checkpoint_path(name: str) -> Path:
 
 
 def _check_name(name: str) -> None:
-    if name not in VGG_NAMES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(VGG_NAMES)}")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+def default_weights(name: str) -> str:
+    """The trained weights a model has by default: torchvision's ImageNet ones, or vgg-shapes' committed ones."""
+    return "demo" if name == demo_model.NAME else "imagenet"
+
+
+def weights_file(name: str, weights: str | os.PathLike) -> Path | None:
+    """The local file a weights choice loads (a path, or vgg-shapes' committed file), None for the others."""
+    if name == demo_model.NAME and str(weights) in DEMO_CHOICES:
+        return demo_model.WEIGHTS_FILE
+    return Path(weights) if Path(weights).is_file() else None
+
+
+def _load_demo(name: str) -> tuple[dict, WeightsInfo]:
+    """vgg-shapes' committed weights, checked against the sha256 in their record."""
+    path = demo_model.WEIGHTS_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing: restore it from git or train it with `make train-demo`")
+    expected = demo_model.record()["sha256"]
+    digest = sha256_file(path)
+    if digest != expected:
+        raise WeightsError(f"{path} is not the committed file (sha256 {digest[:12]}..., its record "
+                           f"{demo_model.RECORD_FILE.name} says {expected[:12]}...): restore it or retrain")
+    return demo_model.load_state(path), WeightsInfo(name, "demo", str(path), digest, demo_model.class_names())
+
+
+def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Module, WeightsInfo]:
+    """vgg-shapes with its committed weights ("demo"/"auto"/"DEFAULT"), a state-dict file, or "random"."""
+    try:
+        classes = demo_model.class_names()
+    except FileNotFoundError as error:  # its record defines the classes and the architecture
+        raise WeightsError(str(error)) from None
+    if str(weights) in set(IMAGENET_CHOICES) - set(DEMO_CHOICES):
+        raise WeightsError(f"{name} has no ImageNet weights: use 'demo' (the committed trained weights), "
+                           "a state-dict file, or 'random'")
+    if str(weights) == "random":
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        model = demo_model.build_recorded()
+        torch.random.set_rng_state(generator_state)
+        message = f"{name} uses RANDOM weights (seed {seed}): its explanations say nothing about a trained model"
+        warnings.warn(message, stacklevel=3)
+        log.warning(message)
+        return model.eval(), WeightsInfo(name, "random", f"seed={seed}", categories=classes)
+    if str(weights) in DEMO_CHOICES:
+        state, info = _load_demo(name)
+    else:
+        state, info = _load_file(name, Path(weights))
+        state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+        info.categories = classes
+    model = demo_model.build_recorded()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = " ".join(str(error).split("\n\t")[:2]).replace("\n", " ")
+        raise WeightsError(f"weights {info.source} do not match {name}: {first[:300]}") from None
+    return model.eval(), info
 
 
 def _load_imagenet(name: str) -> tuple[dict, WeightsInfo]:
@@ -124,10 +186,13 @@ def build_vgg(name: str, weights: str | os.PathLike | None, num_classes: int | N
 
     weights: "imagenet" (torchvision's, from the hub cache or downloaded), a path to a state-dict file, or
     "random" (seeded initialisation; warns loudly). None is an error: weights are always chosen explicitly.
+    vgg-shapes (the demo model) takes "demo" / "auto" (its committed trained weights), a file or "random".
     """
     _check_name(name)
     if weights is None:
         raise WeightsError(f"no weights given for {name}: use 'imagenet', a state-dict file, or 'random'")
+    if name == demo_model.NAME:
+        return _build_demo(name, weights, seed)
     builder = getattr(torchvision.models, name)
     if str(weights) in IMAGENET_CHOICES:
         state, info = _load_imagenet(name)

@@ -14,7 +14,7 @@ import yaml
 
 from lrp_module.composites import COMPOSITES
 from lrp_module.topk import validate_top_k
-from lrp_module.zoo import VGG_NAMES
+from lrp_module.zoo import MODEL_NAMES
 
 from .datasets.layouts import LAYOUTS
 from .faithfulness import region_count
@@ -67,7 +67,7 @@ class RunConfig:
 
 
 KEYS = {f.name for f in fields(RunConfig)}
-DATASET_KEYS = {"root", "layout"}
+DATASET_KEYS = {"root", "layout", "size"}  # size: a dataset of small images (shapes) sets its own
 
 
 def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
@@ -135,8 +135,8 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             fail(key, f"must be a positive integer, got {value!r}")
 
-    if config.model not in VGG_NAMES:
-        fail("model", f"must be one of {', '.join(VGG_NAMES)}, got {config.model!r}")
+    if config.model not in MODEL_NAMES:
+        fail("model", f"must be one of {', '.join(MODEL_NAMES)}, got {config.model!r}")
     if config.composite not in COMPOSITES:
         fail("composite", f"must be one of {', '.join(COMPOSITES)}, got {config.composite!r}")
     if config.layout is not None and config.layout not in LAYOUTS:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lrp_module.zoo import WeightsError, build_vgg
+from lrp_module.zoo import WeightsError, build_vgg, default_weights, weights_file
 
 from .artifact_trust import record_trust, untrusted_reason
+from .classes import check_classes
 from .config import RunConfig
 from .datasets import load_records
 from .datasets.records import ImageRecord
@@ -41,13 +42,14 @@ class StrictStop(RunError):
 
 
 def resolve_weights(config: RunConfig) -> tuple[str, str | None]:
-    """'auto' means ImageNet weights where obtainable and random (loudly) where not; anything else is taken as
-    asked, and fails when missing."""
+    """'auto' means the model's trained weights (ImageNet's; vgg-shapes' committed ones) where obtainable and
+    random (loudly) where not; anything else is taken as asked, and fails when missing."""
     if config.weights != "auto":
         return config.weights, None
+    trained = default_weights(config.model)
     try:
-        build_vgg(config.model, "imagenet")
-        return "imagenet", None
+        build_vgg(config.model, trained)
+        return trained, None
     except WeightsError as error:
         return "random", f"{RANDOM_WARNING} ({error})"
 
@@ -56,8 +58,8 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
     """The traced LRP module for this configuration, built (and verified) once, reused by later runs."""
     from export.artifacts import ExportConfig, export_artifacts
 
-    source = Path(weights)
-    if source.is_file():  # a state-dict file: key by content, so a replaced file is never served stale
+    source = weights_file(config.model, weights)
+    if source is not None:  # a state-dict file: key by content, so a replaced file is never served stale
         from lrp_module.zoo import sha256_file
 
         weights_key = f"{source.stem}-{sha256_file(source)[:12]}"
@@ -171,6 +173,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     if weights_warning:
         print(f"\n{'!' * 100}\n{weights_warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     artifact, sidecar = cached_artifact(config, weights)  # missing weights fail here, before the run dir exists
+    check_classes(records, sidecar["metadata"].get("class_names") or _imagenet_names(), config.model, config.root)
     classifier = cached_classifier(config, weights, artifact) if config.faithfulness else None
     _prepare_run_dir(out, config, overwrite)
     shards = shards_of(records, config.shard_size)

@@ -3,7 +3,9 @@
 - `imagefolder`: root/<wnid>/<image>; class index from the full ILSVRC list (as torchvision's ImageNet and the
   weights' class index), so a folder holding a subset of classes still gets the right indices;
 - `imagenet_val`: flat ILSVRC2012_val_*.JPEG with the devkit's ground truth (+ meta.mat, + optional PASCAL VOC
-  box XMLs in bbox/ or val/) or Kaggle's LOC_val_solution.csv (+ LOC_synset_mapping.txt), boxes kept;
+  box XMLs in bbox/ or val/) or Kaggle's LOC_val_solution.csv (+ LOC_synset_mapping.txt), boxes kept. A
+  LOC_synset_mapping.txt naming other classes than ImageNet's (e.g. the generated shapes) defines the class
+  indices (its line order) and names; one naming only ImageNet wnids keeps ImageNet's indices and names;
 - `webdataset`: *.tar shards with <key>.jpg and <key>.cls (class index) members;
 - `plain`: any folder of images, unlabelled.
 
@@ -22,13 +24,14 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from pathlib import Path
 
-from ..classes import imagenet_classes
+from ..classes import ClassList, imagenet_classes
 from .records import Box, DatasetError, ImageRecord
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 DEVKIT_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
+KAGGLE_MAPPING = "LOC_synset_mapping.txt"
 
 
 def _images(folder: Path) -> list[Path]:
@@ -45,8 +48,8 @@ def outside_root(root: Path, path: Path) -> str | None:
 
 
 def _labelled(image_id: str, path: Path | str, wnid: str | None, boxes=(), root: Path | None = None,
-              source: str = "labels", problem: str | None = None) -> ImageRecord:
-    classes = imagenet_classes()
+              source: str = "labels", problem: str | None = None, classes: ClassList | None = None) -> ImageRecord:
+    classes = classes or imagenet_classes()
     index = classes.index(wnid) if wnid else None
     name = classes.names[index] if index is not None else None
     if problem is None and wnid and index is None:
@@ -94,8 +97,23 @@ def _voc_boxes(xml: Path) -> list[tuple[str, Box]]:
     return boxes
 
 
+def _mapping_classes(root: Path) -> ClassList:
+    """ImageNet's classes, unless a LOC_synset_mapping.txt names others: then its order and names."""
+    mapping = _find(root, KAGGLE_MAPPING)
+    imagenet = imagenet_classes()
+    if mapping is None:
+        return imagenet
+    rows = [line.split(maxsplit=1) for line in mapping.read_text().splitlines() if line.strip()]
+    if any(len(row) != 2 for row in rows):
+        raise DatasetError(f"{mapping}: every line must be '<wnid> <name>'")
+    if all(imagenet.index(wnid) is not None for wnid, _ in rows):
+        return imagenet  # ImageNet (or a subset of it): torchvision's indices and names
+    return ClassList(tuple(wnid for wnid, _ in rows), tuple(name.strip() for _, name in rows))
+
+
 def imagenet_val(root: Path) -> list[ImageRecord]:
     images = {p.stem: p for p in _images(root) if VAL_NAME.match(p.stem)}
+    classes = _mapping_classes(root)
     truth, solution = _find(root, DEVKIT_TRUTH), _find(root, KAGGLE_SOLUTION)
     labels: dict[str, str] = {}
     boxes: dict[str, list[Box]] = {}
@@ -128,7 +146,7 @@ def imagenet_val(root: Path) -> list[ImageRecord]:
     else:
         raise DatasetError(f"{root}: ImageNet validation images without {DEVKIT_TRUTH} (+ meta.mat) or "
                            f"{KAGGLE_SOLUTION}")
-    records = [_labelled(i, images[i], labels.get(i), boxes.get(i, ()), root, source) for i in images]
+    records = [_labelled(i, images[i], labels.get(i), boxes.get(i, ()), root, source, classes=classes) for i in images]
     for image_id in sorted(set(labels) - set(images)):  # promised by the labels, not on disk: never opened
         if VAL_NAME.match(image_id):
             problem = f"missing image: {source} labels it, no such file in the dataset root"

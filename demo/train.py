@@ -1,0 +1,144 @@
+"""Train vgg-shapes (lrp_module/demo_model.py) on the generated shapes, seeded, on the CPU in a few minutes, and
+write its weights and their record (sha256, classes, seed, epochs, accuracy) to lrp_module/weights/.
+
+Images pass through the same JPEG bytes and the same preprocessing as the pipeline's (resize to 256/224 of the
+size, centre crop, ImageNet normalisation: pipeline/preprocess.py), so the pipeline sees what training saw.
+
+    python -m demo.train                  # `make train-demo`
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lrp_module import demo_model
+from lrp_module.zoo import sha256_file
+from pipeline.preprocess import Preprocessing, decode, preprocess
+
+from . import shapes
+
+TRAIN_PER_CLASS = 1000
+EPOCHS = 20
+BATCH = 32
+LEARNING_RATE = 3e-3
+SEED = 0
+
+
+def pipeline_preprocessing(size: int = shapes.IMAGE_SIZE) -> Preprocessing:
+    """The pipeline's preprocessing at `size` (pipeline/worker.py: resize to size*256/224, crop size)."""
+    return Preprocessing(resize=round(size * 256 / 224), crop=size)
+
+
+def tensors(seed: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated images as the pipeline sees them (N, 3, 64, 64) and their labels (N,)."""
+    steps = pipeline_preprocessing()
+    images, labels = [], []
+    for sample in shapes.samples(seed, per_class * len(shapes.CLASSES)):
+        tensor, _ = preprocess(decode(shapes.jpeg_bytes(sample.image)), (), steps)
+        images.append(tensor)
+        labels.append(sample.label)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    with torch.inference_mode():
+        predicted = torch.cat([model(batch).argmax(1) for batch in images.split(256)])
+    return float((predicted == labels).float().mean())
+
+
+def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SEED, threads: int = 2,
+          val_per_class: int = shapes.VAL_PER_CLASS, cfg: list | None = None, batch_norm: bool = demo_model.BATCH_NORM,
+          learning_rate: float = LEARNING_RATE, log=partial(print, flush=True)
+          ) -> tuple[torch.nn.Module, dict]:
+    """The trained model and what its record says of the training."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # tiny activations early in training are otherwise very slow on CPUs
+    cfg = list(cfg or demo_model.CFG)
+    torch.manual_seed(seed)
+    started = time.time()
+    train_x, train_y = tensors(shapes.TRAIN_SEED, per_class)
+    val_x, val_y = tensors(shapes.VAL_SEED, val_per_class)
+    log(f"generated {len(train_y)} training and {len(val_y)} validation images in {time.time() - started:.1f} s")
+    model = demo_model.build(len(shapes.CLASSES), cfg, batch_norm)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    steps = epochs * -(-len(train_y) // BATCH)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, learning_rate, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train_y), generator=generator)
+        total = 0.0
+        for batch in order.split(BATCH):
+            x = train_x[batch]
+            flip = torch.rand(len(batch), generator=generator) < 0.5  # every shape class is mirror-symmetric
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            loss = F.cross_entropy(model(x), train_y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(batch)
+        log(f"epoch {epoch + 1}/{epochs}: loss {total / len(train_y):.3f}, "
+            f"validation accuracy {accuracy(model, val_x, val_y):.3f} ({time.time() - started:.0f} s)")
+    facts = {
+        "cfg": cfg, "batch_norm": batch_norm,
+        "seed": seed, "epochs": epochs, "batch_size": BATCH, "learning_rate": learning_rate,
+        "optimiser": "AdamW, one-cycle schedule (10 % warm-up), horizontal flips",
+        "train_images": len(train_y), "train_seed": shapes.TRAIN_SEED,
+        "val_images": len(val_y), "val_seed": shapes.VAL_SEED,
+        "train_accuracy": accuracy(model, train_x, train_y), "val_accuracy": accuracy(model, val_x, val_y),
+        "train_seconds": round(time.time() - started, 1), "threads": threads,
+    }
+    return model.eval(), facts
+
+
+def save(model: torch.nn.Module, facts: dict, out_dir: Path) -> Path:
+    """Write <name>.pt (float32 state dict) and <name>.json (sha256, classes, architecture, training facts)."""
+    facts = dict(facts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / demo_model.WEIGHTS_FILE.name
+    torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, weights)
+    record = {
+        "model": demo_model.NAME, "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
+        "classes": list(shapes.CLASS_NAMES), "wnids": [wnid for wnid, _ in shapes.CLASSES],
+        "input_size": shapes.IMAGE_SIZE, "normalisation": "ImageNet mean/std (pipeline/preprocess.py)",
+        "cfg": facts.pop("cfg"), "batch_norm": facts.pop("batch_norm"), "pool": demo_model.POOL,
+        "hidden": demo_model.HIDDEN,
+        "training": facts, "torch": torch.__version__,
+        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "make train-demo (python -m demo.train)",
+    }
+    record_file = out_dir / demo_model.RECORD_FILE.name
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(demo_model.WEIGHTS_DIR), help="where the weights and record go")
+    parser.add_argument("--per-class", type=int, default=TRAIN_PER_CLASS, help="training images per class")
+    parser.add_argument("--val-per-class", type=int, default=shapes.VAL_PER_CLASS, help="validation images per class")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args(argv)
+    for key in ("per_class", "val_per_class", "epochs", "threads"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    model, facts = train(args.per_class, args.epochs, args.seed, args.threads, args.val_per_class)
+    record = save(model, facts, Path(args.out))
+    print(f"validation accuracy {facts['val_accuracy']:.3f} after {facts['epochs']} epochs "
+          f"({facts['train_seconds']:.0f} s) -> {record}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
