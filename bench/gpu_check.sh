@@ -14,7 +14,7 @@ step() {  # step SECONDS NAME COMMAND...: run bounded, record the exit code, go 
     echo "=== $name (limit ${limit}s) $(date -u +%T)"
     timeout --kill-after=10 "$limit" "$@"
     rc=$?
-    echo "=== $name: exit $rc after $((SECONDS - start))s"
+    echo; echo "=== $name: exit $rc after $((SECONDS - start))s"
     [ "$rc" -eq 0 ] || status=1
 }
 nvidia-smi || true
@@ -23,9 +23,9 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 python3 -c "import zennit; print('zennit', zennit.__file__)" || echo "zennit missing: its tests and rows are skipped"
-step 150 "CUDA tests" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" --timeout=120 \
+step 180 "CUDA tests" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" --timeout=120 \
     tests/test_cuda.py tests/test_api.py tests/test_topk.py
-step 120 "LRP speed, VGG16 224, batch 32" python3 -m bench.lrp_speed --device cuda --quick --repeats 5 --batch 32 \
+step 90 "LRP speed, VGG16 224, batch 32" python3 -m bench.lrp_speed --device cuda --quick --repeats 5 --batch 32 \
     --out "$OUT/lrp_speed_cuda.json"
 step 60 "pixel flipping speed" python3 -m bench.faithfulness_speed --device cuda --batch 16 --repeats 5 \
     --out "$OUT/faithfulness_speed_cuda.json"
