@@ -2,7 +2,12 @@
 for every composite and with the top-k filter, zennit for the same composites, captum's LRP, and the original
 blog's algorithm. Prints a table (seconds per image, ratio to forward, speed-up over zennit) and writes JSON.
 
-    python -m bench.lrp_speed [--model vgg16] [--size 224] [--batch 8] [--repeats 3] [--quick] [--out PATH]
+    python -m bench.lrp_speed [--model vgg16] [--size 224] [--batch 8] [--repeats 3] [--quick] [--device cuda]
+                              [--out PATH]
+
+On CUDA every timed call ends with torch.cuda.synchronize(), TF32 is off unless --tf32, and peak memory is
+torch.cuda.max_memory_allocated added by one call (in process). Contenders whose package is missing (zennit,
+captum) are skipped with a note.
 """
 from __future__ import annotations
 
@@ -63,7 +68,9 @@ def zennit_attribution(model: nn.Module, composite: str) -> Callable[[torch.Tens
     from zennit import composites as zc
     from zennit.attribution import Gradient
 
-    low, high = torch.tensor(IMAGENET_LOW)[None, :, None, None], torch.tensor(IMAGENET_HIGH)[None, :, None, None]
+    device = next(model.parameters()).device
+    low = torch.tensor(IMAGENET_LOW, device=device)[None, :, None, None]
+    high = torch.tensor(IMAGENET_HIGH, device=device)[None, :, None, None]
     factories = {
         "epsilon_gamma_box": lambda: zc.EpsilonGammaBox(low=low, high=high),
         "epsilon_plus": zc.EpsilonPlus, "epsilon_plus_flat": zc.EpsilonPlusFlat,
@@ -106,14 +113,33 @@ def blog_code(model: nn.Module) -> Callable[[torch.Tensor], object]:
 
 # ---------------------------------------------------------------------------------------------- measuring
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Best of `repeats` timed calls after one warm-up call (shared by the benchmarks)."""
+    """Best of `repeats` timed calls after one warm-up call (shared by the benchmarks); waits for queued CUDA
+    work, so device timings are real."""
     fn()
+    _synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def cuda_peak_memory_mb(fn: Callable, x: torch.Tensor) -> float:
+    """GPU memory allocated at the peak of one call beyond what was allocated before it (MiB)."""
+    fn(x[:1])  # allocate lazily created state before measuring
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def seconds_per_image(fn: Callable, x: torch.Tensor, repeats: int) -> float:
@@ -185,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="three composites, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="best of (default 3; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="three composites, one repeat unless --repeats")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls and convolutions")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -194,20 +222,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         _memory_probe(args.memory_probe, args)
         return 0
-    if args.quick:
-        args.repeats = 1
-    model = build_model(args.model)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    model = build_model(args.model).to(args.device)
     torch.manual_seed(1)
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    x = torch.randn(args.batch, 3, args.size, args.size).to(args.device)
     results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
     for spec, label in plan(args):
-        seconds = seconds_per_image(make(spec, model), x, args.repeats)
+        try:
+            fn = make(spec, model)
+        except ImportError as error:  # zennit / captum not installed here
+            skipped[spec] = f"{label}: skipped, {error}"
+            print(f"  {label:<42s} skipped ({error})", flush=True)
+            continue
+        seconds = seconds_per_image(fn, x, args.repeats)
         results[spec] = {"label": label, "seconds_per_image": seconds}
         print(f"  {label:<42s} {seconds:8.3f} s/image", flush=True)
+        del fn
     memory_specs = [] if args.no_memory else ["gradient", "ours:epsilon_gamma_box", "ours:epsilon_plus_flat",
                                               "ours:seed"]
-    for spec in memory_specs:
-        results[spec]["peak_memory_mb"] = peak_memory_mb(spec, args)
+    for spec in (s for s in memory_specs if s in results):
+        if args.device == "cuda":
+            results[spec]["peak_memory_mb"] = cuda_peak_memory_mb(make(spec, model), x)
+        else:
+            results[spec]["peak_memory_mb"] = peak_memory_mb(spec, args)
 
     forward = results["forward"]["seconds_per_image"]
     for spec, row in results.items():
@@ -219,12 +262,18 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup_over_blog"] = results["blog:"]["seconds_per_image"] / row["seconds_per_image"]
     targets = check_targets(results)
     print_table(results, targets, args)
+    for note in skipped.values():
+        print(f"  note: {note}")
     report = {
         "setup": {"model": args.model, "size": args.size, "batch": args.batch, "repeats": args.repeats,
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
                   "machine": platform.machine(), "cores": os.cpu_count(),
-                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+                  "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                  "tf32": args.tf32 if args.device == "cuda" else None,
+                  "peak_memory": "torch.cuda.max_memory_allocated, in process" if args.device == "cuda"
+                  else "VmHWM of a fresh process"},
         "results": results,
+        "skipped": skipped,
         "targets": targets,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,8 +312,8 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
 
 
 def print_table(results: dict[str, dict], targets: list[dict], args: argparse.Namespace) -> None:
-    print(f"\n{args.model} {args.size}x{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\n{args.model} {args.size}x{args.size}, batch {args.batch}, {where}, best of {args.repeats}")
     header = f"{'method':<42s} {'s/image':>8s} {'x forward':>9s} {'x zennit':>9s} {'peak MB':>8s}"
     print(header + "\n" + "-" * len(header))
     for row in results.values():

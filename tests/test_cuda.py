@@ -1,0 +1,187 @@
+"""On a CUDA device: LRP equals the CPU float64 reference for every composite, the top-k filter and the traced
+module equal their CPU / eager counterparts, zennit agrees on the GPU too, and the pipeline's shard worker
+(in process, no Ray) writes the same maps and statistics with device="cuda" as on the CPU. Skipped without CUDA.
+
+LRP_TEST_DEVICE=cpu runs the same checks on the CPU (float32 against float64): a dry run of the file's logic."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import lrp_module as lrp
+from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.topk import relevance_filter
+
+from .bad_inputs import reference_rgb
+from .helpers import make_vgg, relative_error
+
+DEVICE = os.environ.get("LRP_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.timeout(240),
+]
+TOLERANCE = 1e-3  # float32 on the device against float64 on the CPU, max |difference| / max |reference| per image
+ZENNIT_TOLERANCE = 1e-4  # both float32 on the same device, as tests/test_zennit_agreement.py
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """TF32 would round matmul / convolution inputs to 10 bits: the comparisons below need real float32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("composite", sorted(lrp.COMPOSITES))
+@pytest.mark.parametrize("arch,size", [("vgg11", (64, 64)), ("vgg16_bn", (64, 96))])
+def test_device_float32_matches_cpu_float64(composite, arch, size):
+    model = make_vgg(arch)
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, *size)
+    target = torch.tensor([1, -1, 7])
+    ref_logits, reference = lrp.LRPModel(make_vgg(arch).double(), composite).explain(x.double(), target)
+    logits, ours = lrp.LRPModel(model, composite).to(DEVICE).explain(x.to(DEVICE), target.to(DEVICE))
+    assert ours.device.type == DEVICE and ours.dtype == torch.float32
+    torch.testing.assert_close(logits.cpu().double(), ref_logits, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(ours).all()
+    error = relative_error(ours.cpu().double(), reference)
+    assert (error <= TOLERANCE).all(), f"{composite} {arch}: relative error per image {error.tolist()}"
+
+
+@pytest.mark.parametrize("top_k", [0.1, 0.02, 0.001])
+@pytest.mark.parametrize("shape", [(4, 64, 56, 56), (3, 512, 14, 14), (2, 4096)])
+def test_top_k_filter_on_device_equals_cpu(top_k, shape):
+    torch.manual_seed(3)
+    relevance = torch.randn(shape)
+    relevance[0].clamp_(min=0)  # mostly exact zeros, as after arg-max pooling: the zero-counting path
+    expected = relevance_filter(relevance, top_k)
+    for traceable in (False, True):
+        got = relevance_filter(relevance.to(DEVICE), top_k, traceable=traceable)
+        assert got.device.type == DEVICE
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_gamma_box", "seed"])
+def test_top_k_model_on_device_matches_cpu(composite):
+    model = make_vgg("vgg11")
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 64, 64)
+    reference = lrp.LRPModel(make_vgg("vgg11").double(), composite, top_k=0.1)(x.double())
+    ours = lrp.LRPModel(model, composite, top_k=0.1).to(DEVICE)(x.to(DEVICE))
+    error = relative_error(ours.cpu().double(), reference)
+    assert (error <= TOLERANCE).all(), f"relative error per image {error.tolist()}"
+
+
+def _zennit_composite(name: str, device: str):
+    zc = pytest.importorskip("zennit.composites")
+    low = torch.tensor(IMAGENET_LOW, device=device)[None, :, None, None]
+    high = torch.tensor(IMAGENET_HIGH, device=device)[None, :, None, None]
+    return {"epsilon_gamma_box": lambda: zc.EpsilonGammaBox(low=low, high=high),
+            "epsilon_plus": zc.EpsilonPlus, "epsilon_plus_flat": zc.EpsilonPlusFlat,
+            "epsilon_alpha2_beta1": zc.EpsilonAlpha2Beta1,
+            "epsilon_alpha2_beta1_flat": zc.EpsilonAlpha2Beta1Flat}[name]()
+
+
+@pytest.mark.parametrize("name", ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
+                                  "epsilon_alpha2_beta1_flat"])
+def test_zennit_agrees_on_device(name):
+    composite = _zennit_composite(name, DEVICE)
+    from zennit.attribution import Gradient
+
+    model = make_vgg("vgg11").to(DEVICE)
+    torch.manual_seed(5)
+    x = torch.randn(3, 3, 64, 64, device=DEVICE)
+    logits, ours = lrp.LRPModel(model, name).explain(x)
+    with Gradient(model, composite) as attributor:
+        ref_logits = model(x)
+        index = ref_logits.argmax(1, keepdim=True)
+        start = torch.zeros_like(ref_logits).scatter_(1, index, ref_logits.gather(1, index))
+        _, reference = attributor(x.clone().requires_grad_(True), start)
+    torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-4, atol=1e-5)
+    error = relative_error(ours, reference)
+    assert (error <= ZENNIT_TOLERANCE).all(), f"relative error per image {error.tolist()}"
+
+
+@pytest.mark.parametrize("traced_on", ["device", "cpu"])
+def test_traced_module_on_device_equals_eager(traced_on, tmp_path):
+    """Traced where it runs, and traced on the CPU then loaded onto the device (what the pipeline does)."""
+    explainer = lrp.LRPModel(make_vgg("vgg11"), "epsilon_gamma_box", top_k=0.1)
+    where = DEVICE if traced_on == "device" else "cpu"
+    example = (torch.randn(2, 3, 64, 64, device=where), torch.tensor([-1, 3], device=where))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(explainer.to(where).exportable(), example, check_trace=False)
+        torch.jit.save(traced, tmp_path / "lrp.pt")
+        loaded = torch.jit.load(tmp_path / "lrp.pt", map_location=DEVICE)
+    explainer = explainer.to(DEVICE)
+    torch.manual_seed(6)
+    x, target = torch.randn(3, 3, 64, 64, device=DEVICE), torch.tensor([-1, 2, -1], device=DEVICE)
+    logits, relevance = loaded(x, target)
+    ref_logits, reference = explainer.explain(x, target)
+    assert relevance.device.type == DEVICE
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(relevance, reference.sum(1), rtol=1e-4, atol=1e-6)
+
+
+# ---- the shard worker, in process (no Ray) -----------------------------------------------------------------
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def shard_inputs(tmp_path_factory):
+    """Six small JPEGs in one ImageFolder class and the traced vgg11 artifact the pipeline builds for them."""
+    from pipeline.config import load_config
+    from pipeline.datasets import load_records
+    from pipeline.run import cached_artifact
+
+    base = tmp_path_factory.mktemp("cuda-shard")
+    root = base / "images" / "n01440764"
+    root.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(reference_rgb(i)).save(root / f"img{i}.JPEG", quality=90)
+    config = load_config({"dataset": str(base / "images"), "model": "vgg11", "weights": "random", "size": SIZE,
+                          "cache": str(base / "cache")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifact = cached_artifact(config, "random")[0]
+    return artifact, load_records(base / "images")
+
+
+def _run_shard(artifact: Path, records, device: str, out: Path) -> dict:
+    from pipeline.worker import ShardExplainer
+
+    for sub in ("relevance", "stats", "failures"):
+        (out / sub).mkdir(parents=True)
+    explainer = ShardExplainer(str(artifact), {"batch_size": 4, "size": SIZE, "map_dtype": "float32",
+                                               "compression": 0, "decode_threads": 1, "threads": 2,
+                                               "device": device})
+    assert explainer.device == device
+    return explainer.explain_shard(0, records, str(out))
+
+
+def test_shard_worker_on_device_writes_what_the_cpu_writes(shard_inputs, tmp_path):
+    artifact, records = shard_inputs
+    results = {where: _run_shard(artifact, records, device, tmp_path / where)
+               for where, device in (("cpu", "cpu"), ("device", DEVICE))}
+    assert [r["explained"] for r in results.values()] == [6, 6], results
+    with h5py.File(tmp_path / "cpu" / "relevance" / "shard-00000.h5") as cpu, \
+            h5py.File(tmp_path / "device" / "relevance" / "shard-00000.h5") as gpu:
+        reference, maps = torch.from_numpy(cpu["relevance"][:]), torch.from_numpy(gpu["relevance"][:])
+        assert list(cpu["image_id"][:]) == list(gpu["image_id"][:])
+    error = relative_error(maps.double(), reference.double())
+    assert (error <= TOLERANCE).all(), f"relative error per image {error.tolist()}"
+    cpu_stats = pq.read_table(tmp_path / "cpu" / "stats" / "shard-00000.parquet").to_pandas()
+    gpu_stats = pq.read_table(tmp_path / "device" / "stats" / "shard-00000.parquet").to_pandas()
+    assert list(gpu_stats["pred"]) == list(cpu_stats["pred"])
+    for column in ("target_logit", "target_probability", "relevance_sum", "positive_sum", "negative_sum"):
+        scale = float(np.abs(cpu_stats[column]).max())
+        np.testing.assert_allclose(gpu_stats[column], cpu_stats[column], rtol=1e-3, atol=1e-4 * scale, err_msg=column)
