@@ -508,14 +508,13 @@ class Norm(PoolRule):
 
 
 def adaptive_pool_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
-    """(n_out, n_in) matrix of adaptive average pooling along one axis (PyTorch's floor/ceil bins)."""
-    rows = []
-    for i in range(n_out):
-        start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-        row = torch.zeros(n_in, dtype=like.dtype, device=like.device)
-        row[start:end] = 1.0 / (end - start)
-        rows.append(row)
-    return torch.stack(rows)
+    """(n_out, n_in) matrix of adaptive average pooling along one axis (PyTorch's bins: floor(i n_in / n_out) to
+    ceil((i + 1) n_in / n_out)), in `like`'s dtype, computed from a tensor made by `like.new_ones`: a trace then
+    follows its input's device instead of baking in the one it was traced on (a CPU-traced module runs on GPUs)."""
+    ones = like.new_ones((n_out, n_in))
+    row, col = ones.cumsum(0) - 1, ones.cumsum(1) - 1
+    start, end = torch.floor(row * n_in / n_out), torch.ceil((row + 1) * n_in / n_out)
+    return ((col >= start) & (col < end)) / (end - start)
 
 
 class _BoundAdaptiveNorm(BoundPoolRule):

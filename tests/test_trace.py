@@ -38,3 +38,16 @@ def test_traced_graph_has_no_autograd_or_python_ops():
     assert "aten::conv2d" in kinds or "aten::_convolution" in kinds
     assert "aten::scatter_" in kinds or "aten::scatter" in kinds
     assert not any("PythonOp" in k or "backward" in k for k in kinds)
+
+
+@pytest.mark.parametrize("composite,top_k", [("epsilon_gamma_box", 0.1), ("seed", 0.0), ("montavon", 0.0)])
+def test_traced_graph_bakes_in_no_device(composite, top_k):
+    """The pipeline traces on the CPU and loads the module onto GPUs (jit.load's map_location moves parameters
+    and constants, not a device written into an op): no op of the graph may name a device. 64x64 inputs make the
+    adaptive pool upsample, the path that once built its matrices on the tracing device (failed on an H200)."""
+    model = lrp.LRPModel(make_vgg("vgg11"), composite, top_k=top_k)
+    traced = _trace(model.exportable(), torch.randn(2, 3, 64, 64), torch.tensor([-1, 4]))
+    devices = [str(use.user).strip() for node in traced.inlined_graph.nodes()
+               if node.kind() == "prim::Constant" and str(node.output().type()) == "Device"
+               for use in node.output().uses()]
+    assert not devices, devices[:3]
