@@ -511,10 +511,10 @@ def adaptive_pool_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
     """(n_out, n_in) matrix of adaptive average pooling along one axis (PyTorch's bins: floor(i n_in / n_out) to
     ceil((i + 1) n_in / n_out)), in `like`'s dtype, computed from a tensor made by `like.new_ones`: a trace then
     follows its input's device instead of baking in the one it was traced on (a CPU-traced module runs on GPUs)."""
-    ones = like.new_ones((n_out, n_in))
+    ones = like.new_ones((n_out, n_in), dtype=torch.int64)  # integers: exact bins on every device
     row, col = ones.cumsum(0) - 1, ones.cumsum(1) - 1
-    start, end = torch.floor(row * n_in / n_out), torch.ceil((row + 1) * n_in / n_out)
-    return ((col >= start) & (col < end)) / (end - start)
+    start, end = (row * n_in) // n_out, -((-(row + 1) * n_in) // n_out)
+    return ((col >= start) & (col < end)).to(like.dtype) / (end - start).to(like.dtype)
 
 
 class _BoundAdaptiveNorm(BoundPoolRule):
