@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lrp_module import demo_model
+from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
 from lrp_module.zoo import sha256_file
 from pipeline.preprocess import Preprocessing, decode, preprocess
 
@@ -45,6 +46,23 @@ def tensors(seed: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         images.append(tensor)
         labels.append(sample.label)
     return torch.stack(images), torch.tensor(labels)
+
+
+def noise_patches(x: torch.Tensor, generator: torch.Generator, most: int = 16) -> torch.Tensor:
+    """Half the images get 1..`most` square patches (4-12 px, anywhere) of uniform noise over the pixel range, the
+    perturbation of pixel flipping (pipeline/faithfulness.py): the network learns that noise is no evidence for any
+    class, so that covering the shape, not covering anything, is what lowers its score, and AOPC measures the map."""
+    n, channels, h, w = x.shape
+    low = torch.tensor(IMAGENET_LOW).view(channels, 1, 1)
+    high = torch.tensor(IMAGENET_HIGH).view(channels, 1, 1)
+    x = x.clone()
+    for i in torch.nonzero(torch.rand(n, generator=generator) < 0.5).flatten().tolist():
+        for _ in range(int(torch.randint(1, most + 1, (1,), generator=generator))):
+            size = int(torch.randint(4, 13, (1,), generator=generator))
+            top, left = (int(torch.randint(0, extent - size + 1, (1,), generator=generator)) for extent in (h, w))
+            noise = torch.rand((channels, size, size), generator=generator) * (high - low) + low
+            x[i, :, top:top + size, left:left + size] = noise
+    return x
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -79,7 +97,7 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
         for batch in order.split(BATCH):
             x = train_x[batch]
             flip = torch.rand(len(batch), generator=generator) < 0.5  # every shape class is mirror-symmetric
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = noise_patches(torch.where(flip[:, None, None, None], x.flip(3), x), generator)
             loss = F.cross_entropy(model(x), train_y[batch])
             optimiser.zero_grad()
             loss.backward()
@@ -91,7 +109,7 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
     facts = {
         "cfg": cfg, "batch_norm": batch_norm,
         "seed": seed, "epochs": epochs, "batch_size": BATCH, "learning_rate": learning_rate,
-        "optimiser": "AdamW, one-cycle schedule (10 % warm-up), horizontal flips",
+        "optimiser": "AdamW, one-cycle schedule (10 % warm-up), horizontal flips, noise patches",
         "train_images": len(train_y), "train_seed": shapes.TRAIN_SEED,
         "val_images": len(val_y), "val_seed": shapes.VAL_SEED,
         "train_accuracy": accuracy(model, train_x, train_y), "val_accuracy": accuracy(model, val_x, val_y),

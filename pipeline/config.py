@@ -67,7 +67,8 @@ class RunConfig:
 
 
 KEYS = {f.name for f in fields(RunConfig)}
-DATASET_KEYS = {"root", "layout", "size"}  # size: a dataset of small images (shapes) sets its own
+# a dataset of small images (the shapes) sets its own crop size and pixel-flipping regions
+DATASET_KEYS = {"root", "layout", "size", "flip_patch", "flip_steps"}
 
 
 def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
