@@ -124,6 +124,11 @@ def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Mo
         state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
         info.categories = classes
     model = demo_model.build_recorded()
+    return _loaded(model, state, info, name)
+
+
+def _loaded(model: nn.Module, state: dict, info: WeightsInfo, name: str) -> tuple[nn.Module, WeightsInfo]:
+    """`model` with `state` loaded strictly, in eval mode; a state of another architecture is one clear error."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -210,9 +215,4 @@ def build_vgg(name: str, weights: str | os.PathLike | None, num_classes: int | N
         state, info = _load_file(name, Path(weights))
         classes = state.get("classifier.6.weight")
         model = builder(num_classes=num_classes or (classes.shape[0] if classes is not None else 1000))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = " ".join(str(error).split("\n\t")[:2]).replace("\n", " ")
-        raise WeightsError(f"weights {info.source} do not match {name}: {first[:300]}") from None
-    return model.eval(), info
+    return _loaded(model, state, info, name)

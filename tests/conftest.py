@@ -20,3 +20,12 @@ def images():
 def artifact_cache(tmp_path_factory):
     """One cache of traced LRP modules for the pipeline tests of a session: each configuration is built once."""
     return tmp_path_factory.mktemp("artifact-cache")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one test module: two CPUs in Ray's accounting (actors take half a CPU), shut down after."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -65,13 +65,6 @@ def val_dataset(tmp_path_factory):
     return make_imagenet_val(tmp_path_factory.mktemp("bad-val"), with_unreadable=False)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def _case_path(root: Path, name: str) -> Path:
     """The file of a case in the ImageFolder dataset (links included, dangling ones too)."""
     return next(folder / name for folder in root.iterdir() if os.path.lexists(folder / name))

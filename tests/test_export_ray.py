@@ -15,13 +15,6 @@ from .helpers import make_tiny_vgg
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.timeout(240)
 def test_torchscript_runs_in_a_ray_actor(tmp_path, local_ray):
     model = lrp.LRPModel(make_tiny_vgg(), "epsilon_gamma_box", top_k=0.1)

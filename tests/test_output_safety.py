@@ -41,13 +41,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def good_dataset(tmp_path_factory):
     """Twelve small JPEGs in one ImageFolder class."""
     root = tmp_path_factory.mktemp("good") / "images"

@@ -153,14 +153,6 @@ def test_lrp_pixel_flipping_beats_random_order(validation, composite):
     assert float(noise_order.mean()) <= 0.7 * float(lrp_order.mean())
 
 
-@pytest.fixture
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def test_pipeline_explains_shapes_with_their_class_names(tmp_path, local_ray):
     root = shapes.write_split(tmp_path / "shapes", per_class=2)
     config = load_config({"dataset": "shapes", "model": "vgg-shapes", "out": str(tmp_path / "run"),
