@@ -166,9 +166,10 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     if not records:
         raise RunError(f"{config.root}: no images to explain")
     check_writable(out)  # before anything is written, the artifact cache included
+    shards = shards_of(records, config.shard_size)
     if check_space:
-        remaining = [s for i, s in enumerate(shards_of(records, config.shard_size)) if not shard_done(out, i)]
-        check_free_space(out, sum(map(len, remaining)), config.size, config.map_dtype, config.compression)
+        remaining = sum(len(shard) for i, shard in enumerate(shards) if not shard_done(out, i))
+        check_free_space(out, remaining, config.size, config.map_dtype, config.compression)
     weights, weights_warning = resolve_weights(config)
     if weights_warning:
         print(f"\n{'!' * 100}\n{weights_warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
@@ -176,7 +177,6 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     check_classes(records, sidecar["metadata"].get("class_names") or _imagenet_names(), config.model, config.root)
     classifier = cached_classifier(config, weights, artifact) if config.faithfulness else None
     _prepare_run_dir(out, config, overwrite)
-    shards = shards_of(records, config.shard_size)
     todo = [i for i in range(len(shards)) if not shard_done(out, i)]
     metadata = sidecar["metadata"]
     settings = {
