@@ -19,7 +19,7 @@ from pipeline.faithfulness import FLIP_COLUMNS, aopc, region_perturbation, stabl
 from pipeline.preprocess import Preprocessing, load
 from pipeline.run import cached_artifact, cached_classifier
 
-from .test_pipeline import SIZE, _config, _run, dataset, local_ray  # noqa: F401  (fixtures)
+from .test_pipeline import SIZE, _config, _run, dataset  # noqa: F401  (the dataset fixture)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
