@@ -20,6 +20,7 @@ from . import stats as statistics
 from .datasets.records import ImageRecord
 from .faithfulness import FLIP_COLUMNS, flip_statistics
 from .faults import inject_fault
+from .gpu_decode import DeviceDecoder
 from .preprocess import DecodeError, Preprocessing, load
 from .writers import FAILURE_SCHEMA, STATS_SCHEMA, OutputError, shard_name, write_parquet, write_relevance
 
@@ -38,6 +39,10 @@ class ShardExplainer:
         size = int(settings["size"])
         self.preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size)  # the 256/224 recipe
         self.decoders = ThreadPoolExecutor(max_workers=max(1, int(settings.get("decode_threads", 2))))
+        # JPEGs decoded and preprocessed on the GPU where there is one (gpu_decode: false keeps Pillow)
+        self.device_decoder = DeviceDecoder(self.preprocessing, self.device, int(settings["batch_size"]),
+                                            int(settings.get("decode_threads", 2))) \
+            if self.device == "cuda" and settings.get("gpu_decode", True) else None
         self.class_names = settings.get("class_names") or []
         flipping = settings.get("faithfulness")  # pixel flipping needs plain forward passes: the traced VGG
         self.classifier = torch.jit.load(flipping["classifier"], map_location=self.device) if flipping else None
@@ -81,8 +86,9 @@ class ShardExplainer:
         strict = bool(self.settings.get("strict"))
         skip = skip or {}
         # every decode is submitted now and runs in the pool's threads while earlier batches are explained
-        decoded = self.decoders.map(lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record),
-                                    range(len(records)), records)
+        decode = lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record)  # noqa: E731
+        decoded = self.device_decoder.iterate(records, decode, skip) if self.device_decoder else \
+            self.decoders.map(decode, range(len(records)), records)
         failures: list[dict] = []
         maps, rows = [], []
         batch = int(self.settings["batch_size"])
