@@ -385,7 +385,8 @@ def _print(args: argparse.Namespace, report: dict, device_name: str) -> None:
           f"{args.image_size[1]}, {device_name}, {torch.get_num_threads()} threads")
     for mode, run in report["throughput"].items():
         utilisation = run["gpu_utilisation"]
-        busy = f", GPU busy {utilisation['mean_percent']:.0f} % (mean)" if utilisation and utilisation["samples"] else ""
+        busy = (f", GPU busy {utilisation['mean_percent']:.0f} % (mean)"
+                if utilisation and utilisation["samples"] else "")
         print(f"  {mode:<8} pipeline {run['pipeline_images_per_s']:.2f} images/s "
               f"({run['pipeline_wall_images_per_s']:.2f} with start-up), bare LRPModel "
               f"{run['bare_lrp_images_per_s']:.2f} images/s: {100 * run['ratio']:.0f} %{busy}")

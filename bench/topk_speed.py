@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratio['radix']:>15.2f}{ratio['torch.topk']:>14.2f}")
     if not args.quick:
         cost = report["lrp"] = lrp_cost(args)
-        print(f"\nVGG16 epsilon_gamma_box {args.size}x{args.size}: plain {1e3 * cost['plain_s_per_image']:.2f} ms/image, "
+        print(f"\nVGG16 epsilon_gamma_box {args.size}x{args.size}: "
+              f"plain {1e3 * cost['plain_s_per_image']:.2f} ms/image, "
               f"top-k 0.1 {1e3 * cost['top_k_0.1_s_per_image']:.2f} ms/image ({100 * cost['extra']:+.1f} %)")
         if args.device == "cuda":
             met = cost["extra"] <= CUDA_TARGET

@@ -172,7 +172,8 @@ def test_shard_worker_with_the_device_decoder_writes_what_it_writes_without(reco
             assert explainer.device_decoder.routed["device"] == len(DEVICE)
     assert outputs["pillow"]["explained"] == outputs["device"]["explained"] > len(DEVICE)
     assert outputs["pillow"]["reasons"] == outputs["device"]["reasons"]
-    with h5py.File(tmp_path / "pillow/relevance/shard-00000.h5") as a, h5py.File(tmp_path / "device/relevance/shard-00000.h5") as b:
+    with h5py.File(tmp_path / "pillow/relevance/shard-00000.h5") as a, \
+            h5py.File(tmp_path / "device/relevance/shard-00000.h5") as b:
         assert np.array_equal(a["relevance"][:], b["relevance"][:])
         assert list(a["image_id"][:]) == list(b["image_id"][:])
     for table in ("stats", "failures"):
