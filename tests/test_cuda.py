@@ -256,16 +256,14 @@ def test_gpu_decode_matches_pillow_within_a_few_levels(tmp_path):
         records.append(ImageRecord(image_id=name, path=str(tmp_path / f"{name}.jpg"), boxes=boxes))
     decoder = DeviceDecoder(prep, DEVICE, batch_size=4)
     got = list(decoder.iterate(records, lambda at, record: cpu_item(record)))
-    assert decoder.routed["device"] + decoder.routed["device_refused"] >= len(ON_DEVICE) - 1
+    assert decoder.routed["device"] == len(ON_DEVICE)
+    assert decoder.routed["device_refused"] <= 1  # only the damaged file may be refused (then Pillow decodes it)
     std = torch.tensor(prep.std)[:, None, None] * 255
     measured = {}
     for record, mine in zip(records, got):
         theirs = cpu_item(record)
         if isinstance(theirs, Exception):
             assert isinstance(mine, Exception) and str(mine) == str(theirs), record.image_id
-            continue
-        if isinstance(mine, Exception):  # nvJPEG may refuse what libjpeg-turbo decodes with a warning
-            assert record.image_id == "trailing_garbage_truncated", (record.image_id, mine)
             continue
         assert mine[0].device.type == DEVICE and mine[1] == theirs[1], record.image_id  # boxes identical
         levels = ((mine[0].cpu() - theirs[0]) * std).abs()
