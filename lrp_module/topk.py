@@ -4,9 +4,9 @@ Same kept set as `torch.topk` + scatter (the original blog), ties aside. The k-t
 selection, not a sort: eagerly, a strided sample brackets it, one counting pass finds how many values lie
 above the bracket, and the exact value is selected among the few inside it (falling back to `kthvalue` when
 the bracket misses). On CUDA tensors the k-th value comes from `topk_select.kth_largest_radix` instead (radix
-selection on the bit patterns: no per-row loop, no host sync; on the CPU it is 2.4-6x slower than the bracket at VGG16 sizes,
-so the CPU keeps the bracket). Traced and exported graphs use `topk(sorted=False)` + min, which every exporter
-knows (ONNX TopK).
+selection on the bit patterns: no per-row loop, no host sync; on the CPU it is 2.4-6x slower than the bracket
+at VGG16's sizes, so the CPU keeps the bracket). Traced and exported graphs use `topk(sorted=False)` + min,
+which every exporter knows (ONNX TopK).
 """
 from __future__ import annotations
 
