@@ -18,7 +18,7 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean
 
 venv: $(STAMP)
@@ -40,7 +40,7 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability
+bench: bench-lrp bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability
 
 bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
@@ -48,8 +48,11 @@ bench-lrp: $(STAMP)
 bench-export: $(STAMP)
 	$(PY) -m bench.export_speed
 
-bench-pipeline: $(STAMP)
-	$(PY) -m bench.pipeline_speed
+bench-pipeline: $(STAMP)  # DEVICE=cuda: on the GPU (GPU decoding, float32 and TF32); PIPELINE_ARGS=--quick: small
+	$(PY) -m bench.pipeline_speed $(if $(DEVICE),--device $(DEVICE)) $(PIPELINE_ARGS)
+
+bench-topk: $(STAMP)  # DEVICE=cuda: the radix selection and the filter's cost on the GPU
+	$(PY) -m bench.topk_speed $(if $(DEVICE),--device $(DEVICE))
 
 bench-report: $(STAMP)
 	$(PY) -m bench.report_speed

@@ -46,6 +46,7 @@ class RunConfig:
     decode_threads: int = 2
     device: str = "auto"
     tf32: bool = False
+    gpu_decode: bool = True
     shard_timeout_s: float | None = None
     shard_retries: int = 2
     out: str | None = None
@@ -171,6 +172,8 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
         fail("device", f"must be auto, cpu or cuda, got {config.device!r}")
     if not isinstance(config.tf32, bool):
         fail("tf32", f"must be true or false, got {config.tf32!r}")
+    if not isinstance(config.gpu_decode, bool):
+        fail("gpu_decode", f"must be true or false, got {config.gpu_decode!r}")
     timeout = config.shard_timeout_s
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         fail("shard_timeout_s", f"must be a positive number of seconds or null, got {timeout!r}")

@@ -138,11 +138,16 @@ def decode(data: bytes) -> Image.Image:
 def preprocess(image: Image.Image, boxes: tuple[Box, ...], preprocessing: Preprocessing = Preprocessing()
                ) -> tuple[torch.Tensor, list[Box]]:
     """(3, crop, crop) normalised tensor and the boxes in its pixel coordinates (empty ones dropped)."""
-    width, height = image.size
-    tensor = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return transform(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), boxes, preprocessing)
+
+
+def transform(pixels: torch.Tensor, boxes: tuple[Box, ...], preprocessing: Preprocessing = Preprocessing()
+              ) -> tuple[torch.Tensor, list[Box]]:
+    """preprocess for a (3, H, W) uint8 tensor on any device (the GPU decoder's output too): same transforms."""
+    height, width = pixels.shape[-2:]
     box_tensor = tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                                           format="XYXY", canvas_size=(height, width))
-    out, out_boxes = preprocessing.transforms()(tensor, box_tensor)
+    out, out_boxes = preprocessing.transforms()(tv_tensors.Image(pixels), box_tensor)
     kept = [tuple(float(v) for v in b) for b in out_boxes.tolist() if b[2] > b[0] and b[3] > b[1]]
     return out.as_subclass(torch.Tensor), kept
 

@@ -182,7 +182,8 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     settings = {
         "batch_size": config.batch_size, "size": config.size, "map_dtype": config.map_dtype,
         "compression": config.compression, "target": config.target, "decode_threads": config.decode_threads,
-        "tf32": config.tf32, "strict": strict, "class_names": metadata.get("class_names") or _imagenet_names(),
+        "tf32": config.tf32, "gpu_decode": config.gpu_decode, "strict": strict,
+        "class_names": metadata.get("class_names") or _imagenet_names(),
         "attributes": {"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
     }
     if classifier is not None:

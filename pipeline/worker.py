@@ -20,8 +20,10 @@ from . import stats as statistics
 from .datasets.records import ImageRecord
 from .faithfulness import FLIP_COLUMNS, flip_statistics
 from .faults import inject_fault
+from .gpu_decode import DeviceDecoder
 from .preprocess import DecodeError, Preprocessing, load
-from .writers import FAILURE_SCHEMA, STATS_SCHEMA, OutputError, shard_name, write_parquet, write_relevance
+from .writers import (FAILURE_SCHEMA, STATS_SCHEMA, OutputError, compress_map, shard_name, write_parquet,
+                      write_relevance)
 
 
 class ShardExplainer:
@@ -38,6 +40,12 @@ class ShardExplainer:
         size = int(settings["size"])
         self.preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size)  # the 256/224 recipe
         self.decoders = ThreadPoolExecutor(max_workers=max(1, int(settings.get("decode_threads", 2))))
+        # JPEGs decoded and preprocessed on the GPU where there is one (gpu_decode: false keeps Pillow)
+        self.device_decoder = DeviceDecoder(self.preprocessing, self.device, int(settings["batch_size"]),
+                                            int(settings.get("decode_threads", 2))) \
+            if self.device == "cuda" and settings.get("gpu_decode", True) else None
+        self.compressors = ThreadPoolExecutor(max_workers=2, thread_name_prefix="compress")  # while the model runs
+        self._map_format = settings.get("map_dtype", "float16"), int(settings.get("compression", 4))
         self.class_names = settings.get("class_names") or []
         flipping = settings.get("faithfulness")  # pixel flipping needs plain forward passes: the traced VGG
         self.classifier = torch.jit.load(flipping["classifier"], map_location=self.device) if flipping else None
@@ -81,10 +89,11 @@ class ShardExplainer:
         strict = bool(self.settings.get("strict"))
         skip = skip or {}
         # every decode is submitted now and runs in the pool's threads while earlier batches are explained
-        decoded = self.decoders.map(lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record),
-                                    range(len(records)), records)
+        decode = lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record)  # noqa: E731
+        decoded = self.device_decoder.iterate(records, decode, skip) if self.device_decoder else \
+            self.decoders.map(decode, range(len(records)), records)
         failures: list[dict] = []
-        maps, rows = [], []
+        maps, rows, compressed = [], [], []
         batch = int(self.settings["batch_size"])
         pending: list = []
         try:
@@ -101,6 +110,7 @@ class ShardExplainer:
                     try:
                         maps_chunk, rows_chunk = self._explain_batch(pending, len(maps))
                         maps += maps_chunk
+                        compressed += [self.compressors.submit(compress_map, m, *self._map_format) for m in maps_chunk]
                         rows += rows_chunk
                     except Exception as error:  # an image that breaks the model: record it, go on
                         failures += [{"image_id": r.image_id, "path": r.path, "reason": f"explain failed: {error}",
@@ -114,7 +124,7 @@ class ShardExplainer:
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
         name = shard_name(index)
         try:
-            self._write(out, name, index, array, rows, failures)
+            self._write(out, name, index, array, rows, failures, [future.result() for future in compressed])
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
             return {"shard": index, "explained": 0, "failed": 0, "reasons": [], "write_error": str(error),
                     "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
@@ -128,14 +138,14 @@ class ShardExplainer:
                 "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
 
     def _write(self, out: Path, name: str, index: int, array: np.ndarray, rows: list[dict],
-               failures: list[dict]) -> None:
+               failures: list[dict], chunks: list[bytes] | None = None) -> None:
         columns = {"image_id": [r["image_id"] for r in rows], "path": [r["path"] for r in rows],
                    "label": np.array([-1 if r["label"] is None else r["label"] for r in rows], dtype=np.int64),
                    "pred": np.array([r["pred"] for r in rows], dtype=np.int64),
                    "target": np.array([r["target"] for r in rows], dtype=np.int64)}
         write_relevance(out / "relevance" / f"{name}.h5", array, columns, self.settings.get("attributes", {}),
                         dtype=self.settings.get("map_dtype", "float16"),
-                        compression=int(self.settings.get("compression", 4)))
+                        compression=int(self.settings.get("compression", 4)), chunks=chunks)
         for row in rows:
             row["shard"] = f"relevance/{name}.h5"
         write_parquet(failures, FAILURE_SCHEMA, out / "failures" / f"{name}.parquet")

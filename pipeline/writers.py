@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,14 +125,29 @@ def write_parquet(rows: Sequence[dict], schema: pa.Schema, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
+def compress_map(relevance_map: np.ndarray, dtype: str = "float16", compression: int = 4) -> bytes:
+    """One (H, W) map as the chunk HDF5's shuffle + gzip filters store, so that worker threads can compress maps
+    while the model runs (zlib releases the GIL; h5py's own filters run under its lock, one at a time)."""
+    data = np.ascontiguousarray(relevance_map, dtype=dtype)
+    return zlib.compress(data.view(np.uint8).reshape(-1, data.itemsize).T.tobytes(), compression)
+
+
 def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence[str] | np.ndarray], attributes: dict,
-                    dtype: str = "float16", compression: int = 4) -> None:
-    """(N, H, W) maps, one image per chunk, gzip + shuffle; per-image columns beside; run attributes."""
+                    dtype: str = "float16", compression: int = 4, chunks: Sequence[bytes] | None = None) -> None:
+    """(N, H, W) maps, one image per chunk, gzip + shuffle; per-image columns beside; run attributes.
+    `chunks`: the maps already compressed by compress_map (same dtype and level), written as they are."""
     with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
         n, h, w = maps.shape
-        handle.create_dataset("relevance", data=maps.astype(dtype), chunks=(1, h, w) if n else None,
-                              compression="gzip" if n else None, compression_opts=compression if n else None,
-                              shuffle=bool(n))
+        options = {"chunks": (1, h, w), "compression": "gzip", "compression_opts": compression, "shuffle": True} \
+            if n else {}
+        if n and chunks is not None:
+            if len(chunks) != n:
+                raise ValueError(f"{len(chunks)} compressed chunks for {n} maps")
+            dataset = handle.create_dataset("relevance", shape=(n, h, w), dtype=dtype, **options)
+            for i, chunk in enumerate(chunks):
+                dataset.id.write_direct_chunk((i, 0, 0), chunk)
+        else:
+            handle.create_dataset("relevance", data=maps.astype(dtype), **options)
         strings = h5py.string_dtype()
         for name, values in columns.items():  # numpy arrays as they are; lists are strings
             if isinstance(values, np.ndarray):

@@ -1,10 +1,13 @@
-"""On a CUDA device: LRP equals the CPU float64 reference for every composite, the top-k filter and the traced
-module equal their CPU / eager counterparts, zennit agrees on the GPU too, and the pipeline's shard worker
-(in process, no Ray) writes the same maps and statistics with device="cuda" as on the CPU. Skipped without CUDA.
+"""On a CUDA device: LRP equals the CPU float64 reference for every composite, the top-k filter (radix selection
+on CUDA) and the traced module equal their CPU / eager counterparts, zennit agrees on the GPU too, the GPU decode
+path's crops are within a few levels of Pillow's with identical boxes and routing, and the pipeline's shard
+worker (in process, no Ray) writes the same maps and statistics with device="cuda" as on the CPU. Skipped
+without CUDA.
 
 LRP_TEST_DEVICE=cpu runs the same checks on the CPU (float32 against float64): a dry run of the file's logic."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -18,7 +21,9 @@ from PIL import Image
 
 import lrp_module as lrp
 from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module import topk
 from lrp_module.topk import relevance_filter
+from lrp_module.topk_select import kth_largest_radix
 
 from .bad_inputs import reference_rgb
 from .helpers import make_vgg, relative_error
@@ -68,6 +73,33 @@ def test_top_k_filter_on_device_equals_cpu(top_k, shape):
         got = relevance_filter(relevance.to(DEVICE), top_k, traceable=traceable)
         assert got.device.type == DEVICE
         torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_radix_selection_on_device_equals_topk(dtype):
+    """Adversarial rows (ties, zeros, -0.0, all negative, subnormals, infinities) at k from 1 to all."""
+    from .test_topk_select import N, _adversarial
+
+    rows = _adversarial(N, dtype)
+    reference = torch.sort(rows.double(), dim=1, descending=True).values.to(dtype)
+    on_device = rows.to(DEVICE)
+    for k in (1, 2, 17, N // 10, N // 2, N):
+        assert torch.equal(kth_largest_radix(on_device, k).cpu(), reference[:, k - 1:k]), k
+    finite = rows[torch.isfinite(rows).all(1)].float()
+    for top_k in (0.5, 0.1, 1e-4):
+        torch.testing.assert_close(relevance_filter(finite.to(DEVICE), top_k).cpu(), relevance_filter(finite, top_k),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the dispatch is by device: the CPU keeps the bracket")
+def test_cuda_tensors_use_the_radix_selection(monkeypatch):
+    def fail(*args):
+        raise AssertionError("the bracket selection ran on a CUDA tensor")
+
+    monkeypatch.setattr(topk, "kth_largest", fail)
+    relevance = torch.randn(2, 64, 56, 56, device=DEVICE)
+    kept = relevance_filter(relevance, 0.1)
+    assert ((kept != 0).flatten(1).sum(1) == int(0.1 * 64 * 56 * 56)).all()
 
 
 @pytest.mark.parametrize("composite", ["epsilon_gamma_box", "seed"])
@@ -156,16 +188,21 @@ def shard_inputs(tmp_path_factory):
     return artifact, load_records(base / "images")
 
 
-def _run_shard(artifact: Path, records, device: str, out: Path) -> dict:
+def _run_shard(artifact: Path, records, device: str, out: Path, gpu_decode: bool = False) -> dict:
+    """gpu_decode off by default: the LRP comparison needs the same pixels on both sides."""
     from pipeline.worker import ShardExplainer
 
     for sub in ("relevance", "stats", "failures"):
         (out / sub).mkdir(parents=True)
     explainer = ShardExplainer(str(artifact), {"batch_size": 4, "size": SIZE, "map_dtype": "float32",
                                                "compression": 0, "decode_threads": 1, "threads": 2,
-                                               "device": device})
+                                               "device": device, "gpu_decode": gpu_decode})
     assert explainer.device == device
-    return explainer.explain_shard(0, records, str(out))
+    assert (explainer.device_decoder is not None) == (gpu_decode and device == "cuda")
+    result = explainer.explain_shard(0, records, str(out))
+    if explainer.device_decoder is not None:
+        result["routed"] = dict(explainer.device_decoder.routed)
+    return result
 
 
 def test_shard_worker_on_device_writes_what_the_cpu_writes(shard_inputs, tmp_path):
@@ -185,3 +222,57 @@ def test_shard_worker_on_device_writes_what_the_cpu_writes(shard_inputs, tmp_pat
     for column in ("target_logit", "target_probability", "relevance_sum", "positive_sum", "negative_sum"):
         scale = float(np.abs(cpu_stats[column]).max())
         np.testing.assert_allclose(gpu_stats[column], cpu_stats[column], rtol=1e-3, atol=1e-4 * scale, err_msg=column)
+
+
+def test_shard_worker_with_gpu_decoding_explains_and_fails_the_same_images(shard_inputs, tmp_path):
+    artifact, records = shard_inputs
+    cpu = _run_shard(artifact, records, "cpu", tmp_path / "cpu")
+    device = _run_shard(artifact, records, DEVICE, tmp_path / "device", gpu_decode=True)
+    assert (device["explained"], device["reasons"]) == (cpu["explained"], cpu["reasons"])
+    if DEVICE == "cuda":
+        assert device["routed"]["device"] == len(records)  # baseline RGB JPEGs: all decoded on the GPU
+    stats = pq.read_table(tmp_path / "device" / "stats" / "shard-00000.parquet").to_pandas()
+    assert np.isfinite(stats["relevance_sum"]).all()
+
+
+# ---- the GPU decode path against Pillow ----------------------------------------------------------------------
+DECODE_MEAN_LEVELS = 2.0  # nvJPEG vs libjpeg-turbo, plus float vs uint8 resizing: mean |difference| per image
+DECODE_MAX_LEVELS = 48  # at sharp colour edges (chroma upsampling differs); the measured figures are written out
+
+
+def test_gpu_decode_matches_pillow_within_a_few_levels(tmp_path):
+    from pipeline.datasets.records import ImageRecord
+    from pipeline.gpu_decode import DeviceDecoder
+    from pipeline.preprocess import Preprocessing
+
+    from .test_gpu_decode import DEVICE as ON_DEVICE
+    from .test_gpu_decode import cpu_item, files
+
+    prep = Preprocessing(resize=73, crop=64)
+    records = []
+    for i, (name, data) in enumerate(sorted(files().items())):
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        boxes = ((10.0, 20.0, 300.0, 200.0),) if i % 2 else ()
+        records.append(ImageRecord(image_id=name, path=str(tmp_path / f"{name}.jpg"), boxes=boxes))
+    decoder = DeviceDecoder(prep, DEVICE, batch_size=4)
+    got = list(decoder.iterate(records, lambda at, record: cpu_item(record)))
+    assert decoder.routed["device"] == len(ON_DEVICE)
+    assert decoder.routed["device_refused"] <= 1  # only the damaged file may be refused (then Pillow decodes it)
+    std = torch.tensor(prep.std)[:, None, None] * 255
+    measured = {}
+    for record, mine in zip(records, got):
+        theirs = cpu_item(record)
+        if isinstance(theirs, Exception):
+            assert isinstance(mine, Exception) and str(mine) == str(theirs), record.image_id
+            continue
+        assert mine[0].device.type == DEVICE and mine[1] == theirs[1], record.image_id  # boxes identical
+        levels = ((mine[0].cpu() - theirs[0]) * std).abs()
+        measured[record.image_id] = {"mean_levels": float(levels.mean()), "max_levels": float(levels.max())}
+    out = os.environ.get("GPU_CHECK_OUT")
+    if out:
+        Path(out, "gpu_decode_difference.json").write_text(json.dumps(measured, indent=2))
+    for name, figures in measured.items():
+        if name == "trailing_garbage_truncated":  # damaged scan data: each decoder conceals it its own way
+            continue
+        assert figures["mean_levels"] <= DECODE_MEAN_LEVELS, (name, figures)
+        assert figures["max_levels"] <= DECODE_MAX_LEVELS, (name, figures)
