@@ -25,9 +25,9 @@ from .classes import check_classes
 from .config import RunConfig
 from .datasets import load_records
 from .datasets.records import ImageRecord
-from .output_checks import check_free_space, check_writable
-from .writers import (FAILURE_SCHEMA, atomic, commit, sha256, shard_name, temporary, write_failed_shard,
-                      write_virtual_dataset)
+from .layout import RunLayout
+from .output_checks import check_free_space, check_out_placement, check_writable
+from .writers import FAILURE_SCHEMA, atomic, sha256, write_failed_shard, write_virtual_dataset
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")
@@ -106,31 +106,49 @@ def shards_of(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:
 
 
 def shard_done(out: Path, index: int) -> bool:
-    name = shard_name(index)
-    return all((out / sub / f"{name}{ext}").is_file()
-               for sub, ext in (("relevance", ".h5"), ("failures", ".parquet"), ("stats", ".parquet")))
+    return RunLayout(out).shard_done(index)
 
 
-def _prepare_run_dir(out: Path, config: RunConfig, overwrite: bool) -> None:
-    run_file = out / "run.json"
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        if previous.get("digest") != config.digest():
-            if not overwrite:
-                changed = sorted(k for k, v in config.identity().items() if previous["identity"].get(k) != v)
-                raise RunError(f"{out} holds a run with another configuration (differs in {', '.join(changed)}); "
-                               "use --overwrite or another OUT")
-            shutil.rmtree(out)
+def _previous_run(layout: RunLayout, config: RunConfig, overwrite: bool) -> bool:
+    """Before any work: may this run use OUT? True when it replaces a run of another configuration
+    (--overwrite). A run of the same configuration resumes; one with a larger limit extends it (its shards are a
+    prefix of the new ones); anything else is refused, naming what differs."""
+    if not layout.run_file.is_file():
+        return False
     try:
-        for sub in ("relevance", "stats", "failures"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        for leftover in out.rglob(".tmp-*"):  # a killed run's unfinished files
-            leftover.unlink()
-        tmp = temporary(run_file)
-        tmp.write_text(json.dumps({"digest": config.digest(), "identity": config.identity()}, indent=2))
-        commit(tmp, run_file)
+        previous = json.loads(layout.run_file.read_text())
+        identity = previous["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        if overwrite:
+            return True
+        raise RunError(f"{layout.run_file}: unreadable run record; use --overwrite or another OUT") from None
+    current = config.identity()
+    changed = sorted(k for k, v in current.items() if k != "limit" and identity.get(k) != v)
+    if not changed and not _limit_extends(identity.get("limit"), config.limit):
+        changed = ["limit (smaller than the finished run's: its shards would no longer match)"]
+    if not changed:
+        return False
+    if not overwrite:
+        raise RunError(f"{layout.root} holds a run with another configuration (differs in {', '.join(changed)}); "
+                       "use --overwrite (removes only the run's own files) or another OUT")
+    return True
+
+
+def _limit_extends(previous: int | None, current: int | None) -> bool:
+    """A run's shards are a prefix of a run over more images: the same or a larger limit (None = all) extends."""
+    return current is None or (previous is not None and current >= previous)
+
+
+def _prepare_run_dir(layout: RunLayout, config: RunConfig, replace: bool) -> None:
+    try:
+        if replace:
+            layout.remove_own()
+        layout.make_folders()
+        layout.sweep_temporary()  # a killed run's unfinished files
+        with atomic(layout.run_file) as tmp:
+            tmp.write_text(json.dumps({"digest": config.digest(), "identity": config.identity()}, indent=2))
     except OSError as error:
-        raise RunError(f"run directory {out} is not writable: {error.strerror or error}") from None
+        raise RunError(f"run directory {layout.root} is not writable: {error.strerror or error}") from None
 
 
 def _start_ray():
@@ -160,6 +178,9 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     before writing when the configuration cannot work, OutputError when a write fails (the run stops)."""
     started = time.time()
     out = Path(config.out)
+    layout = RunLayout(out)
+    check_out_placement(out, config.root, layout.is_run())  # before anything is read or written
+    replace = _previous_run(layout, config, overwrite)  # before the artifact is built (it can take a minute)
     records = load_records(config.root, config.layout)
     if config.limit:
         records = records[:config.limit]
@@ -168,7 +189,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     check_writable(out)  # before anything is written, the artifact cache included
     shards = shards_of(records, config.shard_size)
     if check_space:
-        remaining = sum(len(shard) for i, shard in enumerate(shards) if not shard_done(out, i))
+        remaining = sum(len(shard) for i, shard in enumerate(shards) if replace or not _shard_matches(layout, i, shard))
         check_free_space(out, remaining, config.size, config.map_dtype, config.compression)
     weights, weights_warning = resolve_weights(config)
     if weights_warning:
@@ -176,8 +197,8 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     artifact, sidecar = cached_artifact(config, weights)  # missing weights fail here, before the run dir exists
     check_classes(records, sidecar["metadata"].get("class_names") or _imagenet_names(), config.model, config.root)
     classifier = cached_classifier(config, weights, artifact) if config.faithfulness else None
-    _prepare_run_dir(out, config, overwrite)
-    todo = [i for i in range(len(shards)) if not shard_done(out, i)]
+    _prepare_run_dir(layout, config, replace)
+    todo = [i for i in range(len(shards)) if not _shard_matches(layout, i, shards[i])]
     metadata = sidecar["metadata"]
     settings = {
         "batch_size": config.batch_size, "size": config.size, "map_dtype": config.map_dtype,
@@ -238,8 +259,7 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
                 counts = scheduler.run(todo)
             except SchedulingError as error:
                 raise RunError(str(error)) from None
-        for leftover in out.rglob(".tmp-*"):  # files dead actors had begun
-            leftover.unlink(missing_ok=True)
+        RunLayout(out).sweep_temporary()  # files dead actors had begun
         images = sum(len(shards[i]) for i in todo)
         seconds = time.time() - begun
         return {"images_this_invocation": images, "explain_seconds": seconds,
@@ -267,50 +287,99 @@ def _imagenet_names() -> list[str]:
     return list(imagenet_classes().names)
 
 
+def _shard_matches(layout: RunLayout, index: int, shard: list[ImageRecord]) -> bool:
+    """A shard is done when its files exist and hold exactly its images (a shorter last shard of a run with a
+    smaller limit is redone when the limit grows)."""
+    if not layout.shard_done(index):
+        return False
+    try:
+        ids = (pq.read_table(layout.stats_shard(index), columns=["image_id"]).column(0).to_pylist()
+               + pq.read_table(layout.failure_shard(index), columns=["image_id"]).column(0).to_pylist())
+    except (OSError, pa.ArrowException):
+        return False
+    return sorted(ids) == sorted(record.image_id for record in shard)
+
+
+def _previous_manifest(layout: RunLayout) -> dict:
+    try:
+        return json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | None, sidecar: dict,
             started: float, work: dict) -> dict:
+    """Virtual dataset, failures, manifest and _SUCCESS. Each shard's provenance (the worker that wrote it and
+    the invocation) comes from the invocation that wrote it: a resumed or repeated run keeps earlier entries."""
     import h5py
 
+    layout = RunLayout(out)
+    previous = _previous_manifest(layout)
+    earlier = {e.get("shard"): e for e in previous.get("shards", []) if isinstance(e, dict)}
+    invocation = len(previous.get("invocations", [])) + 1
     rows, entries, failures = [], [], []
     for index in range(len(shards)):
-        name = shard_name(index)
-        h5, stats, failed = (out / "relevance" / f"{name}.h5", out / "stats" / f"{name}.parquet",
-                             out / "failures" / f"{name}.parquet")
+        h5, stats, failed = layout.relevance_shard(index), layout.stats_shard(index), layout.failure_shard(index)
         with h5py.File(h5, "r") as handle:
             count = handle["relevance"].shape[0]
         rows.append(count)
         failures.append(pq.read_table(failed))
-        entries.append({"shard": index, "images": len(shards[index]), "explained": count,
-                        "failed": failures[-1].num_rows, "relevance": f"relevance/{name}.h5",
-                        "relevance_sha256": sha256(h5), "stats": f"stats/{name}.parquet",
-                        "stats_sha256": sha256(stats), "worker": work.get("workers", {}).get(index)})
-    write_virtual_dataset(out / "relevance.h5", [out / "relevance" / f"{shard_name(i)}.h5" for i in range(len(shards))],
+        entry = {"shard": index, "images": len(shards[index]), "explained": count,
+                 "failed": failures[-1].num_rows, "relevance": layout.relative(h5),
+                 "relevance_sha256": sha256(h5), "stats": layout.relative(stats),
+                 "stats_sha256": sha256(stats), "worker": None, "invocation": None}
+        if index in work.get("workers", {}):
+            entry.update(worker=work["workers"][index], invocation=invocation)
+        elif (old := earlier.get(index)) and old.get("stats_sha256") == entry["stats_sha256"]:
+            entry.update(worker=old.get("worker"), invocation=old.get("invocation", 1))
+        entries.append(entry)
+    write_virtual_dataset(layout.virtual_dataset, [layout.relevance_shard(i) for i in range(len(shards))],
                           rows, config.size, config.size, config.map_dtype)
     all_failures = pa.concat_tables(failures) if failures else FAILURE_SCHEMA.empty_table()
-    with atomic(out / "failures.parquet") as tmp:
+    with atomic(layout.failures) as tmp:
         pq.write_table(all_failures, tmp)
     explained, failed = sum(rows), all_failures.num_rows
     seconds = time.time() - started
     import torch
 
+    this = {"invocation": invocation, "started": started, "seconds": seconds,
+            "shards_explained": sorted(work.get("workers", {})),
+            "retries": work.get("retries", {"total": 0}),
+            **{k: v for k, v in work.items() if k not in ("retries", "workers")}}
+    invocations = [*previous.get("invocations", []), this]
     manifest = {
         "config": asdict(config), "digest": config.digest(),
         "weights": sidecar["metadata"]["weights"], "random_weights": weights == "random",
         "weights_warning": warning, "artifact": sidecar["metadata"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      **sidecar["metadata"]["versions"]},
+        "dataset": work.get("dataset"),
         "totals": {"images": sum(len(s) for s in shards), "explained": explained, "failed": failed},
         "failure_reasons": _reason_counts(all_failures),
-        "retries": work.get("retries", {"total": 0}),
+        "retries": _summed_retries(invocations),
         "shards": entries,
         "timings": {"seconds_this_invocation": seconds,
-                    **{k: v for k, v in work.items() if k not in ("retries", "workers")}},
+                    "seconds_all_invocations": sum(i.get("seconds", 0.0) for i in invocations),
+                    **{k: v for k, v in work.items() if k not in ("retries", "workers", "dataset")}},
+        "invocations": invocations,
     }
-    with atomic(out / "manifest.json") as tmp:
+    with atomic(layout.manifest) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    with atomic(out / "_SUCCESS") as tmp:
+    with atomic(layout.success) as tmp:
         tmp.write_text("")
     return manifest
+
+
+def _summed_retries(invocations: list[dict]) -> dict:
+    """Retries over every invocation of the run (each invocation's own counts are in `invocations`)."""
+    total: dict = {"total": 0}
+    for item in invocations:
+        for key, value in (item.get("retries") or {}).items():
+            if isinstance(value, (int, float)) and key != "timeout_s":
+                total[key] = total.get(key, 0) + value
+            elif key == "timeout_s":
+                total[key] = value
+    return total
 
 
 def _reason_counts(failures: pa.Table) -> dict[str, int]:
