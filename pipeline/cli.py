@@ -21,6 +21,9 @@ EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be e
 OPTIONS = [
     ("dataset", str, "a name in configs/datasets/ (sample, imagenet-val) or a folder / tar-shard glob"),
     ("layout", str, "imagefolder | imagenet_val | webdataset | plain (default: detected)"),
+    ("labels", str, "label file: Kaggle's LOC_val_solution.csv or the devkit's ground truth .txt (default: searched)"),
+    ("synsets", str, "class list: the devkit's meta.mat or LOC_synset_mapping.txt (default: searched)"),
+    ("boxes", str, "folder of PASCAL VOC box XMLs (default: searched)"),
     ("limit", int, "explain only the first N images"),
     ("model", str, "vgg11, vgg11_bn, ..., vgg19_bn, vgg-shapes (the demo model)"),
     ("weights", str, "auto | imagenet | demo | random | path to a state-dict file"),

@@ -23,7 +23,7 @@ from lrp_module.zoo import WeightsError, build_vgg, default_weights, weights_fil
 from .artifact_trust import record_trust, untrusted_reason
 from .classes import check_classes
 from .config import RunConfig
-from .datasets import load_records
+from .datasets import DatasetFiles, load_dataset
 from .datasets.records import ImageRecord
 from .layout import RunLayout
 from .output_checks import check_free_space, check_out_placement, check_writable
@@ -181,7 +181,10 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     layout = RunLayout(out)
     check_out_placement(out, config.root, layout.is_run())  # before anything is read or written
     replace = _previous_run(layout, config, overwrite)  # before the artifact is built (it can take a minute)
-    records = load_records(config.root, config.layout)
+    dataset = load_dataset(config.root, config.layout,
+                           DatasetFiles(labels=config.labels, boxes=config.boxes, synsets=config.synsets))
+    print(dataset.describe(), file=sys.stderr, flush=True)
+    records = dataset.records
     if config.limit:
         records = records[:config.limit]
     if not records:
@@ -210,6 +213,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
         settings["faithfulness"] = {"classifier": str(classifier.resolve()), "steps": config.flip_steps,
                                     "patch": config.flip_patch}
     work = _run_shards(config, artifact, settings, shards, todo, out, strict, progress) if todo else {}
+    work["dataset"] = dataset.manifest()
     return _finish(out, config, shards, weights, weights_warning, sidecar, started, work)
 
 
