@@ -5,7 +5,9 @@ exists (written last, atomically); running the same command again skips done sha
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -25,7 +27,7 @@ from .classes import check_classes
 from .config import RunConfig
 from .datasets import DatasetFiles, load_dataset
 from .datasets.records import ImageRecord
-from .layout import RunLayout
+from .layout import RunLayout, temporary_name
 from .output_checks import check_free_space, check_out_placement, check_writable
 from .writers import FAILURE_SCHEMA, atomic, sha256, write_failed_shard, write_virtual_dataset
 
@@ -54,19 +56,29 @@ def resolve_weights(config: RunConfig) -> tuple[str, str | None]:
         return "random", f"{RANDOM_WARNING} ({error})"
 
 
-def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
-    """The traced LRP module for this configuration, built (and verified) once, reused by later runs."""
-    from export.artifacts import ExportConfig, export_artifacts
-
+def cache_key(config: RunConfig, weights: str) -> str:
+    """The cache entry's name: the model (a known name) and a hash of what shapes the artifact (composite, top-k,
+    size, and the weights: their choice, or a file's content). Never user text: a weights path cannot name or
+    escape a folder of the cache."""
     source = weights_file(config.model, weights)
-    if source is not None:  # a state-dict file: key by content, so a replaced file is never served stale
+    if source is not None:  # a state-dict file: keyed by content, so a replaced file is never served stale
         from lrp_module.zoo import sha256_file
 
-        weights_key = f"{source.stem}-{sha256_file(source)[:12]}"
+        weights_id = {"sha256": sha256_file(source)}
     else:
-        weights_key = weights
-    key = f"{config.model}-{config.composite}-k{config.top_k}-{config.size}-{weights_key}"
-    directory = Path(config.cache) / key
+        weights_id = {"choice": str(weights)}
+    identity = {"model": config.model, "composite": config.composite, "top_k": config.top_k, "size": config.size,
+                "weights": weights_id}
+    return f"{config.model}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
+    """The traced LRP module for this configuration, built (and verified) once, reused by later runs. A build
+    happens in a temporary folder of the cache, moved into place when complete: a failed one leaves nothing."""
+    from export.artifacts import ExportConfig, export_artifacts
+
+    cache = Path(config.cache)
+    directory = cache / cache_key(config, weights)
     artifact, sidecar = directory / "lrp.torchscript.pt", directory / "lrp.json"
     if artifact.is_file() and sidecar.is_file():
         reason = untrusted_reason([artifact, sidecar])
@@ -76,9 +88,20 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
     if not (artifact.is_file() and sidecar.is_file()):
         export = ExportConfig(model=config.model, weights=weights, composite=config.composite, top_k=config.top_k,
                               height=config.size, width=config.size, formats=("torchscript",))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_artifacts(export, directory, verify=True)
+        created = [p for p in (cache.absolute(), *cache.absolute().parents) if not p.exists()]
+        building = cache / temporary_name(directory.name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_artifacts(export, building, verify=True)
+            directory.mkdir(parents=True, exist_ok=True)
+            for path in (building / artifact.name, building / sidecar.name):
+                os.replace(path, directory / path.name)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)  # our own temporary folder
+            for folder in created:  # folders this build created, if the build left them empty
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         record_trust([artifact, sidecar])
     return artifact, json.loads(sidecar.read_text())
 
@@ -157,6 +180,8 @@ def _start_ray():
     if ray.is_initialized():
         return ray, False
     address = os.environ.get("RAY_ADDRESS")
+    if not address:  # a local cluster: Ray's default token authentication stays on, without its banner
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address or None, num_cpus=None if address else os.cpu_count(), include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     return ray, True

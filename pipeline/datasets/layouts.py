@@ -399,7 +399,8 @@ def detect_layout(root: str | Path, files: DatasetFiles = DatasetFiles()) -> str
         return "webdataset"
     root = Path(root)
     if root.is_file():
-        raise DatasetError(f"{root}: a file, not a dataset folder (give the folder that holds the images)")
+        kind = "an image file" if looks_like_image(root.name) else "a file"
+        raise DatasetError(f"{root}: {kind}, not a dataset folder (give the folder that holds the images)")
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset directory")
     if any(root.glob("*.tar")):
