@@ -174,6 +174,23 @@ def _prepare_run_dir(layout: RunLayout, config: RunConfig, replace: bool) -> Non
         raise RunError(f"run directory {layout.root} is not writable: {error.strerror or error}") from None
 
 
+def _known_class_count(config: RunConfig) -> int | None:
+    """The model's number of classes where its name and weights choice tell (not for a weights file)."""
+    from lrp_module import demo_model
+
+    if config.model == demo_model.NAME:
+        return len(json.loads(demo_model.RECORD_FILE.read_text())["classes"]) if demo_model.RECORD_FILE.is_file() \
+            else None
+    return 1000 if weights_file(config.model, config.weights) is None else None
+
+
+def _check_target(config: RunConfig, classes: int | None) -> None:
+    """A class index as target must be one of the model's classes: refused before any work (exit code 2)."""
+    if classes is not None and isinstance(config.target, int) and not 0 <= config.target < classes:
+        raise RunError(f"target {config.target} is out of range: model {config.model} has {classes} classes "
+                       f"(0-{classes - 1})")
+
+
 def _start_ray():
     import ray
 
@@ -204,6 +221,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     started = time.time()
     out = Path(config.out)
     layout = RunLayout(out)
+    _check_target(config, _known_class_count(config))  # before any work, where the count is known by name
     check_out_placement(out, config.root, layout.is_run())  # before anything is read or written
     replace = _previous_run(layout, config, overwrite)  # before the artifact is built (it can take a minute)
     dataset = load_dataset(config.root, config.layout,
@@ -223,6 +241,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     if weights_warning:
         print(f"\n{'!' * 100}\n{weights_warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     artifact, sidecar = cached_artifact(config, weights)  # missing weights fail here, before the run dir exists
+    _check_target(config, sidecar["metadata"]["outputs"]["logits"][1])
     check_classes(records, sidecar["metadata"].get("class_names") or _imagenet_names(), config.model, config.root)
     classifier = cached_classifier(config, weights, artifact) if config.faithfulness else None
     _prepare_run_dir(layout, config, replace)

@@ -167,7 +167,7 @@ class ShardExplainer:
                                           [record.image_id for record, _ in chunk], flipping["steps"],
                                           flipping["patch"], int(self.settings["batch_size"])))
         rows = []
-        for i, (record, _) in enumerate(chunk):
+        for i, (record, (_, boxes)) in enumerate(chunk):
             label = record.label
             pred = int(values["pred"][i])
             rows.append({
@@ -175,7 +175,7 @@ class ShardExplainer:
                 "label_name": record.label_name, "pred": pred, "pred_name": self._name(pred),
                 "target": int(used[i]), "top5": values["top_classes"][i].tolist(),
                 "correct": None if label is None else pred == label,
-                "row": offset + i, "seconds": seconds,
+                "row": offset + i, "seconds": seconds, "boxes": [list(b) for b in boxes] or None,
                 **{key: _scalar(values[key][i]) for key in (
                     "target_probability", "target_logit", "pred_probability", "pred_logit", "relevance_sum",
                     "positive_sum", "negative_sum", "max_abs", "positive_in_top1pct", "positive_in_top5pct",

@@ -96,6 +96,8 @@ STATS_SCHEMA = pa.schema([
     _field("pointing_game_hit", pa.bool_(), "arg-max pixel inside a label box (null without boxes or without positive relevance)"),
     _field("positive_in_box", pa.float32(), "relevance mass accuracy (Arras et al. 2022, 'sum,pos' pooling): positive "
            "relevance inside the label boxes / all positive relevance (null without boxes)"),
+    _field("boxes", pa.list_(pa.list_(pa.float32())), "label boxes in map pixels, each [x_min, y_min, x_max, "
+           "y_max] (null without boxes)"),
     _field("shard", pa.string(), "relevance shard file holding the map", False),
     _field("row", pa.int64(), "row of the map in that shard's `relevance` dataset", False),
     _field("seconds", pa.float32(), "explanation time of the image's batch, per image", False),

@@ -156,3 +156,56 @@ def test_an_all_zero_map_is_a_failure_saying_why(artifact, dataset, tmp_path):
 
     with h5py.File(out / "relevance" / "shard-00000.h5") as handle:
         assert handle["relevance"].shape[0] == 2 and (abs(handle["relevance"][:]).max(axis=(1, 2)) > 0).all()
+
+
+def test_target_out_of_range_is_refused_before_anything(dataset, tmp_path, artifact_cache, capsys, monkeypatch):
+    import pipeline.run as run
+
+    monkeypatch.setattr(run, "cached_artifact", lambda *a: pytest.fail("the artifact was built"))
+    out = tmp_path / "run"
+    _refused(capsys, _args(dataset, out, artifact_cache, "--target", "1000"),
+             "target 1000 is out of range: model vgg11 has 1000 classes")
+    assert not out.exists()
+
+
+def test_reruns_compare_normalised_configs_first_extend_with_a_larger_limit_and_keep_provenance(
+        dataset, tmp_path, artifact_cache, local_ray, monkeypatch):
+    """11.10 and 11.11: a trailing slash is the same dataset; another configuration is refused before the
+    artifact is built; a larger limit extends the run (its shards are a prefix), a smaller one is refused; every
+    shard keeps the worker and invocation that wrote it, and invocations are counted."""
+    import json
+
+    import pipeline.run as run
+    from pipeline.config import load_config
+
+    def config(**values):
+        base = dict(dataset=str(dataset), model="vgg11", weights="random", size=SIZE, batch_size=2, shard_size=2,
+                    map_dtype="float32", compression=0, out=str(tmp_path / "run"), cache=str(artifact_cache))
+        return load_config({**base, **values})
+
+    def explain(cfg, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return run.explain(cfg, progress=False, **kwargs)
+
+    first = explain(config(limit=2))
+    shard0 = tmp_path / "run" / "relevance" / "shard-00000.h5"
+    written = shard0.stat().st_mtime_ns
+    assert first["shards"][0]["worker"] is not None and first["shards"][0]["invocation"] == 1
+    explain(config(limit=2, dataset=str(dataset) + "/"))  # the same dataset: resumes, nothing to do
+    real = run.cached_artifact
+    monkeypatch.setattr(run, "cached_artifact", lambda *a: pytest.fail("the artifact was built before the check"))
+    with pytest.raises(run.RunError, match="differs in composite"):
+        explain(config(limit=2, composite="epsilon_plus_flat"))
+    monkeypatch.setattr(run, "cached_artifact", real)
+    extended = explain(config(limit=4))
+    assert extended["totals"] == {"images": 4, "explained": 4, "failed": 0} and shard0.stat().st_mtime_ns == written
+    assert [s["invocation"] for s in extended["shards"]] == [1, 3]
+    assert extended["shards"][0]["worker"] == first["shards"][0]["worker"]
+    assert len(extended["invocations"]) == 3 and extended["invocations"][0]["shards_explained"] == [0]
+    with pytest.raises(run.RunError, match="limit"):
+        explain(config(limit=2))
+    again = explain(config(limit=4))
+    assert [s["worker"] for s in again["shards"]] == [s["worker"] for s in extended["shards"]]
+    assert len(again["invocations"]) == 4 and "retries" in again
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["invocations"][-1]["shards_explained"] == []

@@ -30,8 +30,9 @@ def _render_all(rows: pd.DataFrame, maps: dict, folder: Path, cmap: str) -> dict
     release the GIL while encoding and decoding)."""
     unique = rows.drop_duplicates("image_id")
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap)
-                   for image_id, path in zip(unique["image_id"], unique["path"])}
+        boxes = unique["boxes"] if "boxes" in unique else [None] * len(unique)
+        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap, boxes=image_boxes)
+                   for image_id, path, image_boxes in zip(unique["image_id"], unique["path"], boxes)}
         return {image_id: future.result() for image_id, future in futures.items()}
 
 
@@ -154,10 +155,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
         "By label" if run.has_labels else "By predicted class (the run has no labels)")))
     sections.append(("failures", "Failures", html.section("failures", "Failures", _failures_section(run))))
 
-    config = run.manifest.get("config", {})
-    title = f"LRP audit: {config.get('model', '?')} / {config.get('composite', '?')} on {config.get('dataset', run.root.name)}"
-    warning = ("RANDOM weights: this run's maps say nothing about a trained model."
-               if run.manifest.get("random_weights") else None)
+    config = run.config
+    dataset = config.get("dataset") or Path(str(config.get("root") or run.root.name)).name
+    title = " ".join(["LRP audit:", " / ".join(str(config[k]) for k in ("model", "composite") if config.get(k))
+                      or run.root.name, f"on {dataset}"])
+    warnings = [] if run.complete else [
+        f"INCOMPLETE RUN: no manifest.json or _SUCCESS in {run.root} (stopped, or still running): this report "
+        "counts only the shards finished so far; run the same explain command again to finish it."]
+    if run.manifest.get("random_weights"):
+        warnings.append("RANDOM weights: this run's maps say nothing about a trained model.")
+    warning = " ".join(warnings) or None
     index = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"), encoding="utf-8")
