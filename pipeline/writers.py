@@ -93,7 +93,8 @@ STATS_SCHEMA = pa.schema([
     _field("entropy", pa.float32(), "entropy of positive relevance over pixels / log(pixels)"),
     _field("centre_row", pa.float32(), "row of the positive relevance's centre of mass (map pixels)"),
     _field("centre_col", pa.float32(), "column of the positive relevance's centre of mass (map pixels)"),
-    _field("pointing_game_hit", pa.bool_(), "arg-max pixel inside a label box (null without boxes or without positive relevance)"),
+    _field("pointing_game_hit", pa.bool_(),
+           "arg-max pixel inside a label box (null without boxes, or without positive relevance)"),
     _field("positive_in_box", pa.float32(), "relevance mass accuracy (Arras et al. 2022, 'sum,pos' pooling): positive "
            "relevance inside the label boxes / all positive relevance (null without boxes)"),
     _field("boxes", pa.list_(pa.list_(pa.float32())), "label boxes in map pixels, each [x_min, y_min, x_max, "

@@ -146,7 +146,8 @@ def test_validation_images_whose_labels_are_not_found_are_an_error_saying_where_
 
 def test_dataset_name_without_its_variable_says_what_to_set(monkeypatch):
     monkeypatch.delenv("IMAGENET_VAL_DIR", raising=False)
-    with pytest.raises(ConfigError, match=r"imagenet-val.yaml: root is \$\{IMAGENET_VAL_DIR\}.*export IMAGENET_VAL_DIR="):
+    with pytest.raises(ConfigError,
+                       match=r"imagenet-val.yaml: root is \$\{IMAGENET_VAL_DIR\}.*export IMAGENET_VAL_DIR="):
         load_config({"dataset": "imagenet-val"})
 
 
@@ -181,7 +182,8 @@ def test_class_folders_not_named_by_wnid_are_classes_in_sorted_order(tmp_path):
     dataset = load_dataset(tmp_path, "imagefolder")
     labels = {r.image_id: (r.label, r.label_name) for r in dataset.records if r.problem is None}
     assert labels == {"bird1": (0, "bird"), "cat1": (1, "cat"), "dog1": (2, "dog")}  # torchvision's order
-    assert [r.problem for r in dataset.records if r.image_id == "loose"] == ["not in a class folder (ImageFolder layout)"]
+    loose = [r.problem for r in dataset.records if r.image_id == "loose"]
+    assert loose == ["not in a class folder (ImageFolder layout)"]
     from pipeline.classes import check_classes
 
     with pytest.raises(DatasetError, match="class 0 is 'bird'.*model vgg16's is 'tench'"):

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.cli import main as cli_main
 from pipeline.layout import RunLayout
 
 from .bad_inputs import reference_rgb
+from .test_output_safety import SIZE, _args, _cli
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
-SIZE = 32
 
 
 def _listing(root: Path) -> dict[str, bytes]:
@@ -30,18 +29,6 @@ def dataset(tmp_path) -> Path:
     for i in range(4):
         Image.fromarray(reference_rgb(i)).save(root / "n01440764" / f"img{i:02d}.JPEG", quality=90)
     return root
-
-
-def _args(dataset: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return ["explain", "--dataset", str(dataset), "--model", "vgg11", "--weights", "random", "--size", str(SIZE),
-            "--batch-size", "2", "--shard-size", "2", "--map-dtype", "float32", "--compression", "0",
-            "--out", str(out), "--cache", str(cache), "--no-progress", *extra]
-
-
-def _cli(args: list[str]) -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cli_main(args)
 
 
 def _refused(capsys, args: list[str], match: str) -> None:
@@ -91,7 +78,8 @@ def test_run_layout_knows_its_own_files_only(tmp_path):
     layout = RunLayout(tmp_path)
     layout.make_folders()
     own = [layout.run_file, layout.manifest, layout.success, layout.relevance_shard(3), layout.stats_shard(3),
-           layout.failure_shard(3), layout.virtual_dataset, layout.failures, tmp_path / "stats" / ".tmp-12-shard-00004.parquet"]
+           layout.failure_shard(3), layout.virtual_dataset, layout.failures,
+           tmp_path / "stats" / ".tmp-12-shard-00004.parquet"]
     theirs = [tmp_path / "README.md", tmp_path / "stats" / "shard-3.parquet", tmp_path / "relevance" / "x.h5",
               tmp_path / ".tmp-notes", tmp_path / "deep" / "manifest.json"]
     for path in own + theirs:

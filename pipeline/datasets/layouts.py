@@ -137,7 +137,8 @@ class Dataset:
 
     def describe(self) -> str:
         used = ", ".join(f"{k} {v}" for k, v in self.files.items()) or "no label files"
-        return f"dataset {self.images}: layout {self.layout}, {len(self.records)} images; {used}"
+        return "; ".join([f"dataset {self.images}: layout {self.layout}, {len(self.records)} images", used,
+                          *self.notes])
 
     def manifest(self) -> dict:
         return {"layout": self.layout, "images": self.images, "files": self.files, "notes": self.notes}
@@ -151,7 +152,8 @@ def imagefolder(root: Path, files: DatasetFiles = DatasetFiles()) -> Dataset:
     wnids = all(re.fullmatch(r"n\d{8}", p.name) for p in folders)
     classes = imagenet_classes() if wnids else ClassList(tuple(p.name for p in folders), tuple(p.name for p in folders))
     listed = [(folder, path) for folder in folders for path in _images_below(folder)]
-    loose = _images(root)
+    hidden = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".")]  # .ipynb_checkpoints: no class
+    loose = _images(root) + [path for folder in sorted(hidden) for path in _images_below(folder)]
     ids = unique_ids([path for _, path in listed] + loose, root)
     records = [_labelled(ids[path], path, folder.name, root=root, source="the folder name", classes=classes)
                for folder, path in listed]
@@ -381,7 +383,10 @@ def plain(root: Path, files: DatasetFiles = DatasetFiles()) -> Dataset:
     """Any folder of images, subfolders included, unlabelled."""
     paths = _images_below(root)
     ids = unique_ids(paths, root)
-    return Dataset([ImageRecord(ids[p], str(p), problem=outside_root(root, p)) for p in paths], "plain", str(root))
+    notes = ["subfolders explained unlabelled (their names are not wnids; --layout imagefolder makes them classes)"
+             ] if any(p.parent != root for p in paths) else []
+    return Dataset([ImageRecord(ids[p], str(p), problem=outside_root(root, p)) for p in paths], "plain", str(root),
+                   notes=notes)
 
 
 LAYOUTS: dict[str, Callable[..., Dataset]] = {
