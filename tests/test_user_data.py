@@ -180,6 +180,7 @@ def test_reruns_compare_normalised_configs_first_extend_with_a_larger_limit_and_
     shard0 = tmp_path / "run" / "relevance" / "shard-00000.h5"
     written = shard0.stat().st_mtime_ns
     assert first["shards"][0]["worker"] is not None and first["shards"][0]["invocation"] == 1
+    assert first["dataset"]["layout"] == "imagefolder" and first["dataset"]["images"] == str(dataset)
     explain(config(limit=2, dataset=str(dataset) + "/"))  # the same dataset: resumes, nothing to do
     real = run.cached_artifact
     monkeypatch.setattr(run, "cached_artifact", lambda *a: pytest.fail("the artifact was built before the check"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from ..layout import RunLayout
 from . import html, selection, tables
 from .files import inside
 from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
@@ -124,7 +125,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
         raise ReportError(f"--per-class and --gallery must be >= 0 (got {per_class}, {gallery})")
     lookup_table(cmap)  # an unknown colour map fails before anything is written
     run = open_run(run_dir)
-    out = Path(out) if out else run.root / "report"
+    out = Path(out) if out else RunLayout(run.root).report
     images = _prepare(out)
     lap("read statistics")
     galleries = _galleries(run, gallery, per_class)
@@ -189,7 +190,7 @@ def write_heatmaps(run_dir: str | Path, ids: list[str], out: str | Path | None =
     if unknown:
         raise ReportError(f"unknown image id(s) in {run.root}: {', '.join(unknown[:10])}"
                           + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-    folder = Path(out) if out else run.root / "heatmaps"
+    folder = Path(out) if out else RunLayout(run.root).heatmaps
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
