@@ -91,11 +91,12 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
         created = [p for p in (cache.absolute(), *cache.absolute().parents) if not p.exists()]
         building = cache / temporary_name(directory.name)
         try:
+            building.mkdir(parents=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export_artifacts(export, building, verify=True)
             directory.mkdir(parents=True, exist_ok=True)
-            for path in (building / artifact.name, building / sidecar.name):
+            for path in sorted(building.iterdir()):  # what the build wrote: the artifact and its sidecar
                 os.replace(path, directory / path.name)
         finally:
             shutil.rmtree(building, ignore_errors=True)  # our own temporary folder
@@ -226,7 +227,6 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     replace = _previous_run(layout, config, overwrite)  # before the artifact is built (it can take a minute)
     dataset = load_dataset(config.root, config.layout,
                            DatasetFiles(labels=config.labels, boxes=config.boxes, synsets=config.synsets))
-    print(dataset.describe(), file=sys.stderr, flush=True)
     records = dataset.records
     if config.limit:
         records = records[:config.limit]
@@ -245,6 +245,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     check_classes(records, sidecar["metadata"].get("class_names") or _imagenet_names(), config.model, config.root)
     classifier = cached_classifier(config, weights, artifact) if config.faithfulness else None
     _prepare_run_dir(layout, config, replace)
+    print(dataset.describe(), file=sys.stderr, flush=True)  # once the run starts: a refused one is one line
     todo = [i for i in range(len(shards)) if not _shard_matches(layout, i, shards[i])]
     metadata = sidecar["metadata"]
     settings = {

@@ -130,7 +130,7 @@ def test_bad_configuration_stops_before_writing(tmp_path, dataset, capsys):
     with pytest.raises(ConfigError, match=r"command line: model must be one of"):
         load_config({"dataset": str(dataset), "model": "resnet50"})
     (configs / "datasets" / "mine.yaml").write_text("root: ${SURELY_UNSET_VARIABLE_X}\n")
-    with pytest.raises(ConfigError, match="unset environment variable"):
+    with pytest.raises(ConfigError, match="SURELY_UNSET_VARIABLE_X is not set: export SURELY_UNSET_VARIABLE_X="):
         load_config({"dataset": "mine"}, config_dir=configs)
     out = tmp_path / "never"
     assert cli_main(["explain", "--dataset", str(dataset), "--composite", "nope", "--out", str(out)]) == 2
