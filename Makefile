@@ -18,6 +18,31 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
+EXPLAIN_PREREQUISITES = $(if $(filter shapes,$(DATASET)),shapes-data)
+EXPLAIN_COMMAND = $(PY) -m pipeline explain $(call given,DATASET,dataset) $(call given,MODEL,model) \
+	$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
+	$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(EXPLAIN_ARGS)
+EXPORT_COMMAND = $(PY) -m export --model $(MODEL) --weights $(WEIGHTS) --composite $(COMPOSITE) --top-k $(TOPK) \
+	--out $(OUT) $(EXPORT_ARGS)
+
+# `make explain` and `make export` exit with the program's own codes (0 done, 1 some images failed / an artifact
+# failed its check, 2 could not start or finish), which make alone cannot do: any failed recipe makes it exit 2.
+# So, as the only goal (and not a dry run), the job runs while this Makefile is read (prerequisites first, by a
+# sub-make), its output going to make's own stdout and stderr; status 1 then turns on make's question mode
+# (-q), whose exit status for a target that is not up to date is 1; 0 and 2 are the recipe's `exit`.
+JOB = $(if $(filter explain,$(MAKECMDGOALS)),EXPLAIN,EXPORT)
+ifneq ($(filter explain export,$(MAKECMDGOALS)),)
+ifeq ($(words $(MAKECMDGOALS)),1)
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+JOB_STATUS := $(shell $(MAKE) --no-print-directory -s $(STAMP) $(if $(filter explain,$(MAKECMDGOALS)),$(EXPLAIN_PREREQUISITES)) >&2 \
+	&& { $($(JOB)_COMMAND); } >"$$( [ -w /proc/$$PPID/fd/1 ] && echo /proc/$$PPID/fd/1 || echo /dev/stderr )"; echo $$?)
+ifeq ($(JOB_STATUS),1)
+MAKEFLAGS += -q
+endif
+endif
+endif
+endif
+
 .PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean
 
@@ -66,14 +91,11 @@ bench-reliability: $(STAMP)
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)
-	$(PY) -m export --model $(MODEL) --weights $(WEIGHTS) --composite $(COMPOSITE) --top-k $(TOPK) \
-		--out $(OUT) $(EXPORT_ARGS)
+	$(if $(JOB_STATUS),@exit $(JOB_STATUS),$(EXPORT_COMMAND))
 
 # e.g. make explain DATASET=imagenet-val MODEL=vgg19_bn COMPOSITE=epsilon_plus_flat TOPK=0.1 OUT=runs/x LIMIT=1000
-explain: $(STAMP) $(if $(filter shapes,$(DATASET)),shapes-data)
-	$(PY) -m pipeline explain $(call given,DATASET,dataset) $(call given,MODEL,model) \
-		$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
-		$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(EXPLAIN_ARGS)
+explain: $(STAMP) $(EXPLAIN_PREREQUISITES)
+	$(if $(JOB_STATUS),@exit $(JOB_STATUS),$(EXPLAIN_COMMAND))
 
 # e.g. make report RUN=runs/x (REPORT_ARGS='--per-class 2 --gallery 24'); opens from RUN/report/index.html
 report: $(STAMP)

@@ -30,6 +30,10 @@ class ExportError(RuntimeError):
     """The export cannot go ahead or did not complete; the message says why."""
 
 
+class VerificationError(ExportError):
+    """The artifacts were written but one differs from eager LRP (exit code 1, as a run with failed images)."""
+
+
 @dataclass
 class ExportConfig:
     """What to export: one model + weights + composite + top-k, for one input size."""
@@ -158,8 +162,7 @@ EXPORTERS = {"torchscript": _export_torchscript, "onnx": _export_onnx, "torch.ex
 def export_artifacts(config: ExportConfig, out_dir: str | os.PathLike, verify: bool = True) -> dict:
     """Build the model the config names, then write and verify its artifacts (see `write_artifacts`)."""
     config.validate()
-    prepare_output(Path(out_dir))
-    lrp, info = build_explainer(config)
+    lrp, info = build_explainer(config)  # bad weights fail here, before OUT exists
     return write_artifacts(lrp, info, config, out_dir, verify)
 
 
@@ -200,7 +203,7 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
     _commit(tmp, sidecar)
     failed = [r for r in (record["verification"] or {}).values() if not r["ok"]]
     if failed:
-        raise ExportError("verification failed: " + "; ".join(r["message"] for r in failed))
+        raise VerificationError("verification failed: " + "; ".join(r["message"] for r in failed))
     return record
 
 

@@ -8,12 +8,23 @@ import sys
 from lrp_module.composites import COMPOSITES
 from lrp_module.zoo import MODEL_NAMES, WeightsError
 
-from .artifacts import FILENAMES, ExportConfig, ExportError, export_artifacts
+from .artifacts import FILENAMES, ExportConfig, ExportError, VerificationError, export_artifacts
 from .runner import ArtifactError
 
 
+EXIT_CODES = ("exit codes (as `python -m pipeline explain`): 0 written and verified; 1 written, but an artifact "
+              "failed its check against eager LRP; 2 nothing could be exported (configuration, weights, OUT)")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option is one line naming it (exit 2), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m export", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     p.add_argument("--model", default="vgg16", help=f"one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (torch hub cache or download), 'demo' (vgg-shapes' committed weights), a state-dict "
@@ -41,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         record = export_artifacts(config, args.out, verify=not args.no_verify)
-    except (ExportError, WeightsError, ArtifactError, ValueError) as error:
+    except VerificationError as error:  # the files are there, one differs: like a run with failed images
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (ExportError, WeightsError, ArtifactError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for fmt, name in record["artifacts"].items():
         check = (record["verification"] or {}).get(fmt)
         print(f"{fmt:<13s} {args.out}/{name}  {check['message'].split(': ', 1)[1] if check else '(not verified)'}")

@@ -231,9 +231,12 @@ class LRPModel(nn.Module):
         logits = h
         relevance = self.start_relevance(logits, target)
         out = logits
+        # the one-hot start vector is never filtered (its zeros would beat a negative logit: an all-zero map);
+        # seed's softmax start is, as the blog does
+        start_filtered = self.composite.start == "softmax"
         for k in range(len(self.steps) - 1, -1, -1):
             step, a = self.steps[k], inputs.pop()
-            if self.top_k.active and step.filtered:
+            if self.top_k.active and step.filtered and (k < len(self.steps) - 1 or start_filtered):
                 relevance = self.top_k(relevance, traceable)
             relevance = step.relevance(a, out, stashes.pop(), relevance)
             out = a

@@ -129,12 +129,29 @@ def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Mo
 
 def _loaded(model: nn.Module, state: dict, info: WeightsInfo, name: str) -> tuple[nn.Module, WeightsInfo]:
     """`model` with `state` loaded strictly, in eval mode; a state of another architecture is one clear error."""
+    mismatch = _mismatch(model.state_dict(), state)
+    if mismatch:
+        raise WeightsError(f"weights {info.source} do not match {name}: {mismatch}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = " ".join(str(error).split("\n\t")[:2]).replace("\n", " ")
-        raise WeightsError(f"weights {info.source} do not match {name}: {first[:300]}") from None
+        raise WeightsError(f"weights {info.source} do not match {name}: {first[:200]}") from None
     return model.eval(), info
+
+
+def _mismatch(expected: dict, found: dict) -> str | None:
+    """Expected vs found in a short line: the first tensor of another shape, or the tensors missing / extra."""
+    for key, tensor in expected.items():
+        other = found.get(key)
+        if other is not None and hasattr(other, "shape") and tuple(other.shape) != tuple(tensor.shape):
+            return f"{key} expected {list(tensor.shape)}, found {list(other.shape)}"
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if missing or extra:
+        return (f"expected {len(expected)} tensors, found {len(found)} ({len(missing)} missing, e.g. "
+                f"{missing[0] if missing else '-'}; {len(extra)} unexpected, e.g. {extra[0] if extra else '-'})")
+    return None
 
 
 def _load_imagenet(name: str) -> tuple[dict, WeightsInfo]:
@@ -176,8 +193,12 @@ def _load_file(name: str, path: Path) -> tuple[dict, WeightsInfo]:
         raise WeightsError(f"weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"weights file {path} is not a loadable state dict: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # never repeat PyTorch's advice to load with weights_only=False: that runs code
+        if "Weights only load failed" in str(error):
+            raise WeightsError(f"weights file {path} is not a loadable state dict: it holds pickled Python objects, "
+                               "not only tensors (a whole saved model?); save model.state_dict() instead") from None
+        raise WeightsError(f"weights file {path} is not a loadable state dict (not a PyTorch file: "
+                           f"{type(error).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

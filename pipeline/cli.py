@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from export.artifacts import ExportError
 from lrp_module.zoo import WeightsError
@@ -21,6 +22,9 @@ EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be e
 OPTIONS = [
     ("dataset", str, "a name in configs/datasets/ (sample, imagenet-val) or a folder / tar-shard glob"),
     ("layout", str, "imagefolder | imagenet_val | webdataset | plain (default: detected)"),
+    ("labels", str, "label file: Kaggle's LOC_val_solution.csv or the devkit's ground truth .txt (default: searched)"),
+    ("synsets", str, "class list: the devkit's meta.mat or LOC_synset_mapping.txt (default: searched)"),
+    ("boxes", str, "folder of PASCAL VOC box XMLs (default: searched)"),
     ("limit", int, "explain only the first N images"),
     ("model", str, "vgg11, vgg11_bn, ..., vgg19_bn, vgg-shapes (the demo model)"),
     ("weights", str, "auto | imagenet | demo | random | path to a state-dict file"),
@@ -44,8 +48,19 @@ OPTIONS = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option is one line naming it (exit 2), not the whole usage; --help still shows everything."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+INTERRUPTED = ("interrupted: finished shards are kept; run the same command again to resume (only unfinished "
+               "shards are redone)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline")
+    p = OneLineParser(prog="python -m pipeline")
     commands = p.add_subparsers(dest="command", required=True)
     run = commands.add_parser("explain", help=__doc__.splitlines()[0],
                               description=__doc__.splitlines()[0] + " Values override configs/run.yaml.",
@@ -76,11 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(overrides)
         manifest = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
                            check_space=not args.no_space_check)
+    except KeyboardInterrupt:  # Ctrl-C: every finished file is complete (atomic renames), the run resumes
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     except StrictStop as error:  # an image failed, as without --strict: exit code 1
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (ConfigError, DatasetError, WeightsError, ExportError, RunError, OutputCheckError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception:  # a bug: the traceback, and the code of a run that could not finish (never 1)
+        traceback.print_exc()
         return 2
     totals = manifest["totals"]
     reasons = ", ".join(f"{k} {v}" for k, v in manifest["failure_reasons"].items())

@@ -54,13 +54,19 @@ class RunConfig:
     faithfulness: bool = False
     flip_steps: int = 100
     flip_patch: int = 9
+    labels: str | None = None  # label file (Kaggle CSV or devkit ground truth), else searched for
+    boxes: str | None = None  # folder of VOC box XMLs, else searched for
+    synsets: str | None = None  # meta.mat or LOC_synset_mapping.txt, else searched for
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs produce the same outputs (not how fast or where they run)."""
         keys = ("root", "layout", "limit", "model", "weights", "composite", "top_k", "target", "size",
-                "shard_size", "map_dtype", "compression")
+                "shard_size", "map_dtype", "compression", "labels", "boxes", "synsets")
         identity = {k: getattr(self, k) for k in keys}
         identity["faithfulness"] = self.faithfulness and {"steps": self.flip_steps, "patch": self.flip_patch}
+        for key in ("labels", "boxes", "synsets"):  # absent unless named: runs made before these keys still match
+            if identity[key] is None:
+                del identity[key]
         return identity
 
     def digest(self) -> str:
@@ -69,7 +75,8 @@ class RunConfig:
 
 KEYS = {f.name for f in fields(RunConfig)}
 # a dataset of small images (the shapes) sets its own crop size and pixel-flipping regions
-DATASET_KEYS = {"root", "layout", "size", "flip_patch", "flip_steps"}
+DATASET_KEYS = {"root", "layout", "size", "flip_patch", "flip_steps", "labels", "boxes", "synsets"}
+PATH_KEYS = ("root", "labels", "boxes", "synsets")
 
 
 def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
@@ -88,8 +95,16 @@ def _read_yaml(path: Path, allowed: set[str]) -> dict[str, Any]:
 def _expand(value: str, key: str, source: str) -> str:
     expanded = os.path.expandvars(value)
     if "$" in expanded:
-        raise ConfigError(f"{source}: {key} uses an unset environment variable: {value}")
+        names = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", value)
+        unset = [n for n in names if n not in os.environ] or names
+        raise ConfigError(f"{source}: {key} is {value}, and {', '.join(unset)} is not set: "
+                          f"export {unset[0]}=/path/to/the/images (or give the folder: DATASET=/path/to/the/images)")
     return expanded
+
+
+def normal_path(path: str) -> str:
+    """One spelling per place (absolute, no trailing slash, no '..'): 'data/x/' and 'data/x' are the same run."""
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
 def load_config(overrides: dict[str, Any] | None = None, config_dir: Path = CONFIG_DIR) -> RunConfig:
@@ -108,16 +123,25 @@ def load_config(overrides: dict[str, Any] | None = None, config_dir: Path = CONF
             raise ConfigError(f"{dataset_file}: missing key 'root'")
         values.update(found)
         sources.update({k: str(dataset_file) for k in found})
-        values["root"] = _expand(str(found["root"]), "root", str(dataset_file))
         root_base = Path(__file__).resolve().parent.parent
-        if not Path(values["root"]).is_absolute():
-            values["root"] = str(root_base / values["root"])
+        for key in PATH_KEYS:  # ${VARIABLES} expand; relative paths are the checkout's
+            if found.get(key) is not None:
+                values[key] = _expand(str(found[key]), key, str(dataset_file))
+                if not Path(values[key]).is_absolute():
+                    values[key] = str(root_base / values[key])
     else:
+        if not any(ch in dataset for ch in "/*?[") and not Path(dataset).exists():
+            known = ", ".join(sorted(p.stem for p in (config_dir / "datasets").glob("*.yaml")))
+            raise ConfigError(f"dataset {dataset!r}: not a dataset name ({known}; configs/datasets/*.yaml) nor an "
+                              "existing folder or tar-shard glob")
         values["root"] = dataset
         sources["root"] = "command line"
     values.update(overrides)
     sources.update({k: "command line" for k in overrides})
     values["dataset"] = dataset
+    for key in PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = normal_path(values[key])
     config = RunConfig(**values)
     validate(config, sources)
     if config.out is None:  # a readable directory name, also for a tar glob

@@ -64,3 +64,31 @@ def check_free_space(out: Path, images: int, size: int, map_dtype: str, compress
 
 def _mb(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
+
+
+def dataset_folder(root: str) -> Path:
+    """The folder a dataset lives in: the root itself, or for a tar shard / glob the folder of its shards."""
+    text = str(root)
+    if any(ch in text for ch in "*?[") or text.endswith(".tar"):
+        parts = Path(text).parts
+        plain = [p for p in parts[:-1] if not any(ch in p for ch in "*?[")]
+        return Path(*plain) if plain else Path(".")
+    return Path(text)
+
+
+def check_out_placement(out: Path, root: str, is_run: bool) -> None:
+    """Refuse an OUT that is the dataset, lies inside it or contains it (a run there, or its --overwrite, would
+    mix with or delete the user's images), and an existing non-empty folder that is not a run folder."""
+    dataset = dataset_folder(root).resolve()
+    target = out.resolve()
+    if target == dataset:
+        raise OutputCheckError(f"--out {out} is the dataset ({root}): choose another run directory")
+    if target.is_relative_to(dataset):
+        raise OutputCheckError(f"--out {out} is inside the dataset ({root}): choose a run directory outside it")
+    if dataset.is_relative_to(target):
+        raise OutputCheckError(f"--out {out} contains the dataset ({root}): choose a run directory beside it")
+    if target.is_dir() and not is_run and any(target.iterdir()):
+        raise OutputCheckError(f"--out {out} exists, is not empty and is not a run folder (no run.json): "
+                               "choose a new or empty directory")
+    if target.exists() and not target.is_dir():
+        raise OutputCheckError(f"--out {out} is a file, not a directory")

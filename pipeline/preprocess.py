@@ -108,6 +108,31 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
 def decode(data: bytes) -> Image.Image:
     """RGB as the eye sees it: EXIF orientation applied, alpha composited on white, palettes, grey, CMYK and
     16-bit grey converted. Truncated files fail (Pillow's LOAD_TRUNCATED_IMAGES must stay off)."""
+    return decode_oriented(data)[0]
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def orient_boxes(boxes: tuple[Box, ...], orientation: int, size: tuple[int, int]) -> tuple[Box, ...]:
+    """Boxes drawn on the stored pixels (width, height = size) moved by the EXIF orientation that decoding applied
+    (the same flips and rotations as PIL's exif_transpose), so that they frame the same pixels."""
+    w, h = size
+    points = {
+        2: lambda x, y: (w - x, y), 3: lambda x, y: (w - x, h - y), 4: lambda x, y: (x, h - y),
+        5: lambda x, y: (y, x), 6: lambda x, y: (h - y, x), 7: lambda x, y: (h - y, w - x), 8: lambda x, y: (y, w - x),
+    }.get(orientation)
+    if points is None:
+        return boxes
+    moved = []
+    for x0, y0, x1, y1 in boxes:
+        (ax, ay), (bx, by) = points(x0, y0), points(x1, y1)
+        moved.append((min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)))
+    return tuple(moved)
+
+
+def decode_oriented(data: bytes) -> tuple[Image.Image, int, tuple[int, int]]:
+    """`decode`, plus the EXIF orientation it applied and the stored size (what boxes are drawn on)."""
     if not data:
         raise DecodeError("empty file")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -115,14 +140,16 @@ def decode(data: bytes) -> Image.Image:
     try:
         image = _open(data)
         image.load()
+        stored_size = image.size
+        orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
         image = ImageOps.exif_transpose(image)
         if image.mode in SIXTEEN_BIT_MODES:
-            return _sixteen_bit_to_rgb(image)
+            return _sixteen_bit_to_rgb(image), orientation, stored_size
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGB", image.size, (255, 255, 255))  # alpha composited on white
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-            return background
-        return image.convert("RGB")
+            return background, orientation, stored_size
+        return image.convert("RGB"), orientation, stored_size
     except DecodeError:
         raise
     except (OSError, EOFError, SyntaxError, ValueError) as error:
@@ -153,5 +180,6 @@ def transform(pixels: torch.Tensor, boxes: tuple[Box, ...], preprocessing: Prepr
 
 
 def load(record: ImageRecord, preprocessing: Preprocessing = Preprocessing()) -> tuple[torch.Tensor, list[Box]]:
-    """Read, decode and preprocess one record."""
-    return preprocess(decode(read_bytes(record.path)), record.boxes, preprocessing)
+    """Read, decode and preprocess one record; its boxes follow the EXIF orientation and the resize and crop."""
+    image, orientation, stored_size = decode_oriented(read_bytes(record.path))
+    return preprocess(image, orient_boxes(record.boxes, orientation, stored_size), preprocessing)

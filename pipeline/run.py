@@ -5,7 +5,9 @@ exists (written last, atomically); running the same command again skips done sha
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -23,11 +25,11 @@ from lrp_module.zoo import WeightsError, build_vgg, default_weights, weights_fil
 from .artifact_trust import record_trust, untrusted_reason
 from .classes import check_classes
 from .config import RunConfig
-from .datasets import load_records
+from .datasets import DatasetFiles, load_dataset
 from .datasets.records import ImageRecord
-from .output_checks import check_free_space, check_writable
-from .writers import (FAILURE_SCHEMA, atomic, commit, sha256, shard_name, temporary, write_failed_shard,
-                      write_virtual_dataset)
+from .layout import RunLayout, temporary_name
+from .output_checks import check_free_space, check_out_placement, check_writable
+from .writers import FAILURE_SCHEMA, atomic, sha256, write_failed_shard, write_virtual_dataset
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")
@@ -54,19 +56,29 @@ def resolve_weights(config: RunConfig) -> tuple[str, str | None]:
         return "random", f"{RANDOM_WARNING} ({error})"
 
 
-def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
-    """The traced LRP module for this configuration, built (and verified) once, reused by later runs."""
-    from export.artifacts import ExportConfig, export_artifacts
-
+def cache_key(config: RunConfig, weights: str) -> str:
+    """The cache entry's name: the model (a known name) and a hash of what shapes the artifact (composite, top-k,
+    size, and the weights: their choice, or a file's content). Never user text: a weights path cannot name or
+    escape a folder of the cache."""
     source = weights_file(config.model, weights)
-    if source is not None:  # a state-dict file: key by content, so a replaced file is never served stale
+    if source is not None:  # a state-dict file: keyed by content, so a replaced file is never served stale
         from lrp_module.zoo import sha256_file
 
-        weights_key = f"{source.stem}-{sha256_file(source)[:12]}"
+        weights_id = {"sha256": sha256_file(source)}
     else:
-        weights_key = weights
-    key = f"{config.model}-{config.composite}-k{config.top_k}-{config.size}-{weights_key}"
-    directory = Path(config.cache) / key
+        weights_id = {"choice": str(weights)}
+    identity = {"model": config.model, "composite": config.composite, "top_k": config.top_k, "size": config.size,
+                "weights": weights_id}
+    return f"{config.model}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
+    """The traced LRP module for this configuration, built (and verified) once, reused by later runs. A build
+    happens in a temporary folder of the cache, moved into place when complete: a failed one leaves nothing."""
+    from export.artifacts import ExportConfig, export_artifacts
+
+    cache = Path(config.cache)
+    directory = cache / cache_key(config, weights)
     artifact, sidecar = directory / "lrp.torchscript.pt", directory / "lrp.json"
     if artifact.is_file() and sidecar.is_file():
         reason = untrusted_reason([artifact, sidecar])
@@ -76,9 +88,21 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
     if not (artifact.is_file() and sidecar.is_file()):
         export = ExportConfig(model=config.model, weights=weights, composite=config.composite, top_k=config.top_k,
                               height=config.size, width=config.size, formats=("torchscript",))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_artifacts(export, directory, verify=True)
+        created = [p for p in (cache.absolute(), *cache.absolute().parents) if not p.exists()]
+        building = cache / temporary_name(directory.name)
+        try:
+            building.mkdir(parents=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_artifacts(export, building, verify=True)
+            directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(building.iterdir()):  # what the build wrote: the artifact and its sidecar
+                os.replace(path, directory / path.name)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)  # our own temporary folder
+            for folder in created:  # folders this build created, if the build left them empty
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         record_trust([artifact, sidecar])
     return artifact, json.loads(sidecar.read_text())
 
@@ -106,31 +130,66 @@ def shards_of(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:
 
 
 def shard_done(out: Path, index: int) -> bool:
-    name = shard_name(index)
-    return all((out / sub / f"{name}{ext}").is_file()
-               for sub, ext in (("relevance", ".h5"), ("failures", ".parquet"), ("stats", ".parquet")))
+    return RunLayout(out).shard_done(index)
 
 
-def _prepare_run_dir(out: Path, config: RunConfig, overwrite: bool) -> None:
-    run_file = out / "run.json"
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        if previous.get("digest") != config.digest():
-            if not overwrite:
-                changed = sorted(k for k, v in config.identity().items() if previous["identity"].get(k) != v)
-                raise RunError(f"{out} holds a run with another configuration (differs in {', '.join(changed)}); "
-                               "use --overwrite or another OUT")
-            shutil.rmtree(out)
+def _previous_run(layout: RunLayout, config: RunConfig, overwrite: bool) -> bool:
+    """Before any work: may this run use OUT? True when it replaces a run of another configuration
+    (--overwrite). A run of the same configuration resumes; one with a larger limit extends it (its shards are a
+    prefix of the new ones); anything else is refused, naming what differs."""
+    if not layout.run_file.is_file():
+        return False
     try:
-        for sub in ("relevance", "stats", "failures"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        for leftover in out.rglob(".tmp-*"):  # a killed run's unfinished files
-            leftover.unlink()
-        tmp = temporary(run_file)
-        tmp.write_text(json.dumps({"digest": config.digest(), "identity": config.identity()}, indent=2))
-        commit(tmp, run_file)
+        previous = json.loads(layout.run_file.read_text())
+        identity = previous["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        if overwrite:
+            return True
+        raise RunError(f"{layout.run_file}: unreadable run record; use --overwrite or another OUT") from None
+    current = config.identity()
+    changed = sorted(k for k, v in current.items() if k != "limit" and identity.get(k) != v)
+    if not changed and not _limit_extends(identity.get("limit"), config.limit):
+        changed = ["limit (smaller than the finished run's: its shards would no longer match)"]
+    if not changed:
+        return False
+    if not overwrite:
+        raise RunError(f"{layout.root} holds a run with another configuration (differs in {', '.join(changed)}); "
+                       "use --overwrite (removes only the run's own files) or another OUT")
+    return True
+
+
+def _limit_extends(previous: int | None, current: int | None) -> bool:
+    """A run's shards are a prefix of a run over more images: the same or a larger limit (None = all) extends."""
+    return current is None or (previous is not None and current >= previous)
+
+
+def _prepare_run_dir(layout: RunLayout, config: RunConfig, replace: bool) -> None:
+    try:
+        if replace:
+            layout.remove_own()
+        layout.make_folders()
+        layout.sweep_temporary()  # a killed run's unfinished files
+        with atomic(layout.run_file) as tmp:
+            tmp.write_text(json.dumps({"digest": config.digest(), "identity": config.identity()}, indent=2))
     except OSError as error:
-        raise RunError(f"run directory {out} is not writable: {error.strerror or error}") from None
+        raise RunError(f"run directory {layout.root} is not writable: {error.strerror or error}") from None
+
+
+def _known_class_count(config: RunConfig) -> int | None:
+    """The model's number of classes where its name and weights choice tell (not for a weights file)."""
+    from lrp_module import demo_model
+
+    if config.model == demo_model.NAME:
+        return len(json.loads(demo_model.RECORD_FILE.read_text())["classes"]) if demo_model.RECORD_FILE.is_file() \
+            else None
+    return 1000 if weights_file(config.model, config.weights) is None else None
+
+
+def _check_target(config: RunConfig, classes: int | None) -> None:
+    """A class index as target must be one of the model's classes: refused before any work (exit code 2)."""
+    if classes is not None and isinstance(config.target, int) and not 0 <= config.target < classes:
+        raise RunError(f"target {config.target} is out of range: model {config.model} has {classes} classes "
+                       f"(0-{classes - 1})")
 
 
 def _start_ray():
@@ -139,6 +198,8 @@ def _start_ray():
     if ray.is_initialized():
         return ray, False
     address = os.environ.get("RAY_ADDRESS")
+    if not address:  # a local cluster: Ray's default token authentication stays on, without its banner
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address or None, num_cpus=None if address else os.cpu_count(), include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     return ray, True
@@ -160,7 +221,13 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     before writing when the configuration cannot work, OutputError when a write fails (the run stops)."""
     started = time.time()
     out = Path(config.out)
-    records = load_records(config.root, config.layout)
+    layout = RunLayout(out)
+    _check_target(config, _known_class_count(config))  # before any work, where the count is known by name
+    check_out_placement(out, config.root, layout.is_run())  # before anything is read or written
+    replace = _previous_run(layout, config, overwrite)  # before the artifact is built (it can take a minute)
+    dataset = load_dataset(config.root, config.layout,
+                           DatasetFiles(labels=config.labels, boxes=config.boxes, synsets=config.synsets))
+    records = dataset.records
     if config.limit:
         records = records[:config.limit]
     if not records:
@@ -168,16 +235,18 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     check_writable(out)  # before anything is written, the artifact cache included
     shards = shards_of(records, config.shard_size)
     if check_space:
-        remaining = sum(len(shard) for i, shard in enumerate(shards) if not shard_done(out, i))
+        remaining = sum(len(shard) for i, shard in enumerate(shards) if replace or not _shard_matches(layout, i, shard))
         check_free_space(out, remaining, config.size, config.map_dtype, config.compression)
     weights, weights_warning = resolve_weights(config)
     if weights_warning:
         print(f"\n{'!' * 100}\n{weights_warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     artifact, sidecar = cached_artifact(config, weights)  # missing weights fail here, before the run dir exists
+    _check_target(config, sidecar["metadata"]["outputs"]["logits"][1])
     check_classes(records, sidecar["metadata"].get("class_names") or _imagenet_names(), config.model, config.root)
     classifier = cached_classifier(config, weights, artifact) if config.faithfulness else None
-    _prepare_run_dir(out, config, overwrite)
-    todo = [i for i in range(len(shards)) if not shard_done(out, i)]
+    _prepare_run_dir(layout, config, replace)
+    print(dataset.describe(), file=sys.stderr, flush=True)  # once the run starts: a refused one is one line
+    todo = [i for i in range(len(shards)) if not _shard_matches(layout, i, shards[i])]
     metadata = sidecar["metadata"]
     settings = {
         "batch_size": config.batch_size, "size": config.size, "map_dtype": config.map_dtype,
@@ -190,6 +259,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
         settings["faithfulness"] = {"classifier": str(classifier.resolve()), "steps": config.flip_steps,
                                     "patch": config.flip_patch}
     work = _run_shards(config, artifact, settings, shards, todo, out, strict, progress) if todo else {}
+    work["dataset"] = dataset.manifest()
     return _finish(out, config, shards, weights, weights_warning, sidecar, started, work)
 
 
@@ -239,8 +309,7 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
                 counts = scheduler.run(todo)
             except SchedulingError as error:
                 raise RunError(str(error)) from None
-        for leftover in out.rglob(".tmp-*"):  # files dead actors had begun
-            leftover.unlink(missing_ok=True)
+        RunLayout(out).sweep_temporary()  # files dead actors had begun
         images = sum(len(shards[i]) for i in todo)
         seconds = time.time() - begun
         return {"images_this_invocation": images, "explain_seconds": seconds,
@@ -268,50 +337,99 @@ def _imagenet_names() -> list[str]:
     return list(imagenet_classes().names)
 
 
+def _shard_matches(layout: RunLayout, index: int, shard: list[ImageRecord]) -> bool:
+    """A shard is done when its files exist and hold exactly its images (a shorter last shard of a run with a
+    smaller limit is redone when the limit grows)."""
+    if not layout.shard_done(index):
+        return False
+    try:
+        ids = (pq.read_table(layout.stats_shard(index), columns=["image_id"]).column(0).to_pylist()
+               + pq.read_table(layout.failure_shard(index), columns=["image_id"]).column(0).to_pylist())
+    except (OSError, pa.ArrowException):
+        return False
+    return sorted(ids) == sorted(record.image_id for record in shard)
+
+
+def _previous_manifest(layout: RunLayout) -> dict:
+    try:
+        return json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | None, sidecar: dict,
             started: float, work: dict) -> dict:
+    """Virtual dataset, failures, manifest and _SUCCESS. Each shard's provenance (the worker that wrote it and
+    the invocation) comes from the invocation that wrote it: a resumed or repeated run keeps earlier entries."""
     import h5py
 
+    layout = RunLayout(out)
+    previous = _previous_manifest(layout)
+    earlier = {e.get("shard"): e for e in previous.get("shards", []) if isinstance(e, dict)}
+    invocation = len(previous.get("invocations", [])) + 1
     rows, entries, failures = [], [], []
     for index in range(len(shards)):
-        name = shard_name(index)
-        h5, stats, failed = (out / "relevance" / f"{name}.h5", out / "stats" / f"{name}.parquet",
-                             out / "failures" / f"{name}.parquet")
+        h5, stats, failed = layout.relevance_shard(index), layout.stats_shard(index), layout.failure_shard(index)
         with h5py.File(h5, "r") as handle:
             count = handle["relevance"].shape[0]
         rows.append(count)
         failures.append(pq.read_table(failed))
-        entries.append({"shard": index, "images": len(shards[index]), "explained": count,
-                        "failed": failures[-1].num_rows, "relevance": f"relevance/{name}.h5",
-                        "relevance_sha256": sha256(h5), "stats": f"stats/{name}.parquet",
-                        "stats_sha256": sha256(stats), "worker": work.get("workers", {}).get(index)})
-    write_virtual_dataset(out / "relevance.h5", [out / "relevance" / f"{shard_name(i)}.h5" for i in range(len(shards))],
+        entry = {"shard": index, "images": len(shards[index]), "explained": count,
+                 "failed": failures[-1].num_rows, "relevance": layout.relative(h5),
+                 "relevance_sha256": sha256(h5), "stats": layout.relative(stats),
+                 "stats_sha256": sha256(stats), "worker": None, "invocation": None}
+        if index in work.get("workers", {}):
+            entry.update(worker=work["workers"][index], invocation=invocation)
+        elif (old := earlier.get(index)) and old.get("stats_sha256") == entry["stats_sha256"]:
+            entry.update(worker=old.get("worker"), invocation=old.get("invocation", 1))
+        entries.append(entry)
+    write_virtual_dataset(layout.virtual_dataset, [layout.relevance_shard(i) for i in range(len(shards))],
                           rows, config.size, config.size, config.map_dtype)
     all_failures = pa.concat_tables(failures) if failures else FAILURE_SCHEMA.empty_table()
-    with atomic(out / "failures.parquet") as tmp:
+    with atomic(layout.failures) as tmp:
         pq.write_table(all_failures, tmp)
     explained, failed = sum(rows), all_failures.num_rows
     seconds = time.time() - started
     import torch
 
+    this = {"invocation": invocation, "started": started, "seconds": seconds,
+            "shards_explained": sorted(work.get("workers", {})),
+            "retries": work.get("retries", {"total": 0}),
+            **{k: v for k, v in work.items() if k not in ("retries", "workers")}}
+    invocations = [*previous.get("invocations", []), this]
     manifest = {
         "config": asdict(config), "digest": config.digest(),
         "weights": sidecar["metadata"]["weights"], "random_weights": weights == "random",
         "weights_warning": warning, "artifact": sidecar["metadata"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      **sidecar["metadata"]["versions"]},
+        "dataset": work.get("dataset"),
         "totals": {"images": sum(len(s) for s in shards), "explained": explained, "failed": failed},
         "failure_reasons": _reason_counts(all_failures),
-        "retries": work.get("retries", {"total": 0}),
+        "retries": _summed_retries(invocations),
         "shards": entries,
         "timings": {"seconds_this_invocation": seconds,
-                    **{k: v for k, v in work.items() if k not in ("retries", "workers")}},
+                    "seconds_all_invocations": sum(i.get("seconds", 0.0) for i in invocations),
+                    **{k: v for k, v in work.items() if k not in ("retries", "workers", "dataset")}},
+        "invocations": invocations,
     }
-    with atomic(out / "manifest.json") as tmp:
+    with atomic(layout.manifest) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    with atomic(out / "_SUCCESS") as tmp:
+    with atomic(layout.success) as tmp:
         tmp.write_text("")
     return manifest
+
+
+def _summed_retries(invocations: list[dict]) -> dict:
+    """Retries over every invocation of the run (each invocation's own counts are in `invocations`)."""
+    total: dict = {"total": 0}
+    for item in invocations:
+        for key, value in (item.get("retries") or {}).items():
+            if isinstance(value, (int, float)) and key != "timeout_s":
+                total[key] = total.get(key, 0) + value
+            elif key == "timeout_s":
+                total[key] = value
+    return total
 
 
 def _reason_counts(failures: pa.Table) -> dict[str, int]:

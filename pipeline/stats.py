@@ -90,7 +90,8 @@ def localisation(relevance: Tensor, boxes: Sequence[Sequence[Sequence[float]] | 
     """Pointing game (is the arg-max pixel inside a box?) and the share of positive relevance inside the boxes,
     which is Arras et al.'s relevance mass accuracy (Information Fusion 2022, CLEVR-XAI) for a channel-summed
     map with their "sum,pos" pooling: positive relevance inside / all positive relevance, the union of the boxes as
-    the mask. `boxes[i]` is a list of boxes for image i in map pixels, or None/empty (then both are NaN)."""
+    the mask. `boxes[i]` is a list of boxes for image i in map pixels, or None/empty (then both are NaN); both are
+    NaN too for a map without positive relevance (its arg-max would be an arbitrary pixel)."""
     n, h, w = relevance.shape
     hit = torch.full((n,), torch.nan)
     inside = torch.full((n,), torch.nan)
@@ -99,10 +100,11 @@ def localisation(relevance: Tensor, boxes: Sequence[Sequence[Sequence[float]] | 
             continue
         mask = box_mask(image_boxes, h, w).to(relevance.device)
         r = relevance[i]
-        hit[i] = float(mask.flatten()[r.flatten().argmax()])
         positive = r.clamp(min=0)
         total = positive.sum()
-        inside[i] = float(positive[mask].sum() / total) if total > 0 else torch.nan
+        if total > 0:  # without positive relevance there is nothing to point with: both stay null
+            hit[i] = float(mask.flatten()[r.flatten().argmax()])
+            inside[i] = float(positive[mask].sum() / total)
     return {"pointing_game_hit": hit, "positive_in_box": inside}
 
 

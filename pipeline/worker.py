@@ -22,8 +22,8 @@ from .faithfulness import FLIP_COLUMNS, flip_statistics
 from .faults import inject_fault
 from .gpu_decode import DeviceDecoder
 from .preprocess import DecodeError, Preprocessing, load
-from .writers import (FAILURE_SCHEMA, STATS_SCHEMA, OutputError, compress_map, shard_name, write_parquet,
-                      write_relevance)
+from .layout import RunLayout
+from .writers import FAILURE_SCHEMA, STATS_SCHEMA, OutputError, compress_map, write_parquet, write_relevance
 
 
 class ShardExplainer:
@@ -109,9 +109,18 @@ class ShardExplainer:
                 if len(pending) == batch or (record is records[-1] and pending):
                     try:
                         maps_chunk, rows_chunk = self._explain_batch(pending, len(maps))
-                        maps += maps_chunk
-                        compressed += [self.compressors.submit(compress_map, m, *self._map_format) for m in maps_chunk]
-                        rows += rows_chunk
+                        for map_, row in zip(maps_chunk, rows_chunk):
+                            empty = _empty_map_reason(row)
+                            if empty:  # an all-zero or non-finite map explains nothing: a failure saying why
+                                failures.append({"image_id": row["image_id"], "path": row["path"],
+                                                 "reason": empty, "shard": index})
+                                continue
+                            row["row"] = len(maps)
+                            maps.append(map_)
+                            compressed.append(self.compressors.submit(compress_map, map_, *self._map_format))
+                            rows.append(row)
+                        if strict and failures:
+                            return self._stopped(index, failures[0], started)
                     except Exception as error:  # an image that breaks the model: record it, go on
                         failures += [{"image_id": r.image_id, "path": r.path, "reason": f"explain failed: {error}",
                                       "shard": index} for r, _ in pending]
@@ -122,9 +131,8 @@ class ShardExplainer:
             decoded.close()  # a strict stop cancels the decodes not yet started
         size = self.settings["size"]
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
-        name = shard_name(index)
         try:
-            self._write(out, name, index, array, rows, failures, [future.result() for future in compressed])
+            self._write(RunLayout(out), index, array, rows, failures, [future.result() for future in compressed])
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
             return {"shard": index, "explained": 0, "failed": 0, "reasons": [], "write_error": str(error),
                     "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
@@ -137,19 +145,20 @@ class ShardExplainer:
         return {"shard": index, "explained": 0, "failed": 1, "reasons": [failure["reason"]], "stopped_at": failure,
                 "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
 
-    def _write(self, out: Path, name: str, index: int, array: np.ndarray, rows: list[dict],
+    def _write(self, layout: RunLayout, index: int, array: np.ndarray, rows: list[dict],
                failures: list[dict], chunks: list[bytes] | None = None) -> None:
         columns = {"image_id": [r["image_id"] for r in rows], "path": [r["path"] for r in rows],
                    "label": np.array([-1 if r["label"] is None else r["label"] for r in rows], dtype=np.int64),
                    "pred": np.array([r["pred"] for r in rows], dtype=np.int64),
                    "target": np.array([r["target"] for r in rows], dtype=np.int64)}
-        write_relevance(out / "relevance" / f"{name}.h5", array, columns, self.settings.get("attributes", {}),
+        relevance_file = layout.relevance_shard(index)
+        write_relevance(relevance_file, array, columns, self.settings.get("attributes", {}),
                         dtype=self.settings.get("map_dtype", "float16"),
                         compression=int(self.settings.get("compression", 4)), chunks=chunks)
         for row in rows:
-            row["shard"] = f"relevance/{name}.h5"
-        write_parquet(failures, FAILURE_SCHEMA, out / "failures" / f"{name}.parquet")
-        write_parquet(rows, STATS_SCHEMA, out / "stats" / f"{name}.parquet")  # last: marks the shard done
+            row["shard"] = layout.relative(relevance_file)
+        write_parquet(failures, FAILURE_SCHEMA, layout.failure_shard(index))
+        write_parquet(rows, STATS_SCHEMA, layout.stats_shard(index))  # last: marks the shard done
 
     def _explain_batch(self, chunk, offset: int):
         x = torch.stack([tensor for _, (tensor, _) in chunk]).to(self.device)
@@ -169,7 +178,7 @@ class ShardExplainer:
                                           [record.image_id for record, _ in chunk], flipping["steps"],
                                           flipping["patch"], int(self.settings["batch_size"])))
         rows = []
-        for i, (record, _) in enumerate(chunk):
+        for i, (record, (_, boxes)) in enumerate(chunk):
             label = record.label
             pred = int(values["pred"][i])
             rows.append({
@@ -177,7 +186,7 @@ class ShardExplainer:
                 "label_name": record.label_name, "pred": pred, "pred_name": self._name(pred),
                 "target": int(used[i]), "top5": values["top_classes"][i].tolist(),
                 "correct": None if label is None else pred == label,
-                "row": offset + i, "seconds": seconds,
+                "row": offset + i, "seconds": seconds, "boxes": [list(b) for b in boxes] or None,
                 **{key: _scalar(values[key][i]) for key in (
                     "target_probability", "target_logit", "pred_probability", "pred_logit", "relevance_sum",
                     "positive_sum", "negative_sum", "max_abs", "positive_in_top1pct", "positive_in_top5pct",
@@ -195,6 +204,17 @@ class ShardExplainer:
         if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
             return torch.full((len(records),), int(mode))
         return torch.full((len(records),), -1)
+
+
+def _empty_map_reason(row: dict) -> str | None:
+    """Why a map explains nothing (all zero, or not finite), or None."""
+    largest = row.get("max_abs")
+    if largest is None or not np.isfinite(largest):
+        return f"non-finite relevance map (target {row['target']}, logit {row['target_logit']:.4g})"
+    if largest == 0:
+        return (f"all-zero relevance map (target {row['target']}, logit {row['target_logit']:.4g}): no relevance "
+                "reached the input")
+    return None
 
 
 def _peak_rss_mb() -> float:

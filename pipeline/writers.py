@@ -17,12 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
+from .layout import RunLayout, shard_name, temporary_name  # noqa: F401  (shard_name: re-exported)
 
 
 def temporary(path: Path) -> Path:
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    return path.with_name(temporary_name(path.name))
 
 
 def commit(tmp: Path, path: Path) -> None:
@@ -95,9 +94,12 @@ STATS_SCHEMA = pa.schema([
     _field("entropy", pa.float32(), "entropy of positive relevance over pixels / log(pixels)"),
     _field("centre_row", pa.float32(), "row of the positive relevance's centre of mass (map pixels)"),
     _field("centre_col", pa.float32(), "column of the positive relevance's centre of mass (map pixels)"),
-    _field("pointing_game_hit", pa.bool_(), "arg-max pixel inside a label box (null without boxes)"),
+    _field("pointing_game_hit", pa.bool_(),
+           "arg-max pixel inside a label box (null without boxes, or without positive relevance)"),
     _field("positive_in_box", pa.float32(), "relevance mass accuracy (Arras et al. 2022, 'sum,pos' pooling): positive "
            "relevance inside the label boxes / all positive relevance (null without boxes)"),
+    _field("boxes", pa.list_(pa.list_(pa.float32())), "label boxes in map pixels, each [x_min, y_min, x_max, "
+           "y_max] (null without boxes)"),
     _field("shard", pa.string(), "relevance shard file holding the map", False),
     _field("row", pa.int64(), "row of the map in that shard's `relevance` dataset", False),
     _field("seconds", pa.float32(), "explanation time of the image's batch, per image", False),
@@ -176,14 +178,14 @@ def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequenc
 def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, settings: dict) -> dict:
     """A shard none of whose images could be explained (its actor kept dying): no maps, every image a failure;
     written by the driver in the same files and order as an actor would."""
-    name = shard_name(index)
+    layout = RunLayout(out)
     size = int(settings["size"])
     columns = {"image_id": [], "path": [], "label": np.zeros(0, np.int64), "pred": np.zeros(0, np.int64),
                "target": np.zeros(0, np.int64)}
-    write_relevance(out / "relevance" / f"{name}.h5", np.zeros((0, size, size), np.float32), columns,
+    write_relevance(layout.relevance_shard(index), np.zeros((0, size, size), np.float32), columns,
                     settings.get("attributes", {}), dtype=settings.get("map_dtype", "float16"))
     failures = [{"image_id": r.image_id, "path": r.path, "reason": reason, "shard": index} for r in records]
-    write_parquet(failures, FAILURE_SCHEMA, out / "failures" / f"{name}.parquet")
-    write_parquet([], STATS_SCHEMA, out / "stats" / f"{name}.parquet")
+    write_parquet(failures, FAILURE_SCHEMA, layout.failure_shard(index))
+    write_parquet([], STATS_SCHEMA, layout.stats_shard(index))
     return {"shard": index, "explained": 0, "failed": len(failures), "reasons": [reason] * len(failures),
             "worker": None}

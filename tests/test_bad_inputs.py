@@ -22,7 +22,8 @@ from PIL import Image, ImageFile
 
 from pipeline.cli import main as cli_main
 from pipeline.datasets import load_records
-from pipeline.preprocess import DecodeError, Preprocessing, decode, preprocess, read_bytes
+from pipeline.datasets.records import ImageRecord
+from pipeline.preprocess import DecodeError, Preprocessing, decode, load, preprocess, read_bytes
 
 from .bad_inputs import (
     CASES,
@@ -265,3 +266,22 @@ def test_strict_stops_at_the_first_bad_image(tmp_path, artifact_cache, local_ray
                          "--cache", str(artifact_cache), "--no-progress", "--actors", "1"])
     assert code == 1 and capsys.readouterr().out.startswith("7 explained, 2 failed: empty file 1, not an image")
     assert (out / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_follow_the_exif_orientation(orientation, tmp_path):
+    """Boxes are annotated on the stored pixels; the image is shown (and explained) as the eye sees it, so the boxes
+    get the same orientation transform (issue 11.4): the box still frames the white rectangle it was drawn on."""
+    stored = np.zeros((60, 90, 3), np.uint8)  # 90 wide, 60 high; a white rectangle off every symmetry axis
+    stored[10:25, 50:80] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "oriented.png"
+    Image.fromarray(stored).save(path, exif=exif.tobytes())
+    record = ImageRecord("oriented", str(path), boxes=((50.0, 10.0, 80.0, 25.0),))
+    tensor, boxes = load(record, Preprocessing(resize=64, crop=64))
+    bright = (tensor.mean(0) > 0.5).nonzero()
+    rows, cols = bright[:, 0], bright[:, 1]
+    (x0, y0, x1, y1), = boxes
+    assert abs(cols.min() - x0) <= 1.5 and abs(cols.max() + 1 - x1) <= 1.5
+    assert abs(rows.min() - y0) <= 1.5 and abs(rows.max() + 1 - y1) <= 1.5

@@ -96,13 +96,17 @@ def layouts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,layout", [("imagefolder", "imagefolder"), ("kaggle", "imagenet_val"),
-                                         ("devkit", "imagenet_val"), ("wds", "webdataset"), ("plain", "plain")])
+                                         ("devkit", "imagenet_val"), ("wds", "webdataset"),
+                                         ("plain", "imagenet_val")])
 def test_detection(layouts, name, layout):
+    """Validation images without label files (`plain`) are still the validation layout: loading them says where
+    it looked for labels (they never vanish silently); --layout plain explains them unlabelled."""
     assert detect_layout(layouts / name) == layout
 
 
 def test_every_layout_gives_the_same_labels_and_images(layouts):
-    by_layout = {name: load_records(layouts / name) for name in ("imagefolder", "kaggle", "devkit", "wds", "plain")}
+    by_layout = {name: load_records(layouts / name, "plain" if name == "plain" else None)
+                 for name in ("imagefolder", "kaggle", "devkit", "wds", "plain")}
     expected_ids = [_name(n) for n, _, _, _ in IMAGES]
     for name, records in by_layout.items():
         assert sorted(r.image_id for r in records) == expected_ids, name
@@ -158,8 +162,10 @@ def test_layout_errors(tmp_path):
     val = tmp_path / "val"
     val.mkdir()
     (val / "ILSVRC2012_val_00000001.JPEG").write_bytes(_jpeg(0, (32, 32)))
-    assert detect_layout(val) == "plain"  # validation names without label files: nothing to label them with
-    with pytest.raises(DatasetError, match="without ILSVRC2012_validation_ground_truth.txt"):
-        load_records(val, layout="imagenet_val")
+    assert detect_layout(val) == "imagenet_val"  # validation names: their labels are expected
+    with pytest.raises(DatasetError, match="without labels: no LOC_val_solution.csv or "
+                                           "ILSVRC2012_validation_ground_truth.txt .* in .*val"):
+        load_records(val)
+    assert [r.label for r in load_records(val, layout="plain")] == [None]
     with pytest.raises(DatasetError, match="unknown layout"):
         load_records(val, layout="coco")

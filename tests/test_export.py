@@ -150,7 +150,7 @@ def test_bad_requests_fail_before_writing(tmp_path):
 def test_cli_one_line_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "export", "--model", "vgg11", "--weights", "random",
                              "--composite", "nope", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2  # could not export: the same code as explain's
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown composite 'nope'")
 
 

@@ -116,9 +116,10 @@ def test_disk_full_while_writing_stops_cleanly_and_resumes(good_dataset, tmpfs, 
     final name, no _SUCCESS; with room made, the same command resumes and keeps the shards already done."""
     out = tmpfs / "run"
     assert _cli(_args(good_dataset, out, artifact_cache, "--no-space-check")) == 2
-    err = capsys.readouterr().err.strip()
+    announced, err = capsys.readouterr().err.strip().rsplit("\n", 1)  # the dataset line at the start, the error
+    assert announced.startswith("dataset ") and "layout imagefolder" in announced and "\n" not in announced
     assert err.startswith(f"error: cannot write {out}/") and "no space left on device" in err
-    assert "make room and run the same command again" in err and "\n" not in err
+    assert "make room and run the same command again" in err
     assert not list(out.rglob(".tmp-*")) and not (out / "_SUCCESS").exists()
     done = sorted(p.stem for p in (out / "stats").glob("*.parquet"))
     assert 0 < len(done) < 6, done  # some shards fit, not all

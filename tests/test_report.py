@@ -282,3 +282,56 @@ def test_bad_input_is_one_line_error(tmp_path, photos, capsys, argv, culprit):
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("error: ") and culprit in error
     assert not (run / "heatmaps").exists() and not (run / "report").exists()
+
+
+def test_report_on_an_unfinished_run_says_so_and_counts_what_exists(tmp_path, photos):
+    """11.12: no manifest (the run was stopped or is still running): the top of the page says the run is
+    incomplete, the title comes from run.json, and the counts are those of the finished shards."""
+    import json
+
+    run = _run(tmp_path, photos, n=20, failures=2)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").unlink()
+    (run / "failures.parquet").unlink()
+    (run / "run.json").write_text(json.dumps({"digest": "x", "identity": {
+        "root": "/data/val", "model": manifest["config"]["model"], "composite": "epsilon_plus_flat"}}))
+    page = build_report(run, gallery=3).read_text()
+    top = page.split('<section id="summary">', 1)[0]
+    assert "incomplete" in top.lower() and "?" not in page.split("<title>", 1)[1].split("</title>", 1)[0]
+    assert "epsilon_plus_flat" in top
+    assert "20 explained, 2 failed so far" in page
+
+
+def test_pointing_game_reads_as_a_rate(tmp_path, photos):
+    run = _run(tmp_path, photos, boxes=True)
+    page = build_report(run, gallery=2).read_text()
+    stats = pd.read_parquet(run / "stats")
+    hits, boxed = int(stats.pointing_game_hit.sum()), int(stats.pointing_game_hit.notna().sum())
+    assert f"{100 * hits / boxed:.3g} % ({hits} of {boxed} images with boxes)" in page
+
+
+def test_histograms_have_integer_counts_and_tick_labels_that_do_not_overlap(tmp_path):
+    from pipeline.report.plots import histogram_figure
+
+    stats = pd.DataFrame({"seconds": [1e-4 * (1 + i % 3) for i in range(6)] + [123456.7],
+                          "gini": np.linspace(0.2, 0.9, 7), "correct": [True, False] * 3 + [None]})
+    for column in ("seconds", "gini"):
+        figure = histogram_figure(stats, column, split_by_correct=True)
+        axes = figure.axes[0]
+        figure.canvas.draw()
+        assert all(float(t).is_integer() for t in axes.get_yticks()), axes.get_yticks()
+        boxes = [label.get_window_extent() for label in axes.get_xticklabels() if label.get_text()]
+        assert boxes and all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [l.get_text() for l in axes.get_xticklabels()]
+
+
+def test_tiles_draw_the_box_where_the_image_has_one(tmp_path):
+    from pipeline.report.tiles import render
+
+    photo = tmp_path / "grey.png"
+    Image.new("RGB", (SIZE, SIZE), (128, 128, 128)).save(photo)
+    relevance = np.zeros((SIZE, SIZE), np.float32)
+    files = render("a", str(photo), relevance, tmp_path, "coldnhot", photo_format="png", boxes=[(4.0, 6.0, 20.0, 24.0)])
+    image = np.asarray(Image.open(tmp_path / files.image))
+    assert (image[6, 4:20] != 128).any(axis=-1).all() and (image[15, 12] == 128).all()  # an outline, not a fill
+    plain = render("b", str(photo), relevance, tmp_path, "coldnhot", photo_format="png")
+    assert (np.asarray(Image.open(tmp_path / plain.image)) == 128).all()

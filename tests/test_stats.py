@@ -77,3 +77,16 @@ def test_prediction():
     assert result["top_classes"].tolist() == [[1, 2], [0, 1]]
     probabilities = torch.softmax(logits, 1)
     assert result["target_probability"][0] == pytest.approx(probabilities[0, 2].item())
+
+
+def test_pointing_game_is_null_without_positive_relevance():
+    """A map with no positive relevance has no arg-max to point with (it would be pixel (0, 0)): its pointing game
+    is null, like its relevance mass in the box (issue 11.3); a map with some positive value still points."""
+    negative = -torch.rand(1, 8, 8) - 0.1
+    zero = torch.zeros(1, 8, 8)
+    pointing = -torch.rand(1, 8, 8)
+    pointing[0, 6, 6] = 0.5
+    box = [(0.0, 0.0, 4.0, 4.0)]  # holds pixel (0, 0)
+    result = stats.localisation(torch.cat([negative, zero, pointing]), [box, box, [(5.0, 5.0, 8.0, 8.0)]])
+    assert math.isnan(result["pointing_game_hit"][0]) and math.isnan(result["pointing_game_hit"][1])
+    assert math.isnan(result["positive_in_box"][0]) and result["pointing_game_hit"][2] == 1.0

@@ -85,3 +85,41 @@ def test_fast_selection_is_exact(kind, top_k):
     expected = torch.kthvalue(rows, rows.shape[1] - k + 1, dim=1, keepdim=True).values
     assert torch.equal(kth_largest(rows, k), expected)
     assert torch.equal(kth_largest_traceable(rows, k), expected)
+
+
+def _negative_targets(model: lrp.LRPModel, x: torch.Tensor) -> torch.Tensor:
+    """Per image, the class with the most negative logit."""
+    with torch.no_grad():
+        logits = model.explain(x)[0]
+    assert (logits.min(1).values < 0).all()
+    return logits.argmin(1)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1"])
+def test_negative_logit_target_is_not_wiped_by_the_filter(vgg11, images, composite):
+    """The start vector one-hot(target) * logit is never filtered: with a negative logit the zeros would beat it
+    and every map would be zero (issue 11.2). Inner layers keep the largest values, as before."""
+    model = lrp.LRPModel(vgg11, composite, top_k=0.1)
+    target = _negative_targets(model, images)
+    relevance = model(images, target)
+    assert (relevance.flatten(1).abs().amax(1) > 0).all()
+
+
+def test_onnx_artifact_keeps_negative_logit_maps_too(tmp_path):
+    from export import ExportConfig, load_artifact
+    from export.artifacts import write_artifacts
+    from lrp_module.zoo import WeightsInfo
+
+    from .helpers import make_tiny_vgg
+
+    model = lrp.LRPModel(make_tiny_vgg(), "epsilon_gamma_box", top_k=0.1)
+    config = ExportConfig(model="tiny-vgg", weights="random", composite="epsilon_gamma_box", top_k=0.1, height=64,
+                          width=64, formats=("onnx",))
+    write_artifacts(model, WeightsInfo("tiny-vgg", "random", "tests"), config, tmp_path, verify=False)
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 64, 64)
+    target = _negative_targets(model, x)
+    _, relevance = load_artifact(tmp_path / "lrp.onnx")(x.numpy(), target.numpy())
+    eager = model(x, target).numpy()
+    assert (abs(relevance).reshape(3, -1).max(1) > 0).all()
+    assert abs(relevance - eager).max() <= 1e-4 * abs(eager).max()

@@ -1,5 +1,6 @@
 """Dataset layouts -> image records (id, path, label, boxes)."""
-from .layouts import LAYOUTS, detect_layout, load_records
+from .layouts import LAYOUTS, Dataset, DatasetFiles, detect_layout, load_dataset, load_records
 from .records import DatasetError, ImageRecord
 
-__all__ = ["LAYOUTS", "DatasetError", "ImageRecord", "detect_layout", "load_records"]
+__all__ = ["LAYOUTS", "Dataset", "DatasetError", "DatasetFiles", "ImageRecord", "detect_layout", "load_dataset",
+           "load_records"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from ..layout import RunLayout
 from . import html, selection, tables
 from .files import inside
 from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
@@ -30,8 +31,9 @@ def _render_all(rows: pd.DataFrame, maps: dict, folder: Path, cmap: str) -> dict
     release the GIL while encoding and decoding)."""
     unique = rows.drop_duplicates("image_id")
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap)
-                   for image_id, path in zip(unique["image_id"], unique["path"])}
+        boxes = unique["boxes"] if "boxes" in unique else [None] * len(unique)
+        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap, boxes=image_boxes)
+                   for image_id, path, image_boxes in zip(unique["image_id"], unique["path"], boxes)}
         return {image_id: future.result() for image_id, future in futures.items()}
 
 
@@ -123,7 +125,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
         raise ReportError(f"--per-class and --gallery must be >= 0 (got {per_class}, {gallery})")
     lookup_table(cmap)  # an unknown colour map fails before anything is written
     run = open_run(run_dir)
-    out = Path(out) if out else run.root / "report"
+    out = Path(out) if out else RunLayout(run.root).report
     images = _prepare(out)
     lap("read statistics")
     galleries = _galleries(run, gallery, per_class)
@@ -154,10 +156,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
         "By label" if run.has_labels else "By predicted class (the run has no labels)")))
     sections.append(("failures", "Failures", html.section("failures", "Failures", _failures_section(run))))
 
-    config = run.manifest.get("config", {})
-    title = f"LRP audit: {config.get('model', '?')} / {config.get('composite', '?')} on {config.get('dataset', run.root.name)}"
-    warning = ("RANDOM weights: this run's maps say nothing about a trained model."
-               if run.manifest.get("random_weights") else None)
+    config = run.config
+    dataset = config.get("dataset") or Path(str(config.get("root") or run.root.name)).name
+    title = " ".join(["LRP audit:", " / ".join(str(config[k]) for k in ("model", "composite") if config.get(k))
+                      or run.root.name, f"on {dataset}"])
+    warnings = [] if run.complete else [
+        f"INCOMPLETE RUN: no manifest.json or _SUCCESS in {run.root} (stopped, or still running): this report "
+        "counts only the shards finished so far; run the same explain command again to finish it."]
+    if run.manifest.get("random_weights"):
+        warnings.append("RANDOM weights: this run's maps say nothing about a trained model.")
+    warning = " ".join(warnings) or None
     index = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"), encoding="utf-8")
@@ -182,7 +190,7 @@ def write_heatmaps(run_dir: str | Path, ids: list[str], out: str | Path | None =
     if unknown:
         raise ReportError(f"unknown image id(s) in {run.root}: {', '.join(unknown[:10])}"
                           + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-    folder = Path(out) if out else run.root / "heatmaps"
+    folder = Path(out) if out else RunLayout(run.root).heatmaps
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:

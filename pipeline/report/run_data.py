@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from ..layout import RunLayout
+
 # Never needed by the report (wide list / repeated string columns); everything else is read.
 UNUSED_COLUMNS = ("top5", "wnid")
 
@@ -29,11 +31,17 @@ class RunData:
     stats: pd.DataFrame
     failures: pd.DataFrame
     list_columns: list[str] = field(default_factory=list)  # per-image curves (list<float>), if the run has any
+    complete: bool = True  # manifest.json and _SUCCESS exist: the run finished
+
+    @property
+    def config(self) -> dict:
+        """The run's configuration: the manifest's, or (unfinished run) what run.json recorded when it started."""
+        return self.manifest.get("config") or self.manifest.get("identity") or {}
 
     @property
     def size(self) -> int:
         """Side of the (square) maps and crops."""
-        return int(self.manifest.get("config", {}).get("size") or 224)
+        return int(self.config.get("size") or 224)
 
     @property
     def has_labels(self) -> bool:
@@ -45,28 +53,37 @@ def open_run(root: str | Path) -> RunData:
     if not str(root).strip():
         raise ReportError("no run directory given (RUN=...)")
     root = Path(root)
-    stats_dir = root / "stats"
+    layout = RunLayout(root)
+    stats_dir = root / RunLayout.STATS
     if not root.is_dir():
         raise ReportError(f"{root}: no such run directory")
     if not stats_dir.is_dir() or not any(stats_dir.glob("shard-*.parquet")):
         raise ReportError(f"{root}: not a run directory (no stats/shard-*.parquet)")
-    manifest_file = root / "manifest.json"
+    manifest_file = layout.manifest
+    complete = manifest_file.is_file() and layout.success.is_file()
+    source = manifest_file if manifest_file.is_file() else layout.run_file
     try:
-        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+        manifest = json.loads(source.read_text()) if source.is_file() else {}
     except json.JSONDecodeError as error:
-        raise ReportError(f"{manifest_file}: not valid JSON ({error})") from None
+        raise ReportError(f"{source}: not valid JSON ({error})") from None
+    if not manifest_file.is_file():  # unfinished: only run.json's identity, no totals (they are counted)
+        manifest = {"identity": manifest.get("identity", {})}
     try:
         dataset = ds.dataset(sorted(str(p) for p in stats_dir.glob("shard-*.parquet")), format="parquet")
         columns = [f.name for f in dataset.schema if f.name not in UNUSED_COLUMNS]
         table = dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
         raise ReportError(f"{stats_dir}: unreadable statistics ({error})") from None
-    list_columns = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
+    list_columns = [f.name for f in table.schema if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))
+                    and not pa.types.is_list(f.type.value_type)]  # curves; not the boxes (lists of boxes)
     stats = table.to_pandas()
-    failures_file = root / "failures.parquet"
-    failures = pq.read_table(failures_file).to_pandas() if failures_file.is_file() else pd.DataFrame(
+    failure_files = [layout.failures] if layout.failures.is_file() and complete else [
+        p for p in sorted((root / RunLayout.FAILURES).glob("shard-*.parquet"))]
+    tables = [pq.read_table(p).to_pandas() for p in failure_files]
+    failures = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=["image_id", "path", "reason", "shard"])
-    return RunData(root=root, manifest=manifest, stats=stats, failures=failures, list_columns=list_columns)
+    return RunData(root=root, manifest=manifest, stats=stats, failures=failures, list_columns=list_columns,
+                   complete=complete)
 
 
 def read_maps(root: Path, rows: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -36,6 +36,15 @@ def _rate(flags: pd.Series) -> tuple[float | None, int]:
     return (float(known.mean()) if len(known) else None), len(known)
 
 
+def _pointing(flags: pd.Series) -> str:
+    """The pointing game as a rate: '62.5 % (5 of 8' (the caller closes the parenthesis)."""
+    known = flags.astype("boolean").dropna()
+    if not len(known):
+        return "– (0 of 0"
+    hits = int(known.sum())
+    return f"{100 * hits / len(known):.3g} % ({hits} of {len(known)}"
+
+
 def _has(stats: pd.DataFrame, column: str) -> bool:
     return column in stats and bool(stats[column].notna().any())
 
@@ -43,7 +52,7 @@ def _has(stats: pd.DataFrame, column: str) -> bool:
 def summary(run: RunData, extra: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """(field, value) rows describing the run: configuration, weights, totals, accuracy, localisation, AOPC."""
     m, stats = run.manifest, run.stats
-    config, weights, totals = m.get("config", {}), m.get("weights", {}) or {}, m.get("totals", {})
+    config, weights, totals = run.config, m.get("weights", {}) or {}, m.get("totals", {})
     weights_text = " ".join(str(weights.get(k)) for k in ("kind", "source") if weights.get(k)) or "–"
     if weights.get("sha256"):
         weights_text += f" (sha256 {str(weights['sha256'])[:12]}…)"
@@ -57,17 +66,16 @@ def summary(run: RunData, extra: list[tuple[str, str]] = ()) -> list[tuple[str, 
         ("top-k", fmt(config.get("top_k"))),
         ("target", str(config.get("target", "–"))),
         ("input / map size", f"{run.size} x {run.size} ({config.get('map_dtype', '?')})"),
-        ("images", (f"{fmt(totals.get('images', len(stats) + len(run.failures)))} in the dataset, "
-                    f"{fmt(totals.get('explained', len(stats)))} explained, "
-                    f"{fmt(totals.get('failed', len(run.failures)))} failed")),
+        ("images", (f"{fmt(totals['images'])} in the dataset, {fmt(totals.get('explained', len(stats)))} "
+                    f"explained, {fmt(totals.get('failed', len(run.failures)))} failed") if run.complete and totals
+         else f"{fmt(len(stats))} explained, {fmt(len(run.failures))} failed so far (the run is incomplete)"),
     ]
     accuracy, labelled = _rate(stats["correct"]) if len(stats) else (None, 0)
     rows.append(("accuracy", f"{fmt(accuracy)} on {fmt(labelled)} labelled images" if labelled else
                  "– (no labels)"))
     rows.append(("mean p(pred)", fmt(stats["pred_probability"].mean() if len(stats) else None)))
     if _has(stats, "pointing_game_hit"):
-        hit, boxed = _rate(stats["pointing_game_hit"])
-        rows.append(("pointing game", f"{fmt(hit)} on {fmt(boxed)} images with boxes"))
+        rows.append(("pointing game", _pointing(stats["pointing_game_hit"]) + " images with boxes)"))
     if _has(stats, "positive_in_box"):
         rows.append(("relevance mass in box", fmt(stats["positive_in_box"].mean())))
     if _has(stats, "aopc_morf"):
@@ -109,8 +117,8 @@ def per_class(stats: pd.DataFrame, by_label: bool) -> tuple[list[str], list[list
             accuracy, labelled = _rate(group["correct"])
             row += [fmt(accuracy) if labelled else "–", confusions.get(cls, "–")]
         if _has(stats, "pointing_game_hit"):
-            hit, boxed = _rate(group["pointing_game_hit"])
-            row.append(f"{fmt(hit)} ({boxed})" if boxed else "–")
+            boxed = int(group["pointing_game_hit"].notna().sum())
+            row.append(_pointing(group["pointing_game_hit"]) + ")" if boxed else "–")
         row += [fmt(mean_values.loc[cls, c]) for c, _ in means]
         rows.append(row)
     return headings, rows

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..preprocess import DecodeError, Preprocessing, decode, geometry, read_bytes
 from .files import inside, safe_name
@@ -38,10 +38,26 @@ def display_crop(path: str, preprocessing: Preprocessing) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: str, photo_format: str = "jpg"
-           ) -> TileFiles:
+BOX_COLOUR = (0, 255, 0)
+
+
+def draw_boxes(picture: np.ndarray, boxes) -> np.ndarray:
+    """The picture with each box (x_min, y_min, x_max, y_max in map pixels) outlined, one pixel wide."""
+    if boxes is None or not len(boxes):
+        return picture
+    image = Image.fromarray(picture)
+    draw = ImageDraw.Draw(image)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle([round(x0), round(y0), max(round(x0), round(x1) - 1), max(round(y0), round(y1) - 1)],
+                       outline=BOX_COLOUR)
+    return np.asarray(image)
+
+
+def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: str, photo_format: str = "jpg",
+           boxes=None) -> TileFiles:
     """Write <name>-heatmap.png, and <name>-image.<photo_format> / <name>-overlay.<photo_format> when the image
-    can be read. PNG keeps the heat map's colours exact; JPEG keeps the report's photographs small and fast."""
+    can be read, the label boxes outlined on both. PNG keeps the heat map's colours exact; JPEG keeps the report's
+    photographs small and fast."""
     stem = safe_name(image_id)
     heat_name = f"{stem}-heatmap.png"
     heatmap_image(relevance, cmap).save(inside(folder, heat_name), compress_level=1)
@@ -53,6 +69,6 @@ def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: 
         crop = np.asarray(Image.fromarray(crop).resize(relevance.shape[::-1], Image.BILINEAR))
     image_name, overlay_name = f"{stem}-image.{photo_format}", f"{stem}-overlay.{photo_format}"
     options = {"quality": 90} if photo_format == "jpg" else {"compress_level": 1}
-    Image.fromarray(crop).save(inside(folder, image_name), **options)
-    Image.fromarray(overlay(crop, relevance, cmap)).save(inside(folder, overlay_name), **options)
+    Image.fromarray(draw_boxes(crop, boxes)).save(inside(folder, image_name), **options)
+    Image.fromarray(draw_boxes(overlay(crop, relevance, cmap), boxes)).save(inside(folder, overlay_name), **options)
     return TileFiles(heat_name, image_name, overlay_name)

@@ -1,0 +1,136 @@
+"""RunLayout: the one place that knows a run folder's file names, which files are the run's own, and how its
+temporary files are named and swept. `--overwrite` deletes only the run's own files (never anything a user put
+there) and removes a folder only when that leaves it empty."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+SHARD_DIGITS = 5
+TEMPORARY = re.compile(r"^\.tmp-\d+-.+$")  # writers.temporary(): .tmp-<pid>-<final name>
+SHARD_FILE = re.compile(rf"^shard-\d{{{SHARD_DIGITS}}}\.(h5|parquet)$")
+REPORT_IMAGE = re.compile(r"^[A-Za-z0-9._-]+\.(png|jpg)$")  # tiles, plots, colour bar (pipeline/report)
+HEATMAP_FILE = re.compile(r"^[A-Za-z0-9._-]+-(heatmap|image|overlay)\.png$")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:0{SHARD_DIGITS}d}"
+
+
+def temporary_name(name: str) -> str:
+    """The name a file is written under before it is renamed to `name` (complete files only hold final names)."""
+    return f".tmp-{os.getpid()}-{name}"
+
+
+class RunLayout:
+    """File names of one run folder: shards, virtual dataset, failures, manifest, _SUCCESS, report."""
+
+    RELEVANCE, STATS, FAILURES, REPORT, REPORT_IMAGES, HEATMAPS = (
+        "relevance", "stats", "failures", "report", "report/img", "heatmaps")
+    SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------------------------------ names
+    @property
+    def run_file(self) -> Path:
+        """The configuration's identity, written when the run starts: what marks a folder as a run."""
+        return self.root / "run.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def success(self) -> Path:
+        return self.root / "_SUCCESS"
+
+    @property
+    def virtual_dataset(self) -> Path:
+        return self.root / "relevance.h5"
+
+    @property
+    def failures(self) -> Path:
+        return self.root / "failures.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    @property
+    def heatmaps(self) -> Path:
+        return self.root / self.HEATMAPS
+
+    def relevance_shard(self, index: int) -> Path:
+        return self.root / self.RELEVANCE / f"{shard_name(index)}.h5"
+
+    def stats_shard(self, index: int) -> Path:
+        return self.root / self.STATS / f"{shard_name(index)}.parquet"
+
+    def failure_shard(self, index: int) -> Path:
+        return self.root / self.FAILURES / f"{shard_name(index)}.parquet"
+
+    def relative(self, path: Path) -> str:
+        """A run file's name relative to the run folder (as the manifest and the statistics record it)."""
+        return path.relative_to(self.root).as_posix()
+
+    def stats_shards(self) -> list[Path]:
+        folder = self.root / self.STATS
+        return sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
+
+    # ------------------------------------------------------------------------------------------ state
+    def shard_done(self, index: int) -> bool:
+        """A shard is done when its three files exist (statistics are written last)."""
+        return all(p.is_file() for p in (self.relevance_shard(index), self.failure_shard(index),
+                                         self.stats_shard(index)))
+
+    def is_run(self) -> bool:
+        return self.run_file.is_file() or self.manifest.is_file()
+
+    def is_empty_or_missing(self) -> bool:
+        return not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir()))
+
+    # ------------------------------------------------------------------------------------------ own files
+    def own_files(self) -> Iterator[Path]:
+        """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
+        for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures,
+                     self.report / "index.html", self.report / ".index.html.tmp"):
+            if path.is_file() or path.is_symlink():
+                yield path
+        yield from self.temporary_files()
+        for folder, pattern in ((self.RELEVANCE, SHARD_FILE), (self.STATS, SHARD_FILE), (self.FAILURES, SHARD_FILE),
+                                (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE)):
+            yield from self._matching(self.root / folder, pattern)
+
+    def temporary_files(self) -> Iterator[Path]:
+        """Unfinished files a killed run or a dead actor left (only in the folders runs write to)."""
+        for folder in (self.root, *(self.root / sub for sub in self.SHARD_FOLDERS)):
+            yield from self._matching(folder, TEMPORARY)
+
+    @staticmethod
+    def _matching(folder: Path, pattern: re.Pattern) -> Iterator[Path]:
+        if not folder.is_dir() or folder.is_symlink():
+            return
+        for path in sorted(folder.iterdir()):
+            if pattern.match(path.name) and (path.is_file() or path.is_symlink()):
+                yield path
+
+    def sweep_temporary(self) -> None:
+        for path in list(self.temporary_files()):
+            path.unlink(missing_ok=True)
+
+    def remove_own(self) -> None:
+        """--overwrite: delete the run's own files, then each of its folders that this left empty."""
+        for path in list(self.own_files()):
+            path.unlink(missing_ok=True)
+        for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, *self.SHARD_FOLDERS):
+            folder = self.root / sub
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
+
+    def make_folders(self) -> None:
+        for sub in self.SHARD_FOLDERS:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
