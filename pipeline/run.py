@@ -26,6 +26,7 @@ from .config import RunConfig
 from .datasets import load_records
 from .datasets.records import ImageRecord
 from .output_checks import check_free_space, check_writable
+from .ray_session import start_ray
 from .writers import (FAILURE_SCHEMA, atomic, commit, sha256, shard_name, temporary, write_failed_shard,
                       write_virtual_dataset)
 
@@ -133,17 +134,6 @@ def _prepare_run_dir(out: Path, config: RunConfig, overwrite: bool) -> None:
         raise RunError(f"run directory {out} is not writable: {error.strerror or error}") from None
 
 
-def _start_ray():
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, num_cpus=None if address else os.cpu_count(), include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    return ray, True
-
-
 def _actor_plan(ray, config: RunConfig) -> tuple[int, dict, str, int]:
     gpus = int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
     count = config.actors if config.actors != "auto" else (gpus or 1)
@@ -202,7 +192,7 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
     from .scheduler import SchedulingError, ShardScheduler
     from .worker import ShardExplainer
 
-    ray, started_ray = _start_ray()
+    ray, started_ray = start_ray()
     try:
         count, options, device, threads = _actor_plan(ray, config)
         settings = {**settings, "device": device, "threads": threads}

@@ -104,3 +104,23 @@ def read_class_features(root: str | Path, rows: pd.DataFrame, grid: int, variant
         counts["fallback"] += result.fallback
         counts["empty"] += result.empty
     return out, counts
+
+
+def cluster_mean_maps(root: str | Path, rows: pd.DataFrame, labels: dict[int, np.ndarray], batch: int = 1024
+                      ) -> dict[int, np.ndarray]:
+    """k -> (k, H, W) float32: each cluster's mean map at full resolution, every map first divided by its sum of
+    |R| so that each image counts once whatever its scale (a second streaming pass over the class's maps)."""
+    root = Path(root)
+    rows = rows[["shard", "row"]].assign(_position=np.arange(len(rows)))
+    sums: dict[int, np.ndarray] = {}
+    counts = {k: np.bincount(v, minlength=k).astype(np.float64) for k, v in labels.items()}
+    for positions, maps in _shard_pieces(root, rows, batch):
+        values = np.asarray(maps, dtype=np.float64)
+        scale = np.abs(values).sum((1, 2), keepdims=True)
+        values = values / np.where(scale > 0, scale, 1.0)
+        for k, assigned in labels.items():
+            total = sums.setdefault(k, np.zeros((k, *values.shape[1:])))
+            members = assigned[positions]
+            for cluster in np.unique(members):
+                total[cluster] += values[members == cluster].sum(0)
+    return {k: (total / np.maximum(counts[k], 1)[:, None, None]).astype(np.float32) for k, total in sums.items()}
