@@ -34,7 +34,7 @@ def add_spray_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-embedding", action="store_true", help="skip t-SNE: x, y are the 2nd and 3rd eigenvectors")
     p.add_argument("--no-virelay", action="store_true", help="do not write the ViRelAy project")
     p.add_argument("--no-virelay-images", action="store_true",
-                   help="ViRelAy project without dataset.h5 (the copy of the crops); ViRelAy then cannot show images")
+                   help="ViRelAy project with black images (no copy of the crops: N x size^2 x 3 bytes saved)")
     p.add_argument("--out", help="output folder (default RUN/spray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
