@@ -204,3 +204,20 @@ def test_affinity_is_corelays_sparse_knn():
     dense = sp.csr_matrix((np.ones(60 * 5), (np.repeat(np.arange(60), 5), columns.ravel())), shape=(60, 60))
     ours = graph.affinity(graph.nearest_neighbours(vectors, 5))
     assert abs(ours - (dense + dense.T) / 2).max() == 0
+
+
+def test_sampled_tsne_keeps_the_groups_apart():
+    """A class larger than the t-SNE sample: the sampled images are t-SNE'd, the others placed by their nearest
+    sampled neighbours; both kinds land among their own group (nearest neighbour in the picture from the same group)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from pipeline.spray.embed import tsne
+
+    maps, truth = planted_maps(300, 2, SIZE)
+    result = analyse_class(features.features(maps, 16, "absspectral").vectors, SprayParams(embedding=False))
+    xy = tsne(result.eigenvectors, seed=0, sample=100)
+    assert xy.shape == (300, 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
+    chosen = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
+    placed = np.setdiff1d(np.arange(300), chosen)
+    nearest = KNeighborsClassifier(1).fit(xy[chosen], truth[chosen])
+    assert (nearest.predict(xy[placed]) == truth[placed]).mean() >= 0.95

@@ -20,6 +20,7 @@ class SprayParams:
     k_max: int = 8
     seed: int = 0
     embedding: bool = True  # t-SNE (the costliest step at scale); off: x, y are the 2nd and 3rd eigenvectors
+    tsne_sample: int = embed.SAMPLE  # larger classes: t-SNE of this many, the rest placed by neighbours
     agglomerative: bool = True
 
     def check(self) -> None:
@@ -92,7 +93,7 @@ def analyse_class(vectors: np.ndarray, params: SprayParams = SprayParams(), thre
         agglomerative = cluster.agglomerative(spectrum.eigenvectors, affinity, ks) if params.agglomerative else {}
         lap("agglomerative")
         if params.embedding:
-            xy = embed.tsne(spectrum.eigenvectors, params.seed, threads)
+            xy = embed.tsne(spectrum.eigenvectors, params.seed, threads, params.tsne_sample)
         else:
             xy = spectrum.eigenvectors[:, 1:3].astype(np.float32)
         lap("embedding")
