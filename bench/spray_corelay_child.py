@@ -4,7 +4,7 @@ Euclidean distances, SparseKNN(10), SymmetricNormalLaplacian, EigenDecomposition
 sklearn's t-SNE, as its ViRelAy example pipeline does; k-means both on all 32 eigenvectors (the example's
 choice) and on the k leading ones (ours, via corelay's `index` parameter). Standalone: imports only numpy and corelay.
 
-    python bench/spray_corelay_child.py MAPS.npy OUT.npz K_MIN K_MAX   # prints JSON: seconds, memory
+    python bench/spray_corelay_child.py MAPS.npy OUT.npz K_MIN K_MAX [--no-tsne]   # prints JSON: seconds, memory
 """
 import json
 import resource
@@ -21,7 +21,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def main(maps_file: str, out_file: str, k_min: int, k_max: int) -> dict:
+def main(maps_file: str, out_file: str, k_min: int, k_max: int, picture: bool) -> dict:
     import numpy
     from corelay.base import Param
     from corelay.pipeline.spectral import SpectralClustering
@@ -63,15 +63,15 @@ def main(maps_file: str, out_file: str, k_min: int, k_max: int) -> dict:
             # returns them in increasing order of the normalised affinity's eigenvalue, so the last k columns)
             Parallel([KMeans(n_clusters=k, index=(slice(None), slice(-k, None)), kwargs={"random_state": 0})
                       for k in ks], broadcast=True),
-            TSNEEmbedding(kwargs={"random_state": 0})], broadcast=True, is_output=True),
+            *([TSNEEmbedding(kwargs={"random_state": 0})] if picture else [])], broadcast=True, is_output=True),
     )
-    (eigenvalues, _), (kmeans, leading, tsne) = pipeline(maps)
+    (eigenvalues, _), (kmeans, leading, *tsne) = pipeline(maps)
     seconds = time.perf_counter() - started
-    numpy.savez(out_file, eigenvalues=eigenvalues, tsne=tsne, **{f"k{k}": labels for k, labels in zip(ks, kmeans)},
+    numpy.savez(out_file, eigenvalues=eigenvalues, **{f"k{k}": labels for k, labels in zip(ks, kmeans)},
                 **{f"leading{k}": labels for k, labels in zip(ks, leading)})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": baseline, "added_peak_mb": peak - baseline}
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "--no-tsne" not in sys.argv)))

@@ -41,20 +41,22 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_ours(maps_file: str, out_file: str, threads: int) -> dict:
-    """Ours on the .npy maps, read through a memory map in pieces of 1,024 (as the shards are streamed)."""
+def child_ours(maps_file: str, out_file: str, threads: int, picture: bool) -> dict:
+    """Ours on the maps of an HDF5 file, read in pieces of 1,024 (as the shards are streamed)."""
+    import h5py
+
     from pipeline.spray.analyse import SprayParams, analyse_class
     from pipeline.spray.features import features
 
     baseline = rss_mb()
     started = time.perf_counter()
-    maps = np.load(maps_file, mmap_mode="r")
-    vectors = np.concatenate([features(np.asarray(maps[i:i + 1024]), 32, "absspectral").vectors
-                              for i in range(0, len(maps), 1024)])
-    result = analyse_class(vectors, SprayParams(k_max=K_MAX, agglomerative=False), threads)
+    with h5py.File(maps_file, "r") as handle:
+        maps = handle["relevance"]
+        vectors = np.concatenate([features(maps[i:i + 1024], 32, "absspectral").vectors
+                                  for i in range(0, len(maps), 1024)])
+    result = analyse_class(vectors, SprayParams(k_max=K_MAX, agglomerative=False, embedding=picture), threads)
     seconds = time.perf_counter() - started
-    np.savez(out_file, eigenvalues=result.eigenvalues, tsne=result.embedding,
-             **{f"k{k}": labels for k, labels in result.kmeans.items()})
+    np.savez(out_file, eigenvalues=result.eigenvalues, **{f"k{k}": labels for k, labels in result.kmeans.items()})
     return {"seconds": seconds, "peak_rss_mb": peak_mb(), "baseline_rss_mb": baseline,
             "added_peak_mb": peak_mb() - baseline, "steps": result.seconds, "k_chosen": result.k_chosen}
 
@@ -104,26 +106,31 @@ def write_large_run(root: Path, n: int) -> np.ndarray:
     return groups
 
 
-def compare(n: int, corelay_python: Path, threads: int) -> dict:
+def compare(n: int, corelay_python: Path, threads: int, picture: bool) -> dict:
+    """Both on the same n maps; `picture`: with the t-SNE (ours of a 1,000-image sample, corelay's of all)."""
+    import h5py
     from sklearn.metrics import adjusted_rand_score
 
     from bench.spray_maps import planted_maps
 
     with tempfile.TemporaryDirectory(prefix="bench-spray-") as tmp:
         maps, truth = planted_maps(n, GROUPS, SIZE, shares=SHARES)
-        maps_file = Path(tmp) / "maps.npy"
-        np.save(maps_file, maps)
+        maps_file, shard_file = Path(tmp) / "maps.npy", Path(tmp) / "maps.h5"
+        np.save(maps_file, maps)  # corelay takes the whole array
+        with h5py.File(shard_file, "w") as handle:  # ours streams it, as from the run's shards
+            handle.create_dataset("relevance", data=maps, chunks=(1, SIZE, SIZE))
         del maps
-        ours = _run_child([sys.executable, "-m", "bench.spray_speed", "--child", "ours", str(maps_file),
-                           str(Path(tmp) / "ours.npz"), "--threads", str(threads)], _thread_env(threads))
+        flag = [] if picture else ["--no-tsne"]
+        ours = _run_child([sys.executable, "-m", "bench.spray_speed", "--child", "ours", str(shard_file),
+                           str(Path(tmp) / "ours.npz"), "--threads", str(threads), *flag], _thread_env(threads))
         env = {k: v for k, v in _thread_env(threads).items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         theirs = _run_child([str(corelay_python), str(ROOT / "bench" / "spray_corelay_child.py"), str(maps_file),
-                             str(Path(tmp) / "corelay.npz"), str(K_MIN), str(K_MAX)], env=env)
+                             str(Path(tmp) / "corelay.npz"), str(K_MIN), str(K_MAX), *flag], env=env)
         a, b = np.load(Path(tmp) / "ours.npz"), np.load(Path(tmp) / "corelay.npz")
         ks = range(K_MIN, K_MAX + 1)
         ari = lambda x, y: round(float(adjusted_rand_score(x, y)), 4)
         return {
-            "maps": n, "groups": GROUPS, "map_size": SIZE, "threads": threads,
+            "maps": n, "groups": GROUPS, "map_size": SIZE, "threads": threads, "picture": picture,
             "ours": ours, "corelay": theirs,
             "ari_ours_vs_corelay_leading_k": {k: ari(a[f"k{k}"], b[f"leading{k}"]) for k in ks},
             "ari_ours_vs_corelay_all_32": {k: ari(a[f"k{k}"], b[f"k{k}"]) for k in ks},
@@ -153,21 +160,24 @@ def large(n: int, threads: int) -> dict:
 
 def table(report: dict) -> str:
     lines = ["| run | maps | seconds | peak RSS MB | added peak MB | ARI vs truth (k=4) |", "|---|---|---|---|---|---|"]
-    small = report.get("compare")
-    if small:
-        for name in ("ours", "corelay"):
+    for key, what in (("compare", "with the t-SNE picture"), ("compare_without_picture", "without the picture")):
+        small = report.get(key)
+        for name in ("ours", "corelay") if small else ():
             r = small[name]
             truth = small["ari_vs_truth"]
             score = truth["ours"] if name == "ours" else f"{truth['corelay_leading_k']} (all 32: {truth['corelay_all_32']})"
-            lines.append(f"| {name} | {small['maps']:,} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+            lines.append(f"| {name}, {what} | {small['maps']:,} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['added_peak_mb']:.0f} | {score} |")
     big = report.get("large")
     if big:
         lines.append(f"| ours, one `make spray` class task | {big['maps']:,} | {big['seconds']:.1f} | "
                      f"{big['peak_rss_mb']:.0f} | {big['added_peak_mb']:.0f} | {big['ari_vs_truth']} |")
-    if small:
+    for key in ("compare", "compare_without_picture"):
+        small = report.get(key)
+        if not small:
+            continue
         lines.append("")
-        lines.append(f"speed-up {small['speedup']}x, peak memory {small['peak_memory_ratio']}x corelay's "
+        lines.append(f"{key}: speed-up {small['speedup']}x, peak memory {small['peak_memory_ratio']}x corelay's "
                      f"(added above the imports: {small['added_memory_ratio']}x); ARI ours vs corelay (k leading "
                      "eigenvectors) by k: " + ", ".join(f"{k}: {v}" for k, v in small["ari_ours_vs_corelay_leading_k"].items()))
     return "\n".join(lines)
@@ -182,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="BLAS / OpenMP threads of both sides (default 1)")
     parser.add_argument("--corelay-python", default=str(CORELAY_PYTHON), help="python of corelay's environment")
     parser.add_argument("--child", choices=("ours", "large"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-tsne", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child == "ours":
-        print(json.dumps(child_ours(args.paths[0], args.paths[1], args.threads)))
+        print(json.dumps(child_ours(args.paths[0], args.paths[1], args.threads, not args.no_tsne)))
         return 0
     if args.child == "large":
         print(json.dumps(child_large(args.paths[0], args.threads)))
@@ -194,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_compare:
         if not Path(args.corelay_python).is_file():
             parser.error(f"{args.corelay_python} is missing: `make bench-spray` builds corelay's environment")
-        report["compare"] = compare(args.maps, Path(args.corelay_python), args.threads)
+        report["compare"] = compare(args.maps, Path(args.corelay_python), args.threads, picture=True)
+        report["compare_without_picture"] = compare(args.maps, Path(args.corelay_python), args.threads, picture=False)
     if not args.skip_large:
         report["large"] = large(args.large, args.threads)
     print(table(report))

@@ -176,7 +176,7 @@ def test_virelay_workspace_opens_the_project_and_agrees(hans_run, virelay_path):
             assert attribution["prediction_argmax"] == int(row.pred) and attribution["heatmap_shape"][:2] == [64, 64]
     (method,) = loaded["methods"]
     analysis = loaded["analyses"][method]
-    assert method == "spray-absspectral"
+    assert method == "spray_absspectral"
     assert [c[0] for c in analysis["categories"]] == [w for w, _ in shapes.CLASSES]
     assert [c[1] for c in analysis["categories"]] == list(shapes.CLASS_NAMES)
     assert set(analysis["embeddings"]) == {"spectral", "tsne"}

@@ -11,7 +11,7 @@ from sklearn.neighbors import NearestNeighbors
 from .graph import row_normalised
 
 PERPLEXITY = 30.0
-SAMPLE = 2000
+SAMPLE = 1000
 PLACE_NEIGHBOURS = 5
 
 

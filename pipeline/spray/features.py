@@ -29,8 +29,7 @@ def sum_pool(maps: np.ndarray, grid: int) -> np.ndarray:
     n, h, w = maps.shape
     if h < grid or w < grid:
         raise ValueError(f"maps of {h}x{w} are smaller than the {grid}x{grid} pooling grid")
-    values = np.asarray(maps, dtype=np.float64)
-    rows = np.add.reduceat(values, _bin_edges(h, grid), axis=1)
+    rows = np.add.reduceat(maps, _bin_edges(h, grid), axis=1, dtype=np.float64)  # the row sums first: small
     return np.add.reduceat(rows, _bin_edges(w, grid), axis=2)
 
 

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+from sklearn import config_context
 from sklearn.neighbors import NearestNeighbors
+
+WORKING_MEMORY_MB = 64
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ def nearest_neighbours(vectors: np.ndarray, k: int, threads: int = 1) -> Neighbo
     if k < 1:
         raise ValueError(f"need at least 2 vectors for a neighbour graph, got {len(vectors)}")
     index = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean", n_jobs=threads).fit(vectors)
-    distances, indices = index.kneighbors()  # X=None: a point is not its own neighbour
+    with config_context(working_memory=WORKING_MEMORY_MB):  # distance chunks of at most this many MB
+        distances, indices = index.kneighbors()  # X=None: a point is not its own neighbour
     return Neighbours(indices.astype(np.int64), distances.astype(np.float32))
 
 

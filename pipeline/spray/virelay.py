@@ -166,7 +166,7 @@ def write_project_file(path: Path, index: RunIndex, variant: str) -> None:
             "attribution_strategy": "true_label" if target == "label" else "predicted_label",
             "sources": [ATTRIBUTION_FILE],
         },
-        "analyses": [{"analysis_method": f"spray-{variant}", "sources": [ANALYSIS_FILE]}],
+        "analyses": [{"analysis_method": f"spray_{variant}", "sources": [ANALYSIS_FILE]}],  # no "-": the server maps it to "_"
         "dataset": {"name": str(config.get("dataset", index.root.name)), "type": "hdf5", "path": DATASET_FILE,
                     "input_width": index.size, "input_height": index.size,
                     "up_sampling_method": "none", "down_sampling_method": "none"},
