@@ -33,6 +33,13 @@ pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parent.parent
 VIRELAY = "virelay==0.6.1"
 VIRELAY_DIR = ROOT / ".cache" / "test-tools" / "virelay-0.6.1"
+# What ViRelAy's web server needs beyond the project's own pins (Jinja2, MarkupSafe, click are pinned already);
+# the versions its 0.6.1 release resolves to
+VIRELAY_WEB = ("flask==3.1.3", "flask-cors==5.0.1", "werkzeug==3.1.9", "itsdangerous==2.2.0", "blinker==1.9.0")
+VIRELAY_WEB_DIR = ROOT / ".cache" / "test-tools" / "virelay-web-0.6.1"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STAR = shapes_hans.PLANTED
 
 
@@ -137,17 +144,21 @@ def test_report_shows_the_planted_class_first(hans_run):
         assert (run / "report" / source).is_file(), source
 
 
-@pytest.fixture(scope="module")
-def virelay_path() -> Path:
-    """ViRelAy 0.6.1 installed once, without its dependencies (its model needs only numpy, h5py, PyYAML, Pillow and
-    matplotlib, which the project pins), into .cache/test-tools/: a folder on PYTHONPATH of a child process, never
-    part of the project's environment."""
-    if not (VIRELAY_DIR / "virelay" / "model.py").is_file():
-        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(VIRELAY_DIR), VIRELAY]
+def _install(folder: Path, marker: str, packages: tuple[str, ...]) -> Path:
+    """Packages installed once, without their dependencies, into `folder` (.cache/test-tools/): a folder for a
+    child process's PYTHONPATH, never part of the project's environment."""
+    if not (folder / marker).exists():
+        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), *packages]
         done = subprocess.run(command, capture_output=True, text=True, timeout=180)
         if done.returncode:
-            pytest.fail(f"cannot install {VIRELAY} for the client test: {done.stderr.strip()[-500:]}")
-    return VIRELAY_DIR
+            pytest.fail(f"cannot install {' '.join(packages)} for the ViRelAy tests: {done.stderr.strip()[-500:]}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def virelay_path() -> Path:
+    """ViRelAy 0.6.1 (its model needs only numpy, h5py, PyYAML, Pillow and matplotlib, which the project pins)."""
+    return _install(VIRELAY_DIR, "virelay/model.py", (VIRELAY,))
 
 
 def test_virelay_workspace_opens_the_project_and_agrees(hans_run, virelay_path):
@@ -191,3 +202,65 @@ def test_virelay_workspace_opens_the_project_and_agrees(hans_run, virelay_path):
         np.testing.assert_allclose(np.asarray(got["tsne"]), ours[["x", "y"]].to_numpy(), rtol=1e-6)
         np.testing.assert_allclose(got["eigenvalues"], entries[wnid]["eigenvalues"], atol=1e-6)
         assert got["spectral_shape"] == [len(ours), 32]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_virelay_web_page_shows_the_project(hans_run, virelay_path, tmp_path):
+    """ViRelAy's own server (Flask, test-only like ViRelAy) on 127.0.0.1 serving the written project, its web page in
+    headless Chromium: the page loads the project and an analysis of ours, every API call succeeds, no console error."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    import time
+    import urllib.request
+
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: run `make test`, which installs Debian's chromium"
+    web = _install(VIRELAY_WEB_DIR, "flask/__init__.py", VIRELAY_WEB)
+    run, _ = hans_run
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{virelay_path}{os.pathsep}{web}"}
+    server = subprocess.Popen([sys.executable, "-m", "virelay", str(run / "spray" / "project.yaml"), "--host",
+                               "127.0.0.1", "--port", str(port)], cwd="/", env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    problems, responses = [], []
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                projects = json.loads(urllib.request.urlopen(f"{base}/api/projects", timeout=5).read())
+                break
+            except OSError:
+                assert server.poll() is None, f"ViRelAy's server stopped: {server.stderr.read()[-2000:]}"
+                assert time.time() < deadline, "ViRelAy's server did not answer within 90 s"
+                time.sleep(0.5)
+        assert [p["model"] for p in projects] == ["vgg-shapes-hans"]
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+                timeout=60_000, viewport={"width": 1400, "height": 900})
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+                page.on("response", lambda r: responses.append((r.status, r.url)))
+                page.goto(base + "/", wait_until="networkidle")
+                page.wait_for_function("document.body.innerText.includes('spray-absspectral')")
+                text = page.inner_text("body")
+                page.screenshot(path=str(tmp_path / "virelay.png"))
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert not problems, problems
+    api = [(status, url) for status, url in responses if "/api/" in url]
+    assert api and all(status == 200 for status, _ in api), api
+    assert any("/analyses/spray-absspectral?category=" in url for _, url in api)  # an analysis of ours, loaded
+    assert "vgg-shapes-hans" in text and "Cluster" in text.title()
