@@ -22,19 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.spray_corelay_child import rss_mb  # standalone there (corelay's environment), shared here
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "spray_speed.json"
 CORELAY_PYTHON = ROOT / ".venv-bench-corelay" / "bin" / "python"
 SIZE, GROUPS, K_MIN, K_MAX = 64, 4, 2, 8
 SHARES = np.array([0.4, 0.3, 0.2, 0.1])
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def peak_mb() -> float:
