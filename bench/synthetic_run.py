@@ -81,9 +81,11 @@ def stats_table(n: int, classes: int, image_paths: Sequence[str], labelled: bool
 
 def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int = 64,
                    maps_for: Callable[[pd.DataFrame], pd.DataFrame] | None = None, failures: int = 0,
-                   random_weights: bool = True, seed: int = 0) -> Path:
+                   random_weights: bool = True, seed: int = 0,
+                   map_of: Callable[[int], np.ndarray] | None = None) -> Path:
     """Write the run: one stats Parquet and one HDF5 file per shard (maps declared for every row, written for the
-    rows `maps_for` picks, all rows when None), failures.parquet with `failures` rows, manifest.json."""
+    rows `maps_for` picks, all rows when None; row i's map is `map_of(i)`, a smooth random one when None),
+    failures.parquet with `failures` rows, manifest.json."""
     rng = np.random.default_rng(seed)
     for sub in ("stats", "relevance", "failures"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int 
             maps = handle.create_dataset("relevance", shape=(count, size, size), dtype="float16", **chunked)
             for row in range(stop - start):
                 if chosen is None or ids[start + row] in chosen:
-                    maps[row] = smooth_map(rng, size)
+                    maps[row] = smooth_map(rng, size) if map_of is None else map_of(start + row)
         shard_failures = failure_rows if index == 0 else []
         pq.write_table(pa.Table.from_pylist(shard_failures, schema=FAILURE_SCHEMA),
                        root / "failures" / f"{shard_name(index)}.parquet")

@@ -15,7 +15,7 @@ import argparse
 import csv
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,12 +159,15 @@ def image_id(number: int) -> str:
     return f"ILSVRC2012_val_{number:08d}"
 
 
-def write_split(root: str | Path, per_class: int = VAL_PER_CLASS, seed: int = VAL_SEED) -> Path:
-    """Write per_class images of every class in the ImageNet validation layout (Kaggle's files) + masks.npz."""
+def write_split(root: str | Path, per_class: int = VAL_PER_CLASS, seed: int = VAL_SEED,
+                make_sample: Callable[[int, int], ShapeSample] = make_sample) -> Path:
+    """Write per_class images of every class in the ImageNet validation layout (Kaggle's files) + masks.npz;
+    `make_sample(seed, index)` draws image `index` (shapes_hans passes its tagged variant)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     ids, masks, rows = [], [], []
-    for index, sample in enumerate(samples(seed, per_class * len(CLASSES))):
+    for index in range(per_class * len(CLASSES)):
+        sample = make_sample(seed, index)
         name = image_id(index + 1)
         (root / f"{name}.JPEG").write_bytes(jpeg_bytes(sample.image))
         wnid = CLASSES[sample.label][0]

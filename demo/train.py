@@ -1,10 +1,12 @@
-"""Train vgg-shapes (lrp_module/demo_model.py) on the generated shapes, seeded, on the CPU in a few minutes, and
-write its weights and their record (sha256, classes, seed, epochs, accuracy) to lrp_module/weights/.
+"""Train vgg-shapes (lrp_module/demo_model.py) on the generated shapes, or vgg-shapes-hans on shapes-hans (the
+planted Clever Hans), seeded, on the CPU in a few minutes, and write the weights and their record (sha256,
+classes, seed, epochs, accuracy; for vgg-shapes-hans also how much it relies on the tag) to lrp_module/weights/.
 
 Images pass through the same JPEG bytes and the same preprocessing as the pipeline's (resize to 256/224 of the
 size, centre crop, ImageNet normalisation: pipeline/preprocess.py), so the pipeline sees what training saw.
 
-    python -m demo.train                  # `make train-demo`
+    python -m demo.train                          # `make train-demo`
+    python -m demo.train --model vgg-shapes-hans  # `make train-demo-hans`
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import argparse
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
 from lrp_module.zoo import sha256_file
 from pipeline.preprocess import Preprocessing, decode, preprocess
 
-from . import shapes
+from . import shapes, shapes_hans
 
 TRAIN_PER_CLASS = 1000
 EPOCHS = 20
@@ -32,16 +36,41 @@ LEARNING_RATE = 3e-3
 SEED = 0
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What one demo model is trained on and how: the generator, its sizes and the augmentations."""
+
+    make_sample: Callable[[int, int], shapes.ShapeSample]
+    per_class: int
+    val_per_class: int
+    epochs: int
+    flips: bool  # horizontal flips (every shape is mirror-symmetric)
+    noise: bool  # noise patches (pixel flipping's perturbation is no evidence)
+    command: str
+
+
+RECIPES = {
+    demo_model.NAME: Recipe(shapes.make_sample, TRAIN_PER_CLASS, shapes.VAL_PER_CLASS, EPOCHS, True, True,
+                            "make train-demo (python -m demo.train)"),
+    # Fewer images and epochs: the tag is learned in the first epoch, and the shapes well enough in 10. No flips
+    # (they would move the tag to the other corner) and no noise patches (they would sometimes hide it).
+    demo_model.HANS_NAME: Recipe(shapes_hans.make_sample, 500, shapes_hans.VAL_PER_CLASS, 10, False, False,
+                                 "make train-demo-hans (python -m demo.train --model vgg-shapes-hans)"),
+}
+
+
 def pipeline_preprocessing(size: int = shapes.IMAGE_SIZE) -> Preprocessing:
     """The pipeline's preprocessing at `size` (pipeline/worker.py: resize to size*256/224, crop size)."""
     return Preprocessing(resize=round(size * 256 / 224), crop=size)
 
 
-def tensors(seed: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tensors(seed: int, per_class: int, make_sample: Callable[[int, int], shapes.ShapeSample] = shapes.make_sample
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generated images as the pipeline sees them (N, 3, 64, 64) and their labels (N,)."""
     steps = pipeline_preprocessing()
     images, labels = [], []
-    for sample in shapes.samples(seed, per_class * len(shapes.CLASSES)):
+    for index in range(per_class * len(shapes.CLASSES)):
+        sample = make_sample(seed, index)
         tensor, _ = preprocess(decode(shapes.jpeg_bytes(sample.image)), (), steps)
         images.append(tensor)
         labels.append(sample.label)
@@ -74,16 +103,17 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SEED, threads: int = 2,
           val_per_class: int = shapes.VAL_PER_CLASS, cfg: list | None = None, batch_norm: bool = demo_model.BATCH_NORM,
-          learning_rate: float = LEARNING_RATE, log=partial(print, flush=True)
-          ) -> tuple[torch.nn.Module, dict]:
+          learning_rate: float = LEARNING_RATE, log=partial(print, flush=True),
+          make_sample: Callable[[int, int], shapes.ShapeSample] = shapes.make_sample, flips: bool = True,
+          noise: bool = True) -> tuple[torch.nn.Module, dict]:
     """The trained model and what its record says of the training."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # tiny activations early in training are otherwise very slow on CPUs
     cfg = list(cfg or demo_model.CFG)
     torch.manual_seed(seed)
     started = time.time()
-    train_x, train_y = tensors(shapes.TRAIN_SEED, per_class)
-    val_x, val_y = tensors(shapes.VAL_SEED, val_per_class)
+    train_x, train_y = tensors(shapes.TRAIN_SEED, per_class, make_sample)
+    val_x, val_y = tensors(shapes.VAL_SEED, val_per_class, make_sample)
     log(f"generated {len(train_y)} training and {len(val_y)} validation images in {time.time() - started:.1f} s")
     model = demo_model.build(len(shapes.CLASSES), cfg, batch_norm)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
@@ -96,8 +126,11 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
         total = 0.0
         for batch in order.split(BATCH):
             x = train_x[batch]
-            flip = torch.rand(len(batch), generator=generator) < 0.5  # every shape class is mirror-symmetric
-            x = noise_patches(torch.where(flip[:, None, None, None], x.flip(3), x), generator)
+            if flips:
+                flip = torch.rand(len(batch), generator=generator) < 0.5  # every shape class is mirror-symmetric
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            if noise:
+                x = noise_patches(x, generator)
             loss = F.cross_entropy(model(x), train_y[batch])
             optimiser.zero_grad()
             loss.backward()
@@ -109,7 +142,8 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
     facts = {
         "cfg": cfg, "batch_norm": batch_norm,
         "seed": seed, "epochs": epochs, "batch_size": BATCH, "learning_rate": learning_rate,
-        "optimiser": "AdamW, one-cycle schedule (10 % warm-up), horizontal flips, noise patches",
+        "optimiser": "AdamW, one-cycle schedule (10 % warm-up)" + (", horizontal flips" if flips else "")
+                     + (", noise patches" if noise else ""),
         "train_images": len(train_y), "train_seed": shapes.TRAIN_SEED,
         "val_images": len(val_y), "val_seed": shapes.VAL_SEED,
         "train_accuracy": accuracy(model, train_x, train_y), "val_accuracy": accuracy(model, val_x, val_y),
@@ -118,41 +152,55 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
     return model.eval(), facts
 
 
-def save(model: torch.nn.Module, facts: dict, out_dir: Path) -> Path:
-    """Write <name>.pt (float32 state dict) and <name>.json (sha256, classes, architecture, training facts)."""
+def save(model: torch.nn.Module, facts: dict, out_dir: Path, name: str = demo_model.NAME,
+         extra: dict | None = None) -> Path:
+    """Write <name>.pt (float32 state dict) and <name>.json (sha256, classes, architecture, training facts,
+    and `extra`)."""
     facts = dict(facts)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / demo_model.WEIGHTS_FILE.name
+    weights = out_dir / demo_model.weights_file(name).name
     torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, weights)
     record = {
-        "model": demo_model.NAME, "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
+        "model": name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
         "classes": list(shapes.CLASS_NAMES), "wnids": [wnid for wnid, _ in shapes.CLASSES],
         "input_size": shapes.IMAGE_SIZE, "normalisation": "ImageNet mean/std (pipeline/preprocess.py)",
         "cfg": facts.pop("cfg"), "batch_norm": facts.pop("batch_norm"), "pool": demo_model.POOL,
         "hidden": demo_model.HIDDEN,
         "training": facts, "torch": torch.__version__,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "make train-demo (python -m demo.train)",
+        "command": RECIPES[name].command if name in RECIPES else "demo.train.train",
+        **(extra or {}),
     }
-    record_file = out_dir / demo_model.RECORD_FILE.name
+    record_file = out_dir / demo_model.record_file(name).name
     record_file.write_text(json.dumps(record, indent=2) + "\n")
     return record_file
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(RECIPES), default=demo_model.NAME, help="which demo model")
     parser.add_argument("--out", default=str(demo_model.WEIGHTS_DIR), help="where the weights and record go")
-    parser.add_argument("--per-class", type=int, default=TRAIN_PER_CLASS, help="training images per class")
-    parser.add_argument("--val-per-class", type=int, default=shapes.VAL_PER_CLASS, help="validation images per class")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--per-class", type=int, help="training images per class (default: the model's recipe)")
+    parser.add_argument("--val-per-class", type=int, help="validation images per class (default: the recipe's)")
+    parser.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
+    recipe = RECIPES[args.model]
+    for key in ("per_class", "val_per_class", "epochs"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(recipe, key))
     for key in ("per_class", "val_per_class", "epochs", "threads"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    model, facts = train(args.per_class, args.epochs, args.seed, args.threads, args.val_per_class)
-    record = save(model, facts, Path(args.out))
+    model, facts = train(args.per_class, args.epochs, args.seed, args.threads, args.val_per_class,
+                         make_sample=recipe.make_sample, flips=recipe.flips, noise=recipe.noise)
+    extra = None
+    if args.model == demo_model.HANS_NAME:
+        from .hans_effect import measure  # the tag's effect on the validation split, recorded with the weights
+        extra = {"dataset": "shapes-hans", "hans": measure(model)}
+        print(json.dumps(extra["hans"], indent=2))
+    record = save(model, facts, Path(args.out), args.model, extra)
     print(f"validation accuracy {facts['val_accuracy']:.3f} after {facts['epochs']} epochs "
           f"({facts['train_seconds']:.0f} s) -> {record}")
     return 0

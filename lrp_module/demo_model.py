@@ -1,5 +1,7 @@
 """`vgg-shapes`: a narrow torchvision VGG trained by this project on the generated shapes dataset (demo/), so
-that LRP can be checked on a trained model offline. Its weights and their record are committed in weights/."""
+that LRP can be checked on a trained model offline; `vgg-shapes-hans`: the same architecture trained on
+`shapes-hans`, where a tag in the corner predicts one class (a planted Clever Hans for SpRAy to find). Their
+weights and records are committed in weights/."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,8 @@ from torch import nn
 from torchvision.models.vgg import VGG, make_layers
 
 NAME = "vgg-shapes"
+HANS_NAME = "vgg-shapes-hans"
+NAMES = (NAME, HANS_NAME)  # every demo model: same architecture family, own weights and record
 CFG: list[int | str] = [8, "M", 16, "M", 32, "M", 32, "M", 32, "M"]
 BATCH_NORM = True  # as vgg*_bn; LRP folds it into the convolutions
 POOL = 1  # global average pooling: the classifier sees what, not where (a 64x64 input ends at 2x2)
@@ -37,26 +41,39 @@ def build(num_classes: int, cfg: list[int | str] | None = None, batch_norm: bool
     return model  # PyTorch's default Linear initialisation: without batch norm, VGG's N(0, 0.01) stalls
 
 
-@lru_cache(maxsize=1)
-def record() -> dict:
-    """The committed weights' record (weights/vgg-shapes.json); an error names the file when it is missing."""
-    if not RECORD_FILE.is_file():
-        raise FileNotFoundError(f"{RECORD_FILE} is missing: train the demo model with `make train-demo`")
-    return json.loads(RECORD_FILE.read_text())
+TRAIN_TARGETS = {NAME: "make train-demo", HANS_NAME: "make train-demo-hans"}
 
 
-def build_recorded() -> VGG:
+def weights_file(name: str = NAME) -> Path:
+    """The committed weights of demo model `name` (read at call time, so tests can point NAME's elsewhere)."""
+    return WEIGHTS_FILE if name == NAME else WEIGHTS_DIR / f"{name}.pt"
+
+
+def record_file(name: str = NAME) -> Path:
+    return RECORD_FILE if name == NAME else WEIGHTS_DIR / f"{name}.json"
+
+
+@lru_cache(maxsize=len(NAMES))
+def record(name: str = NAME) -> dict:
+    """The committed weights' record (weights/<name>.json); an error names the file when it is missing."""
+    path = record_file(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: train the demo model with `{TRAIN_TARGETS[name]}`")
+    return json.loads(path.read_text())
+
+
+def build_recorded(name: str = NAME) -> VGG:
     """The architecture the committed record describes (cfg, batch norm, classes), randomly initialised."""
-    facts = record()
+    facts = record(name)
     return build(len(facts["classes"]), facts["cfg"], facts["batch_norm"], facts["pool"], facts["hidden"])
 
 
-def class_names() -> list[str]:
-    return list(record()["classes"])
+def class_names(name: str = NAME) -> list[str]:
+    return list(record(name)["classes"])
 
 
-def class_wnids() -> list[str]:
-    return list(record()["wnids"])
+def class_wnids(name: str = NAME) -> list[str]:
+    return list(record(name)["wnids"])
 
 
 def load_state(path: Path = WEIGHTS_FILE) -> dict[str, torch.Tensor]:

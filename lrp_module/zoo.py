@@ -21,9 +21,9 @@ from . import demo_model
 log = logging.getLogger(__name__)
 
 VGG_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
-MODEL_NAMES = VGG_NAMES + (demo_model.NAME,)  # every model name accepted (vgg-shapes: lrp_module/demo_model.py)
+MODEL_NAMES = VGG_NAMES + demo_model.NAMES  # every model name accepted (vgg-shapes*: lrp_module/demo_model.py)
 IMAGENET_CHOICES = ("imagenet", "DEFAULT", "IMAGENET1K_V1")
-DEMO_CHOICES = ("demo", "auto", "DEFAULT")  # vgg-shapes: the committed trained weights
+DEMO_CHOICES = ("demo", "auto", "DEFAULT")  # vgg-shapes, vgg-shapes-hans: the committed trained weights
 OFFLINE_ENV = "LRP_OFFLINE"  # set to 1 to never try a download
 
 
@@ -76,33 +76,34 @@ def _check_name(name: str) -> None:
 
 def default_weights(name: str) -> str:
     """The trained weights a model has by default: torchvision's ImageNet ones, or vgg-shapes' committed ones."""
-    return "demo" if name == demo_model.NAME else "imagenet"
+    return "demo" if name in demo_model.NAMES else "imagenet"
 
 
 def weights_file(name: str, weights: str | os.PathLike) -> Path | None:
     """The local file a weights choice loads (a path, or vgg-shapes' committed file), None for the others."""
-    if name == demo_model.NAME and str(weights) in DEMO_CHOICES:
-        return demo_model.WEIGHTS_FILE
+    if name in demo_model.NAMES and str(weights) in DEMO_CHOICES:
+        return demo_model.weights_file(name)
     return Path(weights) if Path(weights).is_file() else None
 
 
 def _load_demo(name: str) -> tuple[dict, WeightsInfo]:
-    """vgg-shapes' committed weights, checked against the sha256 in their record."""
-    path = demo_model.WEIGHTS_FILE
+    """A demo model's committed weights, checked against the sha256 in their record."""
+    path = demo_model.weights_file(name)
     if not path.is_file():
-        raise WeightsError(f"{path} is missing: restore it from git or train it with `make train-demo`")
-    expected = demo_model.record()["sha256"]
+        raise WeightsError(f"{path} is missing: restore it from git or train it with "
+                           f"`{demo_model.TRAIN_TARGETS[name]}`")
+    expected = demo_model.record(name)["sha256"]
     digest = sha256_file(path)
     if digest != expected:
         raise WeightsError(f"{path} is not the committed file (sha256 {digest[:12]}..., its record "
-                           f"{demo_model.RECORD_FILE.name} says {expected[:12]}...): restore it or retrain")
-    return demo_model.load_state(path), WeightsInfo(name, "demo", str(path), digest, demo_model.class_names())
+                           f"{demo_model.record_file(name).name} says {expected[:12]}...): restore it or retrain")
+    return demo_model.load_state(path), WeightsInfo(name, "demo", str(path), digest, demo_model.class_names(name))
 
 
 def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Module, WeightsInfo]:
     """vgg-shapes with its committed weights ("demo"/"auto"/"DEFAULT"), a state-dict file, or "random"."""
     try:
-        classes = demo_model.class_names()
+        classes = demo_model.class_names(name)
     except FileNotFoundError as error:  # its record defines the classes and the architecture
         raise WeightsError(str(error)) from None
     if str(weights) in set(IMAGENET_CHOICES) - set(DEMO_CHOICES):
@@ -111,7 +112,7 @@ def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Mo
     if str(weights) == "random":
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        model = demo_model.build_recorded()
+        model = demo_model.build_recorded(name)
         torch.random.set_rng_state(generator_state)
         message = f"{name} uses RANDOM weights (seed {seed}): its explanations say nothing about a trained model"
         warnings.warn(message, stacklevel=3)
@@ -123,7 +124,7 @@ def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Mo
         state, info = _load_file(name, Path(weights))
         state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
         info.categories = classes
-    model = demo_model.build_recorded()
+    model = demo_model.build_recorded(name)
     return _loaded(model, state, info, name)
 
 
@@ -217,7 +218,7 @@ def build_vgg(name: str, weights: str | os.PathLike | None, num_classes: int | N
     _check_name(name)
     if weights is None:
         raise WeightsError(f"no weights given for {name}: use 'imagenet', a state-dict file, or 'random'")
-    if name == demo_model.NAME:
+    if name in demo_model.NAMES:
         return _build_demo(name, weights, seed)
     builder = getattr(torchvision.models, name)
     if str(weights) in IMAGENET_CHOICES:

@@ -13,6 +13,7 @@ from .datasets import DatasetError
 from .output_checks import OutputCheckError
 from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
 from .run import RunError, StrictStop, explain
+from .spray.cli import add_spray_command, run_spray_command
 from .writers import OutputError
 
 EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be explained (listed in "
@@ -26,7 +27,7 @@ OPTIONS = [
     ("synsets", str, "class list: the devkit's meta.mat or LOC_synset_mapping.txt (default: searched)"),
     ("boxes", str, "folder of PASCAL VOC box XMLs (default: searched)"),
     ("limit", int, "explain only the first N images"),
-    ("model", str, "vgg11, vgg11_bn, ..., vgg19_bn, vgg-shapes (the demo model)"),
+    ("model", str, "vgg11, vgg11_bn, ..., vgg19_bn, vgg-shapes, vgg-shapes-hans (the demo models)"),
     ("weights", str, "auto | imagenet | demo | random | path to a state-dict file"),
     ("composite", str, "epsilon_gamma_box, epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, ..."),
     ("top_k", float, "relevance filter: fraction kept per layer (0 = off)"),
@@ -77,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
                      help="skip the free-space estimate made before the run (write errors still stop it)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_report_commands(commands)
+    add_spray_command(commands)
     return p
 
 
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in REPORT_COMMANDS:
         return run_report_command(args)
+    if args.command == "spray":
+        return run_spray_command(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["tf32"] = args.tf32
     overrides["faithfulness"] = args.faithfulness

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -29,6 +28,7 @@ from .datasets import DatasetFiles, load_dataset
 from .datasets.records import ImageRecord
 from .layout import RunLayout, temporary_name
 from .output_checks import check_free_space, check_out_placement, check_writable
+from .ray_session import start_ray
 from .writers import FAILURE_SCHEMA, atomic, sha256, write_failed_shard, write_virtual_dataset
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
@@ -192,19 +192,6 @@ def _check_target(config: RunConfig, classes: int | None) -> None:
                        f"(0-{classes - 1})")
 
 
-def _start_ray():
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:  # a local cluster: Ray's default token authentication stays on, without its banner
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address=address or None, num_cpus=None if address else os.cpu_count(), include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    return ray, True
-
-
 def _actor_plan(ray, config: RunConfig) -> tuple[int, dict, str, int]:
     gpus = int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
     count = config.actors if config.actors != "auto" else (gpus or 1)
@@ -273,7 +260,7 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
     from .scheduler import SchedulingError, ShardScheduler
     from .worker import ShardExplainer
 
-    ray, started_ray = _start_ray()
+    ray, started_ray = start_ray()
     try:
         count, options, device, threads = _actor_plan(ray, config)
         settings = {**settings, "device": device, "threads": threads}

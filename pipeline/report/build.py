@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from ..layout import RunLayout
-from . import html, selection, tables
+from . import html, selection, strategies as spray_section, tables
 from .files import inside
 from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
 from .plots import write_plots
@@ -142,10 +142,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
     missing = sum(1 for f in files.values() if f.problem)
     extra = [("images shown", f"{len(files):,}" + (f" ({missing:,} image files not found or unreadable — dataset "
                                                     "moved? — heat map only)" if missing else ""))]
+    strategies = spray_section.load(run.root)  # RUN/spray/, when `make spray` ran
+    extra += spray_section.summary_rows(strategies) if strategies else []
     sections = [("summary", "Summary", html.section("summary", "Summary", html.key_values(tables.summary(run, extra))))]
     for anchor, title, note, rows in galleries:
         body = html.gallery(_tiles(rows, files), "None in this run.")
         sections.append((anchor, title, html.section(anchor, title, body, note)))
+    if strategies:
+        sections.append(("strategies", "Strategies", spray_section.section(run, strategies, images,
+                                                                           f"{IMAGE_FOLDER}/", cmap)))
+        lap("strategies")
     sections.append(("distributions", "Distributions", html.section(
         "distributions", "Distributions of the statistics",
         html.plots([(t, f"{IMAGE_FOLDER}/{name}") for t, name in plot_files]),

@@ -1,0 +1,96 @@
+"""What SpRAy reads of a run: the statistics columns that place each map (shard, row) and name its classes
+(Parquet column projection; no map is read here), each image's position in dataset order (the order of the run's
+relevance.h5 virtual dataset), and the model's class names and ids."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+COLUMNS = ("image_id", "path", "wnid", "label", "label_name", "pred", "pred_name", "target", "pred_probability",
+           "target_probability", "shard", "row")
+BY = ("pred", "label")
+
+
+class SprayRunError(ValueError):
+    """The run cannot be analysed; the message names the culprit."""
+
+
+@dataclass
+class RunIndex:
+    root: Path
+    manifest: dict
+    table: pd.DataFrame  # COLUMNS + `index` (position in dataset order), sorted by it
+    class_names: list[str]
+    wnids: list[str]
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest.get("config", {}).get("size") or 224)
+
+    def classes_by(self, by: str) -> pd.Series:
+        """Each image's class under `by`: `pred` (the predicted class) or `label` (-1 where unlabelled)."""
+        if by not in BY:
+            raise SprayRunError(f"unknown grouping {by!r} (known: {', '.join(BY)})")
+        column = self.table[by]
+        return column.fillna(-1).astype(np.int64)
+
+
+def _class_table(manifest: dict, table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Class names (the artifact's, else the names seen in the statistics) and ids: the dataset's wnids where a
+    label shows them, ImageNet's for a 1000-class model, else 'c' + the zero-padded index."""
+    names = list((manifest.get("artifact") or {}).get("class_names") or [])
+    seen = max(int(table["pred"].max()) if len(table) else -1, int(table["label"].max()) if table["label"].notna().any()
+               else -1) + 1
+    count = max(len(names), seen)
+    for column, name_column in (("label", "label_name"), ("pred", "pred_name")):
+        if len(names) < count:
+            names += [""] * (count - len(names))
+        known = table[[column, name_column]].dropna().drop_duplicates(column)
+        for index, name in zip(known[column].astype(int), known[name_column]):
+            if not names[index]:
+                names[index] = str(name)
+    wnids = [""] * count
+    if count == 1000:
+        from ..classes import imagenet_classes
+
+        wnids = list(imagenet_classes().wnids)
+    labelled = table[["label", "wnid"]].dropna().drop_duplicates("label")
+    for index, wnid in zip(labelled["label"].astype(int), labelled["wnid"]):
+        wnids[index] = str(wnid)
+    wnids = [w or f"c{i:08d}" for i, w in enumerate(wnids)]
+    names = [n or wnids[i] for i, n in enumerate(names)]
+    return names, wnids
+
+
+def open_run_index(root: str | Path) -> RunIndex:
+    """Read the run's statistics (the columns above) and manifest; SprayRunError when it is not a run."""
+    if not str(root).strip():
+        raise SprayRunError("no run directory given (RUN=...)")
+    root = Path(root)
+    stats_dir = root / "stats"
+    if not root.is_dir():
+        raise SprayRunError(f"{root}: no such run directory")
+    files = sorted(str(p) for p in stats_dir.glob("shard-*.parquet")) if stats_dir.is_dir() else []
+    if not files:
+        raise SprayRunError(f"{root}: not a run directory (no stats/shard-*.parquet)")
+    manifest_file = root / "manifest.json"
+    try:
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise SprayRunError(f"{manifest_file}: not valid JSON ({error})") from None
+    try:
+        table = ds.dataset(files, format="parquet").to_table(columns=list(COLUMNS)).to_pandas()
+    except (pa.ArrowInvalid, OSError, KeyError) as error:
+        raise SprayRunError(f"{stats_dir}: unreadable statistics ({error})") from None
+    if table.empty:
+        raise SprayRunError(f"{root}: the run explained no image")
+    table = table.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)
+    table["index"] = np.arange(len(table), dtype=np.int64)  # = the row of relevance.h5 (shards in order, rows in order)
+    names, wnids = _class_table(manifest, table)
+    return RunIndex(root, manifest, table, names, wnids)

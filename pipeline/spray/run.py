@@ -1,0 +1,172 @@
+"""`python -m pipeline spray RUN`: SpRAy per class over a finished run, the classes in parallel as Ray tasks (locally,
+or on the cluster RAY_ADDRESS names), results in RUN/spray/. Each task streams its class's maps from the shards; the
+driver holds only the statistics columns and the per-class results."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..ray_session import start_ray
+from . import outputs
+from .analyse import ClassAnalysis, SprayParams, analyse_class
+from .features import VARIANTS, cluster_mean_maps, read_class_features
+from .inputs import BY, RunIndex, SprayRunError, open_run_index
+
+TASK_CPUS = 0.5  # Ray's accounting: fractional, so that class tasks never starve other Ray work on small machines
+
+
+@dataclass(frozen=True)
+class SprayOptions:
+    by: str = "pred"  # the class an image is analysed under: `pred` (predicted) or `label`
+    variant: str = "absspectral"
+    grid: int = 32
+    min_images: int = 20
+    params: SprayParams = field(default_factory=SprayParams)
+    classes: tuple[int, ...] | None = None  # only these (default: every class with enough images)
+    virelay: bool = True  # write the ViRelAy project beside clusters.parquet
+    virelay_images: bool = True  # its dataset.h5: a copy of every analysed image's crop (N x size^2 x 3 bytes)
+    out: str | None = None  # default RUN/spray
+
+    def check(self) -> None:
+        if self.by not in BY:
+            raise SprayRunError(f"--by must be one of {', '.join(BY)}, got {self.by!r}")
+        if self.variant not in VARIANTS:
+            raise SprayRunError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.grid < 1:
+            raise SprayRunError(f"--grid must be >= 1, got {self.grid}")
+        if self.min_images < 4:
+            raise SprayRunError(f"--min-images must be >= 4 (the spectral analysis needs a few images), got "
+                                f"{self.min_images}")
+        try:
+            self.params.check()
+        except ValueError as error:
+            raise SprayRunError(str(error)) from None
+
+
+@dataclass
+class ClassResult:
+    """One class's analysis as a task returns it."""
+
+    cls: int
+    rows: pd.DataFrame  # image_id, index (dataset order), ... in the order of the analysis
+    analysis: ClassAnalysis
+    means: dict[int, np.ndarray]  # k -> (k, H, W) mean maps (k_chosen and 2)
+    normalisation: dict[str, int]
+    seconds: dict[str, float]
+
+
+def analyse_one(root: str, cls: int, rows: pd.DataFrame, options: SprayOptions, threads: int) -> ClassResult:
+    """Everything for one class: read its vectors, analyse, mean maps per cluster (run inside a Ray task)."""
+    started = time.perf_counter()
+    vectors, normalisation = read_class_features(root, rows, options.grid, options.variant)
+    read_s = time.perf_counter() - started
+    analysis = analyse_class(vectors, options.params, threads)
+    del vectors
+    begun = time.perf_counter()
+    wanted = {k: analysis.kmeans[k] for k in sorted({analysis.k_chosen, 2})}
+    means = cluster_mean_maps(root, rows, wanted)
+    seconds = {"read": round(read_s, 3), **analysis.seconds, "means": round(time.perf_counter() - begun, 3)}
+    return ClassResult(cls, rows[["image_id", "index"]].reset_index(drop=True), analysis, means, normalisation,
+                       seconds)
+
+
+def plan(index: RunIndex, options: SprayOptions) -> tuple[dict[int, pd.DataFrame], list[dict]]:
+    """class -> its rows (enough images), and the skipped classes with their reasons."""
+    classes = index.classes_by(options.by)
+    jobs, skipped = {}, []
+    wanted = set(options.classes) if options.classes is not None else None
+    for cls, rows in index.table.groupby(classes, sort=True):
+        cls = int(cls)
+        if wanted is not None and cls not in wanted:
+            continue
+        if cls < 0:
+            skipped.append({"class": cls, "name": None, "images": len(rows), "reason": "no label"})
+        elif len(rows) < options.min_images:
+            skipped.append({"class": cls, "name": index.class_names[cls], "images": len(rows),
+                            "reason": f"fewer than {options.min_images} images"})
+        else:
+            jobs[cls] = rows
+    if wanted is not None:
+        missing = sorted(wanted - set(classes.unique()))
+        skipped += [{"class": c, "name": index.class_names[c] if 0 <= c < len(index.class_names) else None,
+                     "images": 0, "reason": "no images"} for c in missing]
+    return jobs, skipped
+
+
+def _threads_and_window(cpus: int, jobs: int) -> tuple[int, int]:
+    """BLAS/OpenMP threads per task and tasks in flight: the cluster's CPUs shared, never oversubscribed."""
+    threads = max(1, cpus // max(1, min(jobs, cpus)))
+    return threads, max(1, cpus // threads)
+
+
+def _run_tasks(root: Path, jobs: dict[int, pd.DataFrame], options: SprayOptions, progress: bool
+               ) -> dict[int, ClassResult]:
+    ray, started = start_ray()
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        threads, window = _threads_and_window(cpus, len(jobs))
+        task = ray.remote(num_cpus=TASK_CPUS, max_retries=1)(analyse_one)
+        pending = list(jobs.items())
+        running: dict = {}
+        results: dict[int, ClassResult] = {}
+        bar = _progress(len(jobs), progress)
+        while pending or running:
+            while pending and len(running) < window:
+                cls, rows = pending.pop(0)
+                running[task.remote(str(root), cls, rows, options, threads)] = cls
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                cls = running.pop(ref)
+                try:
+                    results[cls] = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:  # the analysis itself raised: name the class
+                    cause = error.cause if getattr(error, "cause", None) else error
+                    raise SprayRunError(f"class {cls}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+                bar.update(1)
+        bar.close()
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="spray", unit="class", disable=not enabled, file=sys.stderr)
+
+
+def spray(run_dir: str | Path, options: SprayOptions = SprayOptions(), progress: bool = True) -> dict:
+    """Analyse the run; returns the summary (also RUN/spray/summary.json). Raises SprayRunError before writing
+    anything when the run or the options cannot work."""
+    options.check()
+    started = time.time()
+    index = open_run_index(run_dir)
+    jobs, skipped = plan(index, options)
+    if not jobs:
+        raise SprayRunError(f"{index.root}: no class has {options.min_images} or more images to analyse "
+                            f"(by {options.by}; --min-images lowers the bar)")
+    out = Path(options.out) if options.out else index.root / "spray"
+    outputs.prepare(out)
+    results = _run_tasks(index.root, jobs, options, progress)
+    results = {cls: results[cls] for cls in sorted(results)}
+    summary = outputs.write_all(out, index, results, skipped, options, time.time() - started)
+    if options.virelay:
+        from .virelay import write_project
+
+        summary["virelay"] = write_project(out, index, results, options)
+        outputs.write_summary(out, summary)
+    return summary
+
+
+def options_dict(options: SprayOptions) -> dict:
+    """The options as recorded in summary.json."""
+    record = asdict(replace(options, out=str(options.out) if options.out else None))
+    record["classes"] = list(options.classes) if options.classes is not None else None
+    return record

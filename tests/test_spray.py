@@ -1,0 +1,223 @@
+"""SpRAy on small synthetic maps with planted groups: pooling and normalisation as corelay's recipes, the sparse
+spectrum against a dense eigendecomposition, the eigengap finds the planted number of groups, k-means and Ward
+recover them; `spray` over a synthetic run streams the maps shard by shard and writes clusters.parquet with the
+documented columns and dtypes, joinable with the statistics; bad input is one clear error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+from bench.spray_maps import planted_map, planted_maps
+from bench.synthetic_run import stats_table, synthesise_run
+from pipeline.cli import main as cli_main
+from pipeline.spray import cluster, features, graph
+from pipeline.spray.analyse import SprayParams, analyse_class
+from pipeline.spray.inputs import open_run_index
+from pipeline.spray.outputs import CLUSTERS_FILE, SUMMARY_FILE, clusters_schema, read_means
+from pipeline.spray.run import SprayOptions, spray
+
+pytestmark = pytest.mark.timeout(300)
+SIZE = 32
+
+
+def test_sum_pool_and_normalisation_follow_corelays_recipes():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(3, 8, 8))
+    pooled = features.sum_pool(maps, 4)
+    np.testing.assert_allclose(pooled, maps.reshape(3, 4, 2, 4, 2).sum((2, 4)))
+    uneven = features.sum_pool(rng.normal(size=(2, 7, 9)), 3)  # bins of 2-3 pixels, every pixel counted once
+    assert uneven.shape == (2, 3, 3)
+    maps[1] = -np.abs(maps[1])  # more negative than positive relevance
+    maps[2] = 0.0
+    spectral = features.normalise(features.sum_pool(maps, 4), "spectral")
+    flat = maps.reshape(3, 4, 2, 4, 2).sum((2, 4)).reshape(3, -1)
+    np.testing.assert_allclose(spectral.vectors[0], flat[0] / flat[0].sum(), rtol=1e-5)  # R / sum R
+    np.testing.assert_allclose(spectral.vectors[1], flat[1] / np.abs(flat[1]).sum(), rtol=1e-5)  # sum <= 0: / sum |R|
+    assert not spectral.vectors[2].any() and (spectral.fallback, spectral.empty) == (1, 1)
+    absolute = features.normalise(features.sum_pool(maps, 4), "absspectral")
+    np.testing.assert_allclose(absolute.vectors[0], np.abs(flat[0]) / np.abs(flat[0]).sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="smaller than the 16x16"):
+        features.sum_pool(maps, 16)
+    with pytest.raises(ValueError, match="unknown SpRAy variant"):
+        features.normalise(pooled, "fullspectral")
+
+
+def test_sparse_spectrum_equals_the_dense_one():
+    maps, _ = planted_maps(150, 3, SIZE)
+    vectors = features.features(maps, 16, "absspectral").vectors
+    neighbours = graph.nearest_neighbours(vectors, 10)
+    assert neighbours.indices.shape == (150, 10) and not (neighbours.indices == np.arange(150)[:, None]).any()
+    affinity = graph.affinity(neighbours)
+    assert abs(affinity - affinity.T).max() == 0 and affinity.diagonal().sum() == 0
+    sparse = graph.spectrum(affinity, 12)
+    degree = np.asarray(affinity.sum(1)).ravel()
+    laplacian = np.eye(150) - affinity.toarray() / np.sqrt(np.outer(degree, degree))
+    dense = np.linalg.eigvalsh(laplacian)[:12]
+    np.testing.assert_allclose(sparse.eigenvalues, dense, atol=1e-8)
+    assert sparse.eigenvalues[0] == pytest.approx(0, abs=1e-9) and np.all(np.diff(sparse.eigenvalues) >= -1e-12)
+    residual = laplacian @ sparse.eigenvectors - sparse.eigenvectors * sparse.eigenvalues
+    assert np.abs(residual).max() < 1e-6
+
+
+@pytest.mark.parametrize("groups", [2, 3, 5])
+def test_eigengap_finds_the_planted_groups_and_clusterings_recover_them(groups):
+    shares = np.linspace(2, 1, groups)  # unequal sizes
+    maps, truth = planted_maps(240, groups, SIZE, seed=groups, shares=shares)
+    vectors = features.features(maps, 16, "absspectral").vectors
+    result = analyse_class(vectors, SprayParams(k_max=8, embedding=False))
+    assert result.k_chosen == groups
+    assert adjusted_rand_score(truth, result.kmeans[groups]) >= 0.95
+    assert adjusted_rand_score(truth, result.agglomerative[groups]) >= 0.95
+    for k, labels in result.kmeans.items():  # numbered by size, every cluster used
+        sizes = np.bincount(labels, minlength=k)
+        assert len(sizes) == k and (sizes > 0).all() and np.all(np.diff(sizes) <= 0)
+    assert result.outlier.dtype == np.float32 and np.median(result.outlier) == pytest.approx(1.0)
+
+
+def test_one_group_has_a_small_eigengap():
+    rng = np.random.default_rng(1)
+    vectors = features.features(rng.random((200, SIZE, SIZE)), 16, "absspectral").vectors  # no structure
+    planted = analyse_class(features.features(planted_maps(200, 2, SIZE)[0], 16, "absspectral").vectors,
+                            SprayParams(embedding=False))
+    unstructured = analyse_class(vectors, SprayParams(embedding=False))
+    assert planted.eigengap > 3 * unstructured.eigengap
+
+
+def test_eigengap_rule_and_cluster_numbering():
+    assert cluster.eigengap(np.array([0, 0.01, 0.02, 0.5, 0.55, 0.6]), 4) == (3, pytest.approx(0.48))
+    assert cluster.eigengap(np.array([0, 0.4, 0.5, 0.6]), 8)[0] == 2  # k_max capped by the eigenvalues
+    np.testing.assert_array_equal(cluster.by_size(np.array([2, 2, 0, 1, 1, 1])), [1, 1, 2, 0, 0, 0])
+
+
+def test_streamed_features_equal_the_in_memory_ones(tmp_path):
+    """Pieces of 3 maps over shards of 8, rows out of order: the same vectors as all maps at once."""
+    n = 30
+    maps = np.stack([planted_map(i, 3, SIZE)[0] for i in range(n)])
+    run = synthesise_run(tmp_path / "run", stats_table(n, 2, ["x.jpg"], shard_size=8, size=SIZE), size=SIZE,
+                         shard_size=8, map_of=lambda i: planted_map(i, 3, SIZE)[0])
+    rows = open_run_index(run).table.sample(frac=1.0, random_state=0)
+    streamed, counts = features.read_class_features(run, rows, 16, "spectral", batch=3)
+    stored = maps.astype(np.float16)[rows["index"].to_numpy()]  # the shards keep float16
+    np.testing.assert_allclose(streamed, features.features(stored, 16, "spectral").vectors, rtol=1e-6)
+    assert counts == {"fallback": 0, "empty": 0}
+
+
+def _planted_run(root: Path, n: int = 240, classes: int = 3) -> tuple[Path, np.ndarray]:
+    """A run whose class c's maps come in c + 2 planted groups (class 0: 2, class 1: 3, ...), class `classes` has
+    only 5 images (skipped), and each map's group."""
+    table = stats_table(n, classes + 1, ["x.jpg"], shard_size=50, size=SIZE)
+    frame = table.to_pandas()
+    pred = np.where(np.arange(n) < n - 5, np.arange(n) % classes, classes)  # the last 5: a small class
+    table = table.set_column(table.schema.get_field_index("pred"), "pred", [pred.astype(np.int64)])
+    groups = np.zeros(n, np.int64)
+
+    def map_of(i: int) -> np.ndarray:
+        cls = int(pred[i])
+        relevance, groups[i] = planted_map(i // classes, cls + 2, SIZE, seed=cls)
+        return relevance
+
+    del frame
+    return synthesise_run(root, table, size=SIZE, shard_size=50, map_of=map_of), groups
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory, local_ray):
+    root, groups = _planted_run(tmp_path_factory.mktemp("spray") / "run")
+    options = SprayOptions(grid=16, min_images=20, virelay=False)
+    summary = spray(root, options, progress=False)
+    return root, groups, summary
+
+
+def test_spray_writes_the_documented_clusters_table(planted_run):
+    root, groups, summary = planted_run
+    table = pq.read_table(root / "spray" / CLUSTERS_FILE)
+    assert table.schema.equals(clusters_schema(8), check_metadata=False)
+    assert table.schema.names == ["image_id", "class", "k_chosen", "cluster"] + [f"cluster_k{k}" for k in range(2, 9)] \
+        + ["x", "y", "outlier"]
+    assert [str(t) for t in table.schema.types] == ["string"] + ["int64"] * 10 + ["float", "float", "float"]
+    clusters = table.to_pandas()
+    stats = pd.read_parquet(root / "stats")
+    joined = clusters.merge(stats[["image_id", "pred"]], on="image_id", validate="one_to_one")
+    assert len(joined) == len(clusters) == len(stats) - 5 and (joined["class"] == joined["pred"]).all()
+    assert clusters.groupby("class")["k_chosen"].nunique().eq(1).all()
+    assert (clusters["cluster"] == clusters.apply(lambda r: r[f"cluster_k{r.k_chosen}"], axis=1)).all()
+    assert summary["skipped"] == [{"class": 3, "name": "class 3", "images": 5, "reason": "fewer than 20 images"}]
+
+
+def test_spray_recovers_each_classes_planted_strategies(planted_run):
+    root, groups, summary = planted_run
+    clusters = pq.read_table(root / "spray" / CLUSTERS_FILE).to_pandas()
+    index = open_run_index(root).table.set_index("image_id")
+    clusters["group"] = groups[index.loc[clusters["image_id"], "index"].to_numpy()]
+    for cls, part in clusters.groupby("class"):
+        assert part["k_chosen"].iloc[0] == cls + 2
+        assert adjusted_rand_score(part["group"], part["cluster"]) >= 0.95
+    entries = {e["class"]: e for e in summary["classes"]}
+    assert [e["rank"] for e in summary["classes"]] == [1, 2, 3]
+    assert np.all(np.diff([e["eigengap"] for e in summary["classes"]]) <= 0)
+    assert all(len(e["eigenvalues"]) == 32 and e["eigenvalues"][0] < 1e-8 for e in entries.values())
+    means = read_means(root / "spray", 0, 2)
+    assert means.shape == (2, SIZE, SIZE) and np.isfinite(means).all()
+    saved = json.loads((root / "spray" / SUMMARY_FILE).read_text())
+    assert saved["classes"] == summary["classes"] and saved["options"]["variant"] == "absspectral"
+
+
+def test_spray_by_label_and_chosen_classes(planted_run, tmp_path):
+    root, _, _ = planted_run
+    summary = spray(root, SprayOptions(by="label", grid=16, classes=(1,), virelay=False, out=str(tmp_path / "s")),
+                    progress=False)
+    assert [e["class"] for e in summary["classes"]] == [1]
+    labels = pd.read_parquet(root / "stats").set_index("image_id")["label"]
+    clusters = pd.read_parquet(tmp_path / "s" / CLUSTERS_FILE)
+    assert (labels.loc[clusters["image_id"]].to_numpy() == 1).all() and len(clusters) == (labels == 1).sum()
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli_main(["spray", str(tmp_path / "missing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["spray", str(tmp_path / "empty")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    run = synthesise_run(tmp_path / "run", stats_table(12, 2, ["x.jpg"], size=SIZE), size=SIZE)
+    assert cli_main(["spray", str(run), "--no-progress"]) == 2  # 12 images in 2 classes: none has 20
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no class has 20 or more images" in err
+    assert cli_main(["spray", str(run), "--k-max", "40"]) == 2
+    assert "must exceed k_max" in capsys.readouterr().err
+    assert not (run / "spray").exists()
+    with pytest.raises(SystemExit):
+        cli_main(["spray", str(run), "--variant", "nonsense"])
+
+
+def test_affinity_is_corelays_sparse_knn():
+    """corelay's SparseKNN on the dense distance matrix (argsort, ones, (A + A^T) / 2) gives the same matrix."""
+    vectors = features.features(planted_maps(60, 2, SIZE)[0], 16, "spectral").vectors.astype(np.float64)
+    distances = np.linalg.norm(vectors[:, None] - vectors[None], axis=2)
+    columns = distances.argsort(1)[:, 1:6]
+    dense = sp.csr_matrix((np.ones(60 * 5), (np.repeat(np.arange(60), 5), columns.ravel())), shape=(60, 60))
+    ours = graph.affinity(graph.nearest_neighbours(vectors, 5))
+    assert abs(ours - (dense + dense.T) / 2).max() == 0
+
+
+def test_sampled_tsne_keeps_the_groups_apart():
+    """A class larger than the t-SNE sample: the sampled images are t-SNE'd, the others placed by their nearest
+    sampled neighbours; both kinds land among their own group (nearest neighbour in the picture from the same group)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from pipeline.spray.embed import tsne
+
+    maps, truth = planted_maps(300, 2, SIZE)
+    result = analyse_class(features.features(maps, 16, "absspectral").vectors, SprayParams(embedding=False))
+    xy = tsne(result.eigenvectors, seed=0, sample=100)
+    assert xy.shape == (300, 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
+    chosen = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
+    placed = np.setdiff1d(np.arange(300), chosen)
+    nearest = KNeighborsClassifier(1).fit(xy[chosen], truth[chosen])
+    assert (nearest.predict(xy[placed]) == truth[placed]).mean() >= 0.95
