@@ -22,7 +22,8 @@ OPTIONS = [
     ("dataset", str, "a name in configs/datasets/ (sample, imagenet-val) or a folder / tar-shard glob"),
     ("layout", str, "imagefolder | imagenet_val | webdataset | plain (default: detected)"),
     ("limit", int, "explain only the first N images"),
-    ("model", str, "vgg11, vgg11_bn, ..., vgg19_bn, vgg-shapes (the demo model)"),
+    ("model", str, "vgg11, ..., vgg19_bn, resnet18, ..., resnet152, wide_resnet50_2, wide_resnet101_2, "
+                   "resnext50_32x4d, vgg-shapes (the demo model)"),
     ("weights", str, "auto | imagenet | demo | random | path to a state-dict file"),
     ("composite", str, "epsilon_gamma_box, epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, ..."),
     ("top_k", float, "relevance filter: fraction kept per layer (0 = off)"),
