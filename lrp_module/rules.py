@@ -277,11 +277,12 @@ class _BoundGamma(_SignSplit):
         if self.fast:
             self._buffers_with_transpose("w_gp", w_gp)
             self._buffers_from(b_gp=b_gp)
-        elif self.from_output:
+        elif self.from_output:  # q = g F(a, W+, b+); the second variant's sign is folded into its weight
             t = op.transpose_weight
             self.nonnegative = True
-            self._buffers_from(w_pos=weight.clamp(min=0), b_pos=_clamp_pos(bias),
-                               w_pos_t=op.cat_transposed([t(w_gp), t(w_gn)]))
+            b_q = _clamp_pos(bias)
+            self._buffers_from(w_q=g * weight.clamp(min=0), b_q=None if b_q is None else g * b_q,
+                               w_pos_t=op.cat_transposed([t(w_gp), t(-w_gn)]))
         else:
             self._bind_pair(w_gp, w_gn, b_gp, b_gn, ctx.input_nonnegative)
 
@@ -294,9 +295,10 @@ class _BoundGamma(_SignSplit):
         o = stash if self.keeps_preactivation else out
         positive, negative = o > 0, o < 0
         if self.from_output:
-            q = self.op.forward_op(a, self.w_pos, self.b_pos).mul_(self.gamma)
-            z = torch.where(positive, o + q, o * (1.0 + self.gamma) - q)
-            s = relevance / stabilize(z, self.eps)
+            # o > 0: stab(z_p) = o + q + eps; o < 0: stab(z_n) = -(q - (1 + g) o + eps), its sign in the weight
+            q = self.op.forward_op(a, self.w_q, self.b_q)
+            denominator = torch.where(positive, o + q, torch.add(q, o, alpha=-(1.0 + self.gamma))).add_(self.eps)
+            s = relevance.div_(denominator)
             return self._redistribute(a, s * positive, s * negative)
         z_p, z_n = self._denominators(a)
         s_p = relevance * positive / stabilize(z_p, self.eps)
