@@ -18,7 +18,7 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test bench bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean
 
 venv: $(STAMP)
@@ -40,10 +40,14 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability
+bench: bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-report bench-faithfulness bench-reliability
 
 bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
+
+# the graph engine on a ResNet: resnet50 224x224 against its forward and zennit (ResNetCanonizer), side by side
+bench-lrp-resnet: $(STAMP)
+	$(PY) -m bench.lrp_speed --model resnet50 --out bench/results/lrp_speed_resnet50.json $(BENCH_ARGS)
 
 bench-export: $(STAMP)
 	$(PY) -m bench.export_speed

@@ -251,6 +251,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     zennit = [c for c in composites if c.startswith("epsilon")]
     rows += [(f"zennit:{c}", f"zennit {c}") for c in zennit]
     rows += [("captum:", "captum LRP (default rules)"), ("blog:", "blog code (z+ everywhere)")]
+    if args.only:  # e.g. "forward,ours:epsilon_gamma_box,baseline:": rows whose spec starts with one of these
+        rows = [row for row in rows if row[0] == "forward" or row[0].startswith(tuple(args.only.split(",")))]
     return rows
 
 
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls and convolutions")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--baseline", help="also time lrp_module from this git revision (e.g. main)")
+    parser.add_argument("--only", help="comma-separated spec prefixes to run (forward always runs)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -139,9 +139,11 @@ def _function_layer(node: fx.Node) -> tuple[str, nn.Module, list[fx.Node]] | Non
 
 
 def _operation(node: fx.Node) -> str:
-    """How an unsupported call reads in an error: 'operation mul', 'operation .view'."""
+    """How an unsupported call reads in an error: 'operation mul', 'operation .view', 'operation add with these
+    arguments' (a supported operation used otherwise, e.g. adding a constant or flattening from dim 0)."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"operation {'.' if node.op == 'call_method' else ''}{name}"
+    known = name.rstrip("_") in ("add", "iadd", "cat", "concat", "flatten", "relu", "dropout")
+    return f"operation {'.' if node.op == 'call_method' else ''}{name}{' with these arguments' if known else ''}"
 
 
 def capture(model: nn.Module) -> list[Layer]:
@@ -176,8 +178,7 @@ def capture(model: nn.Module) -> list[Layer]:
         elif node.op in ("call_function", "call_method"):
             found = _function_layer(node)
             if found is None:
-                raise _fail(node, _operation(node) + " (with these arguments)" * (_operation(node)[10:].strip(".") in
-                                                                                  ("add", "cat", "flatten", "relu")))
+                raise _fail(node, _operation(node))
             kind, module, inputs = found
             base = f"{_where(node)}.{kind}".lstrip(".")
             name, n = base, 0
