@@ -4,10 +4,11 @@ A rule is a parameter set. `Rule.bind` turns it, for one concrete layer, into a 
 every modified weight precomputed (w+, w-, w + gamma*w+, their transposes) and computes the input relevance
 from the stored forward values with explicit conv / conv-transpose / matmul calls: no autograd, no hooks.
 
-Fast paths. Inside VGG almost every layer sees a non-negative input (it follows a ReLU) and receives relevance
-only where its ReLU fired (the rule above multiplies by its input, which is zero elsewhere). Where the model
-builder proves both (`LayerContext`), rules drop the terms that are exactly zero and use the stored ReLU output
-in place of the pre-activation. Elsewhere the general, zennit-literal formula runs. Both give the same numbers.
+Fast paths. Inside a VGG or ResNet most layers see a non-negative input (it follows a ReLU) and many receive
+relevance only where their ReLU fired (every reader above multiplies by its input, which is zero elsewhere). Where
+the engine proves either from the graph (`LayerContext`, lrp_module/model.py), rules drop the terms that are
+exactly zero and use the stored ReLU output in place of the pre-activation. Elsewhere the general, zennit-literal
+formula runs. Both give the same numbers.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .graph import Sum
 from .ops import AffineOp
 from .stabilize import rms_per_sample, safe_divide, stabilize
 
@@ -540,6 +542,8 @@ class AvgPoolRule(PoolRule):
         self.rms_scale = float(rms_scale)
 
     def bind(self, pool, ctx=None):
+        if not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
+            raise ValueError(f"AvgPoolRule is for MaxPool2d / AvgPool2d, got {type(pool).__name__}")
         geometry = PoolGeometry.of(pool)
         if geometry.dilation != (1, 1):
             raise ValueError(f"AvgPoolRule: a dilated max pool has no average-pool counterpart, got {pool}")
@@ -579,8 +583,6 @@ class Norm(PoolRule):
         self.stabilizer = float(stabilizer)
 
     def bind(self, pool, ctx=None):
-        from .graph import Sum
-
         if isinstance(pool, nn.AdaptiveAvgPool2d):
             return _BoundAdaptiveNorm(pool.output_size, self.stabilizer)
         if isinstance(pool, nn.AvgPool2d):

@@ -268,3 +268,16 @@ def test_build_model_resnets(tmp_path):
         zoo.build_model("resnet34", path)
     assert zoo.hub_checkpoint_path("resnext50_32x4d").name.startswith("resnext50_32x4d-")
     assert set(zoo.RESNET_NAMES) <= set(zoo.MODEL_NAMES)
+
+
+def test_every_named_composite_runs_on_resnets():
+    """montavon and seed too (their max pool as average pool over ResNet's overlapping, padded 3x3/2 windows);
+    finite maps of the input's shape, and rules by name on the residual sums."""
+    x = torch.randn(2, 3, 32, 48)
+    for arch in ("resnet18", "resnext50_32x4d"):
+        model = make_resnet(arch, dtype=torch.float32)
+        for name in lrp.COMPOSITES:
+            relevance = lrp.LRPModel(model, name)(x)
+            assert relevance.shape == (2, 32, 48) and torch.isfinite(relevance).all(), (arch, name)
+    with pytest.raises(ValueError, match=r"cannot be used on layer1.0.add \(SumStep\)"):
+        lrp.LRPModel(model, lrp.Composite({nn.Conv2d: lrp.ZPlus(), nn.Linear: lrp.Epsilon(), lrp.Sum: lrp.Epsilon()}))
