@@ -251,8 +251,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     zennit = [c for c in composites if c.startswith("epsilon")]
     rows += [(f"zennit:{c}", f"zennit {c}") for c in zennit]
     rows += [("captum:", "captum LRP (default rules)"), ("blog:", "blog code (z+ everywhere)")]
-    if args.only:  # e.g. "forward,ours:epsilon_gamma_box,baseline:": rows whose spec starts with one of these
-        rows = [row for row in rows if row[0] == "forward" or row[0].startswith(tuple(args.only.split(",")))]
+    if args.only:  # e.g. "ours:epsilon_gamma_box,baseline:": these specs, a trailing ':' meaning every one of a kind
+        wanted = args.only.split(",")
+        rows = [row for row in rows if row[0] == "forward" or row[0] in wanted
+                or any(w.endswith(":") and row[0].startswith(w) for w in wanted)]
     return rows
 
 
