@@ -41,11 +41,12 @@ def _clamp_neg(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def _cat_bias(*biases: Tensor | None) -> Tensor | None:
+def _cat_bias(op: AffineOp, *biases: Tensor | None) -> Tensor | None:
+    """The biases of stacked weight variants, in the order `op.cat_weights` stacks them (per group)."""
     if all(b is None for b in biases):
         return None
     ref = next(b for b in biases if b is not None)
-    return torch.cat([torch.zeros_like(ref) if b is None else b for b in biases])
+    return op.cat_weights([torch.zeros_like(ref) if b is None else b for b in biases])
 
 
 def _divide(relevance: Tensor, denominator: Tensor, eps: float | Tensor) -> Tensor:
@@ -235,7 +236,7 @@ class _SignSplit(BoundRule):
     def _bind_pair(self, w_p: Tensor, w_n: Tensor, b_p: Tensor | None, b_n: Tensor | None, nonnegative: bool):
         op, t = self.op, self.op.transpose_weight
         self.nonnegative = nonnegative
-        self._buffers_from(w_both=op.cat_weights([w_p, w_n]), b_both=_cat_bias(b_p, b_n),
+        self._buffers_from(w_both=op.cat_weights([w_p, w_n]), b_both=_cat_bias(op, b_p, b_n),
                            w_pos_t=op.cat_transposed([t(w_p), t(w_n)]))
         if not nonnegative:
             self._buffers_from(w_both_swapped=op.cat_weights([w_n, w_p]), w_neg_t=op.cat_transposed([t(w_n), t(w_p)]))

@@ -281,3 +281,16 @@ def test_every_named_composite_runs_on_resnets():
             assert relevance.shape == (2, 32, 48) and torch.isfinite(relevance).all(), (arch, name)
     with pytest.raises(ValueError, match=r"cannot be used on layer1.0.add \(SumStep\)"):
         lrp.LRPModel(model, lrp.Composite({nn.Conv2d: lrp.ZPlus(), nn.Linear: lrp.Epsilon(), lrp.Sum: lrp.Epsilon()}))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", sorted(ZENNIT))
+def test_grouped_convolutions_match_zennit_in_float64(name, stride):
+    """Grouped convs with stride 1 (flipped-kernel transpose) and 2 (conv-transpose), biases stacked per group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 12, 3, padding=1, groups=4, stride=stride), nn.ReLU(),
+                          nn.Conv2d(12, 8, 1, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(32, 5))
+    assert_agree(randomize(model).double(), name, ZENNIT[name](None),
+                 torch.randn(2, 3, 12, 12, dtype=torch.float64), tolerance=1e-9)
