@@ -41,6 +41,7 @@ CASES = [("resnet18", (64, 64), 2), ("resnet18", (48, 80), 2), ("resnet50", (48,
          ("resnext50_32x4d", (64, 64), 1)]
 
 
+@pytest.mark.timeout(900)  # float64 convolutions have no fast CPU kernels; resnext50 took > 300 s on a loaded machine
 @pytest.mark.parametrize("name", sorted(ZENNIT))
 @pytest.mark.parametrize("arch,size,batch", CASES, ids=[f"{a}-{h}x{w}" for a, (h, w), _ in CASES])
 def test_resnets_match_zennit_in_float64(resnets, arch, size, batch, name):
