@@ -43,7 +43,7 @@ endif
 endif
 endif
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test bench bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay
 
 venv: $(STAMP)
@@ -65,10 +65,14 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-lrp bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
+bench: bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
 
 bench-lrp: $(STAMP)
 	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
+
+# the graph engine on a ResNet: resnet50 224x224 against its forward and zennit (ResNetCanonizer), side by side
+bench-lrp-resnet: $(STAMP)
+	$(PY) -m bench.lrp_speed --model resnet50 --out bench/results/lrp_speed_resnet50.json $(BENCH_ARGS)
 
 bench-export: $(STAMP)
 	$(PY) -m bench.export_speed

@@ -1,4 +1,4 @@
-"""Write the LRP-augmented VGG as TorchScript, ONNX and torch.export artifacts plus a metadata sidecar.
+"""Write the LRP-augmented model (any VGG or ResNet) as TorchScript, ONNX and torch.export artifacts plus a metadata sidecar.
 
 Every file is written under a temporary name in the output directory and renamed when complete, so an
 interrupted or failed export never leaves a file that looks finished.
@@ -17,7 +17,7 @@ import torch
 
 from lrp_module import LRPModel
 from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD, get_composite
-from lrp_module.zoo import WeightsInfo, build_vgg
+from lrp_module.zoo import WeightsInfo, build_model
 
 from .runner import METADATA_KEY
 
@@ -61,7 +61,7 @@ class ExportConfig:
 
 
 def build_explainer(config: ExportConfig) -> tuple[LRPModel, WeightsInfo]:
-    model, info = build_vgg(config.model, config.weights, config.num_classes)
+    model, info = build_model(config.model, config.weights, config.num_classes)
     lrp = LRPModel(model, config.composite, top_k=config.top_k, rescale_top_k=config.rescale_top_k,
                    composite_params=config.composite_params)
     return lrp, info

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lrp_module.zoo import build_vgg
+from lrp_module.zoo import build_model
 
 from .artifacts import ExportError
 from .verify import relative_difference
@@ -24,7 +24,7 @@ def export_classifier(model: str, weights: str, size: int, path: Path, lrp_artif
     Returns the checks; a failed check is an ExportError naming the difference and nothing is written."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights warn; tracing and TorchScript's deprecation warn
-        vgg, info = build_vgg(model, weights)
+        vgg, info = build_model(model, weights)
         traced = torch.jit.trace(vgg, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),
                                  check_trace=False)
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -1,12 +1,14 @@
-"""Composites: which rule each layer of a VGG gets, by name, by position or by layer type (as zennit's).
+"""Composites: which rule each layer gets, by name, by position or by layer type (as zennit's).
 
 Named composites follow zennit 1.0's layer maps and default parameters, plus `montavon` (the LRP tutorial's
 VGG16 recipe) and `seed` (the original PyTorchRelevancePropagation blog). A user composite is a mapping::
 
     Composite({nn.Conv2d: Gamma(0.25), nn.Linear: Epsilon(), "features.0": ZBox(low, high), -1: Epsilon(0)})
 
-Keys are checked in this order: module name ("features.0"), layer index (int, position in the layer list
-`features..., avgpool, flatten, classifier...`; negative counts from the end), then `first`, then type.
+Keys are checked in this order: module name ("features.0", "layer1.0.conv1"; an addition is named after the module
+whose forward does it: "layer1.0.add"), layer index (int, position among the model's operations in execution order,
+for a VGG `features..., avgpool, flatten, classifier...`; negative counts from the end), then `first`, then type
+(`lrp_module.Sum` for additions, as zennit's `Sum`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any, Union
 
 from torch import nn
 
+from .graph import Sum
 from .rules import AlphaBeta, AvgPoolRule, Epsilon, Flat, Gamma, Norm, PoolRule, Rule, WinnerTakesAll, ZBox, ZPlus
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,12 +34,12 @@ STARTS = ("logit", "softmax")
 class LayerInfo:
     """Where a layer sits in the network: what composites choose rules by."""
 
-    name: str  # module name in the VGG, e.g. "features.0", "classifier.6"
-    index: int  # position in the layer list (features..., avgpool, flatten, classifier...)
+    name: str  # module name, e.g. "features.0", "classifier.6", "layer1.0.conv1", "layer1.0.add"
+    index: int  # position among the model's operations (for a VGG: features..., avgpool, flatten, classifier...)
     count: int  # length of that list, so negative indices work
     module: nn.Module
     first_affine: bool  # the first convolution / linear layer
-    block: int  # number of max-pooling layers before this one (VGG block, 0-based)
+    block: int  # downsampling layers (max pools, strided convs / pools) before this one (a VGG's block, 0-based)
 
 
 class Composite:
@@ -76,7 +79,7 @@ class Composite:
                 return rule
         if isinstance(info.module, nn.MaxPool2d):
             return WinnerTakesAll()
-        if isinstance(info.module, nn.AdaptiveAvgPool2d):
+        if isinstance(info.module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, Sum)):
             return Norm()
         raise ValueError(f"composite {self.name!r} has no rule for layer {info.name} ({type(info.module).__name__})")
 
@@ -86,7 +89,9 @@ class Composite:
 
 
 def _zennit_base(stabilizer: float) -> dict[Any, AnyRule]:
-    return {nn.AdaptiveAvgPool2d: Norm(stabilizer), nn.MaxPool2d: WinnerTakesAll()}
+    """zennit's layer_map_base: Norm on average pools and on the residual Sum (ResNetCanonizer), arg-max pooling."""
+    return {nn.AdaptiveAvgPool2d: Norm(stabilizer), nn.AvgPool2d: Norm(stabilizer), Sum: Norm(stabilizer),
+            nn.MaxPool2d: WinnerTakesAll()}
 
 
 def epsilon_gamma_box(low=IMAGENET_LOW, high=IMAGENET_HIGH, epsilon: float = 1e-6, gamma: float = 0.25,
@@ -161,7 +166,7 @@ class _Montavon(Composite):
             return self._gamma if low_block else self._epsilon_rms
         if isinstance(info.module, nn.MaxPool2d):  # the pool closing block b belongs to block b
             return self._pool_low if low_block else self._pool_high
-        if isinstance(info.module, nn.AdaptiveAvgPool2d):
+        if isinstance(info.module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, Sum)):
             return Norm(self.params["stabilizer"])
         if isinstance(info.module, nn.Linear):
             return self._lrp0
@@ -180,7 +185,8 @@ def seed(stabilizer: float = 1e-5) -> Composite:
     layer, an all-ones input for the first layer, max pooling as 2x2 average pooling, softmax start."""
     zplus = ZPlus(stabilizer, zero_bias=True)
     return Composite(
-        {nn.Conv2d: zplus, nn.Linear: zplus, nn.MaxPool2d: AvgPoolRule(stabilizer), nn.AdaptiveAvgPool2d: Norm(stabilizer)},
+        {nn.Conv2d: zplus, nn.Linear: zplus, nn.MaxPool2d: AvgPoolRule(stabilizer), nn.AdaptiveAvgPool2d: Norm(stabilizer),
+         nn.AvgPool2d: Norm(stabilizer), Sum: Norm(stabilizer)},
         first=ZPlus(stabilizer, zero_bias=True, ones_input=True),
         start="softmax",
         name="seed",

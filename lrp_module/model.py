@@ -1,8 +1,11 @@
-"""LRPModel: a torchvision VGG turned into a chain of (layer, rule) steps with an explicit relevance pass.
+"""LRPModel: a model's graph (lrp_module/graph.py) walked forward, keeping what each rule needs, then backward in
+reverse topological order with explicit conv / conv-transpose / matmul / pooling-index code, relevance summed where
+a value fans out. One engine for every VGG, every torchvision ResNet / ResNeXt / Wide ResNet and user models built
+from the same parts.
 
-The forward keeps each step's input (and what its rule asked for); the relevance pass walks the steps back with
-plain conv / conv-transpose / matmul / pooling-index code. No autograd, no hooks: `torch.jit.trace`,
-`torch.export` and the ONNX exporter capture the whole thing (see `LRPModel.exportable`).
+No autograd, no hooks: `torch.jit.trace`, `torch.export` and the ONNX exporter capture the whole thing (see
+`LRPModel.exportable`). The engine, which sees the graph, proves where a rule's fast path is exact (`LayerContext`:
+the input is non-negative; relevance arrives only where the ReLU after the layer fired) and tells the rule.
 """
 from __future__ import annotations
 
@@ -12,12 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import VGG
 
-from .canonize import fold_batchnorm
 from .composites import AnyRule, Composite, LayerInfo, get_composite
+from .graph import GraphError, Step, canonize, capture
 from .ops import make_op
-from .rules import BoundPoolRule, BoundRule, LayerContext, PoolRule, Rule, WinnerTakesAll
+from .rules import BoundPoolRule, BoundRule, LayerContext, PoolGeometry, PoolRule, Rule, WinnerTakesAll
 from .topk import TopKFilter
 
 
@@ -28,7 +30,11 @@ class AffineStep(nn.Module):
 
     def __init__(self, name: str, layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | None, relu: bool):
         super().__init__()
-        self.name, self.relu, self.op = name, relu, make_op(layer)
+        self.name, self.relu = name, relu
+        try:
+            self.op = make_op(layer)
+        except ValueError as error:
+            raise GraphError(f"layer {name}: {error}") from None
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.rule: BoundRule | None = None
@@ -36,19 +42,19 @@ class AffineStep(nn.Module):
     def bind(self, rule: Rule, ctx: LayerContext) -> None:
         self.rule = rule.bind(self.op, self.weight, self.bias, ctx)
 
-    def forward(self, a: Tensor) -> tuple[Tensor, Tensor | None]:
-        o = self.op.forward_op(a, self.weight, self.bias)
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        o = self.op.forward_op(inputs[0], self.weight, self.bias)
         stash = self.rule.stash(o)
         if self.relu:
             o = F.relu(o) if stash is o else F.relu_(o)
         return o, stash
 
-    def relevance(self, a: Tensor, out: Tensor, stash: Tensor | None, relevance: Tensor) -> Tensor:
-        return self.rule.relevance(a, out, stash, relevance, self.weight)
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+        return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
 
 
 class PoolStep(nn.Module):
-    """Max pooling or adaptive average pooling with its bound pooling rule."""
+    """Max, average or adaptive average pooling with its bound pooling rule."""
 
     filtered = True
 
@@ -57,116 +63,228 @@ class PoolStep(nn.Module):
         self.name, self.pool = name, pool
         self.rule: BoundPoolRule | None = None
         self.with_indices = False
+        if isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
+            try:
+                self.geometry = PoolGeometry.of(pool)
+            except ValueError as error:
+                raise GraphError(f"layer {name}: {error}") from None
 
     def bind(self, rule: PoolRule, ctx: LayerContext | None = None) -> None:
-        self.rule = rule.bind(self.pool)
+        try:
+            self.rule = rule.bind(self.pool)
+        except ValueError as error:
+            raise GraphError(f"layer {self.name}: {error}") from None
         self.with_indices = rule.needs_indices
 
-    def forward(self, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        a = inputs[0]
         if isinstance(self.pool, nn.MaxPool2d):
+            g = self.geometry
             if self.with_indices:
-                return F.max_pool2d(a, self.pool.kernel_size, self.pool.stride, return_indices=True)
-            return F.max_pool2d(a, self.pool.kernel_size, self.pool.stride), None
+                return F.max_pool2d(a, g.kernel, g.stride, g.padding, g.dilation, return_indices=True)
+            return F.max_pool2d(a, g.kernel, g.stride, g.padding, g.dilation), None
         return self.pool(a), None
 
-    def relevance(self, a: Tensor, out: Tensor, stash: Tensor | None, relevance: Tensor) -> Tensor:
-        return self.rule.relevance(a, out, stash, relevance)
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+        return [self.rule.relevance(inputs[0], out, stash, relevance)]
+
+
+class SumStep(nn.Module):
+    """An addition (residual connection), optionally followed by ReLU, with its rule (zennit: Norm on `Sum`)."""
+
+    filtered = False
+
+    def __init__(self, name: str, module: nn.Module, relu: bool) -> None:
+        super().__init__()
+        self.name, self.module, self.relu = name, module, relu
+        self.rule: BoundPoolRule | None = None
+
+    def bind(self, rule: PoolRule, ctx: LayerContext) -> None:
+        try:
+            self.rule = rule.bind(self.module, ctx)
+        except ValueError as error:
+            raise GraphError(f"layer {self.name}: {error}") from None
+
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        o = inputs[0] + inputs[1]
+        for extra in inputs[2:]:
+            o = o + extra
+        stash = o if self.rule.keeps_preactivation else None
+        if self.relu:
+            o = F.relu(o) if stash is o else F.relu_(o)
+        return o, stash
+
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+        return self.rule.relevance_sum(inputs, out, stash, relevance)
 
 
 class FlattenStep(nn.Module):
     """torch.flatten(x, 1) between features and classifier; relevance is reshaped back."""
 
     filtered = False
-    name = "flatten"
 
-    def forward(self, a: Tensor) -> tuple[Tensor, None]:
-        return torch.flatten(a, 1), None
+    def __init__(self, name: str = "flatten") -> None:
+        super().__init__()
+        self.name = name
 
-    def relevance(self, a: Tensor, out: Tensor, stash: Tensor | None, relevance: Tensor) -> Tensor:
-        return relevance.reshape(a.shape)
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, None]:
+        return torch.flatten(inputs[0], 1), None
 
-
-def _vgg_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The VGG as the flat layer list composites index into: features..., avgpool, flatten, classifier..."""
-    if not isinstance(model, VGG) and not all(hasattr(model, n) for n in ("features", "avgpool", "classifier")):
-        raise TypeError(f"LRPModel needs a torchvision VGG (features/avgpool/classifier), got {type(model).__name__}")
-    layers = [(f"features.{i}", m) for i, m in enumerate(model.features)]
-    layers.append(("avgpool", model.avgpool))
-    layers.append(("flatten", nn.Flatten(1)))
-    layers += [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)]
-    return layers
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+        return [relevance.reshape(inputs[0].shape)]
 
 
-def _parse_steps(model: nn.Module, composite: Composite) -> tuple[list[nn.Module], list[AnyRule | None]]:
-    """Group the layer list into steps (conv+bn+relu fused) and pick each step's rule."""
-    layers = _vgg_layers(model)
-    steps: list[nn.Module] = []
+class ReLUStep(nn.Module):
+    """A ReLU that could not be fused (its input is read elsewhere too): relevance passes unchanged (zennit: Pass)."""
+
+    filtered = False
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, None]:
+        return F.relu(inputs[0]), None
+
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+        return [relevance]
+
+
+class CatStep(nn.Module):
+    """Concatenation: relevance is split back along the same dimension (the gradient; zennit has no rule here)."""
+
+    filtered = False
+
+    def __init__(self, name: str, dim: int) -> None:
+        super().__init__()
+        self.name, self.dim = name, dim
+
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, None]:
+        return torch.cat(inputs, dim=self.dim), None
+
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+        return list(relevance.split([t.shape[self.dim] for t in inputs], dim=self.dim))
+
+
+def _step_module(spec: Step) -> nn.Module:
+    layer = spec.layer
+    if spec.kind == "affine":
+        return AffineStep(spec.name, layer.module, spec.weight, spec.bias, spec.relu)
+    if spec.kind == "pool":
+        return PoolStep(spec.name, layer.module)
+    if spec.kind == "add":
+        return SumStep(spec.name, layer.module, spec.relu)
+    if spec.kind == "flatten":
+        return FlattenStep(spec.name)
+    if spec.kind == "relu":
+        return ReLUStep(spec.name)
+    if spec.kind == "cat":
+        return CatStep(spec.name, layer.module.dim)
+    raise GraphError(f"no LRP step for {spec.name} ({spec.kind})")  # capture() admits nothing else
+
+
+def _choose_rules(specs: Sequence[Step], composite: Composite, count: int) -> list[AnyRule | None]:
+    """The composite's rule for every affine, pooling and sum step (by name, position, first layer, type)."""
     rules: list[AnyRule | None] = []
-    block, seen_affine, i = 0, False, 0
-    while i < len(layers):
-        name, module = layers[i]
-        info = LayerInfo(name, i, len(layers), module, False, block)
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            info = LayerInfo(name, i, len(layers), module, not seen_affine, block)
-            seen_affine = True
-            weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-            j = i + 1
-            if j < len(layers) and isinstance(layers[j][1], (nn.BatchNorm2d, nn.BatchNorm1d)):
-                weight, bias = fold_batchnorm(module, layers[j][1])
-                j += 1
-            relu = j < len(layers) and isinstance(layers[j][1], nn.ReLU)
-            j += int(relu)
-            steps.append(AffineStep(name, module, weight, bias, relu))
-            rules.append(composite.rule_for(info))
-            i = j
-            continue
-        if isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
-            steps.append(PoolStep(name, module))
-            rules.append(composite.rule_for(info))
-            block += int(isinstance(module, nn.MaxPool2d))
-        elif isinstance(module, nn.Flatten):
-            steps.append(FlattenStep())
+    for spec in specs:
+        if spec.kind not in ("affine", "pool", "add"):
             rules.append(None)
-        elif isinstance(module, (nn.Dropout, nn.Identity)):
-            pass  # identity in eval mode: relevance passes unchanged
-        else:
-            raise ValueError(f"unsupported layer {name} ({type(module).__name__}): LRP here covers VGG's "
-                             "Conv2d, BatchNorm, ReLU, MaxPool2d, AdaptiveAvgPool2d, Linear and Dropout")
-        i += 1
-    for step, rule in zip(steps, rules):
-        kind = PoolRule if isinstance(step, PoolStep) else Rule
-        if rule is not None and not isinstance(rule, kind):
-            raise ValueError(f"rule {rule!r} cannot be used on {step.name} ({type(step).__name__})")
-    return steps, rules
+            continue
+        layer = spec.layer
+        rule = composite.rule_for(LayerInfo(layer.name, layer.index, count, layer.module, spec.first_affine,
+                                            spec.block))
+        kind = Rule if spec.kind == "affine" else PoolRule
+        if not isinstance(rule, kind):
+            step = {"affine": "AffineStep", "pool": "PoolStep", "add": "SumStep"}[spec.kind]
+            raise ValueError(f"rule {rule!r} cannot be used on {spec.name} ({step})")
+        rules.append(rule)
+    return rules
 
 
-def _bind_rules(steps: Sequence[nn.Module], rules: Sequence[AnyRule | None]) -> None:
-    """Bind rules, passing each what is provable about its input sign and where its relevance can be."""
-    nonnegative = []
-    state = False  # the image may be negative
-    for step in steps:
-        nonnegative.append(state)
-        if isinstance(step, AffineStep):
-            state = step.relu
-    # relevance arriving at a step is zero where its output is zero if the consumer above multiplies by it
-    guaranteed = False
-    contexts: list[LayerContext | None] = [None] * len(steps)
-    for k in range(len(steps) - 1, -1, -1):
-        step, rule = steps[k], rules[k]
-        if isinstance(step, AffineStep):
-            contexts[k] = LayerContext(nonnegative[k], step.relu, step.relu and guaranteed)
-            guaranteed = rule.multiplies_input
-        elif isinstance(step, PoolStep) and not isinstance(rule, WinnerTakesAll):
-            guaranteed = rule.multiplies_input  # arg-max routing and flatten keep the property as it is
-    for step, rule, ctx in zip(steps, rules, contexts):
-        if rule is not None:
-            step.bind(rule, ctx)
+def _contexts(specs: Sequence[Step], rules: Sequence[AnyRule | None], output: int) -> list[LayerContext]:
+    """What the graph proves for each step: is its input >= 0 everywhere, and is the relevance arriving at its output
+    zero wherever that output is zero (true when every reader's rule multiplies by its input, or passes relevance
+    on from an output with the same property; a ResNet's residual sum multiplies by its summands, so it holds
+    there too, while a conv feeding a sum has no ReLU of its own and keeps the general path)."""
+    nonnegative: dict[int, bool] = {-1: False}  # the image may be negative
+    readers: dict[int, list[int]] = {k: [] for k in range(-1, len(specs))}
+    for k, spec in enumerate(specs):
+        for i in spec.inputs:
+            readers[i].append(k)
+        if spec.kind in ("affine", "add") and spec.relu or spec.kind == "relu":
+            nonnegative[k] = True
+        elif spec.kind == "affine":
+            nonnegative[k] = False
+        else:  # pooling, flatten, concatenation and sums of non-negative values stay non-negative
+            nonnegative[k] = all(nonnegative[i] for i in spec.inputs)
+    zero_where_zero: dict[int, bool] = {}
+
+    def keeps(reader: int) -> bool:
+        spec, rule = specs[reader], rules[reader]
+        if spec.kind in ("affine", "add") or (spec.kind == "pool" and not isinstance(rule, WinnerTakesAll)):
+            return rule.multiplies_input
+        return zero_where_zero[reader]  # arg-max routing, flatten, ReLU, split: the property carries over
+
+    for k in range(len(specs) - 1, -1, -1):
+        zero_where_zero[k] = k != output and all(keeps(r) for r in readers[k])
+    return [LayerContext(all(nonnegative[i] for i in spec.inputs), spec.relu, spec.relu and zero_where_zero[k])
+            for k, spec in enumerate(specs)]
+
+
+def _spatial_out(spec: Step, size: int, axis: int) -> int | None:
+    """Output size along one spatial axis for an input of `size` (None once the tensor is flat)."""
+    module = spec.layer.module
+    if spec.kind == "flatten" or (spec.kind == "affine" and isinstance(module, nn.Linear)):
+        return None
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        return size if out[axis] is None else out[axis]
+    if spec.kind in ("affine", "pool"):
+        def pick(v):
+            return v if isinstance(v, int) else v[axis]
+        kernel, stride = pick(module.kernel_size), pick(module.stride or module.kernel_size)
+        padding, dilation = pick(getattr(module, "padding", 0)), pick(getattr(module, "dilation", 1))
+        return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return size
+
+
+def _min_size(specs: Sequence[Step], axis: int, limit: int = 4096) -> int:
+    """The smallest input size along one axis at which every layer's output is at least 1 wide."""
+    for size in range(1, limit):
+        sizes: dict[int, int | None] = {-1: size}
+        ok = True
+        for k, spec in enumerate(specs):
+            known = [sizes[i] for i in spec.inputs if sizes[i] is not None]
+            sizes[k] = None if not known else _spatial_out(spec, min(known), axis)
+            if sizes[k] is not None and sizes[k] < 1:
+                ok = False
+                break
+        if ok:
+            return size
+    return limit
+
+
+def _num_classes(steps: Sequence[nn.Module], specs: Sequence[Step], output: int) -> int:
+    """Classes = the output width: a linear layer's outputs, or a conv's channels after global pooling + flatten."""
+    k, pooled = output, False
+    while specs[k].kind in ("flatten", "relu", "pool"):
+        module = specs[k].layer.module
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+            pooled = True
+        k = specs[k].inputs[0]
+        if k < 0:
+            break
+    if k >= 0 and specs[k].kind == "affine" and (isinstance(specs[k].layer.module, nn.Linear) or pooled):
+        return steps[k].weight.shape[0]
+    raise GraphError("the model's output must come from a Linear layer (or a convolution + global average pooling + "
+                     f"flatten), not {specs[output].name} ({specs[output].kind})")
 
 
 class LRPModel(nn.Module):
-    """Layer-wise relevance propagation for a torchvision VGG (any depth, with or without batch norm).
+    """Layer-wise relevance propagation for a torchvision VGG, ResNet, ResNeXt, Wide ResNet or a user model built
+    from Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Linear, Flatten, Dropout, + and cat.
 
-    lrp = LRPModel(vgg, composite="epsilon_gamma_box", top_k=0.0)
+    lrp = LRPModel(model, composite="epsilon_gamma_box", top_k=0.0)
     relevance = lrp(x)                          # (N, H, W) for the predicted class
     logits, relevance = lrp.explain(x, target)  # (N, classes), (N, C, H, W)
     """
@@ -183,16 +301,24 @@ class LRPModel(nn.Module):
         super().__init__()
         model = model.eval()
         self.composite = get_composite(composite, **(composite_params or {}))
-        steps, rules = _parse_steps(model, self.composite)
-        _bind_rules(steps, rules)
+        layers = capture(model)
+        specs, self.output = canonize(layers)
+        steps = [_step_module(spec) for spec in specs]
+        rules = _choose_rules(specs, self.composite, len(layers) - 1)
+        for step, rule, ctx in zip(steps, rules, _contexts(specs, rules, self.output)):
+            if rule is not None:
+                step.bind(rule, ctx)
         self.steps = nn.ModuleList(steps)
+        self.wiring: list[list[int]] = [list(spec.inputs) for spec in specs]  # input step indices, -1 = image
         self.rules = rules
         self.top_k = TopKFilter(top_k, rescale_top_k)
         self.channels_last = channels_last
-        first = next(s for s in steps if isinstance(s, AffineStep))
-        self.in_channels = first.weight.shape[1]
-        self.num_classes = steps[-1].weight.shape[0]
-        self.min_size = 2 ** sum(isinstance(s, PoolStep) and isinstance(s.pool, nn.MaxPool2d) for s in steps)
+        first = next(spec for spec in specs if spec.first_affine)
+        self._first = specs.index(first)
+        module = first.layer.module
+        self.in_channels = module.in_channels if isinstance(module, nn.Conv2d) else None
+        self.num_classes = _num_classes(steps, specs, self.output)
+        self.min_size = max(_min_size(specs, 0), _min_size(specs, 1))
 
     # ------------------------------------------------------------------------------------ public API
     def forward(self, x: Tensor, target: Tensor | Sequence[int] | int | None = None) -> Tensor:
@@ -216,31 +342,40 @@ class LRPModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ core
     def propagate(self, x: Tensor, target: Tensor | None, traceable: bool = False) -> tuple[Tensor, Tensor]:
-        """Forward pass keeping what the rules need, then the relevance pass. No validation.
+        """Forward pass keeping what the rules need, then the relevance pass in reverse topological order, summing
+        where a value fans out. No validation.
 
         traceable: use only ops that tracers and exporters capture with dynamic batch (top-k via topk)."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        inputs: list[Tensor] = []
+        values: list[Tensor | None] = []
         stashes: list[Tensor | None] = []
-        h = x
-        for step in self.steps:
-            inputs.append(h)
-            h, stash = step(h)
+        for step, wiring in zip(self.steps, self.wiring):
+            out, stash = step([x if i < 0 else values[i] for i in wiring])
+            values.append(out)
             stashes.append(stash)
-        logits = h
-        relevance = self.start_relevance(logits, target)
-        out = logits
-        # the one-hot start vector is never filtered (its zeros would beat a negative logit: an all-zero map);
-        # seed's softmax start is, as the blog does
+        logits = values[self.output]
+        incoming: list[Tensor | None] = [None] * len(self.steps)
+        incoming[self.output] = self.start_relevance(logits, target)
+        at_input: Tensor | None = None
         start_filtered = self.composite.start == "softmax"
         for k in range(len(self.steps) - 1, -1, -1):
-            step, a = self.steps[k], inputs.pop()
-            if self.top_k.active and step.filtered and (k < len(self.steps) - 1 or start_filtered):
+            relevance, incoming[k] = incoming[k], None
+            if relevance is None:  # a value the output does not depend on
+                continue
+            step, wiring = self.steps[k], self.wiring[k]
+            # the one-hot start vector is never filtered (its zeros would beat a negative logit: an all-zero map);
+            # seed's softmax start is, as the blog does
+            if self.top_k.active and step.filtered and (k != self.output or start_filtered):
                 relevance = self.top_k(relevance, traceable)
-            relevance = step.relevance(a, out, stashes.pop(), relevance)
-            out = a
-        return logits, relevance
+            parts = step.relevance([x if i < 0 else values[i] for i in wiring], values[k], stashes[k], relevance)
+            values[k] = stashes[k] = None  # every reader of this value is done: free it
+            for i, part in zip(wiring, parts):
+                if i < 0:
+                    at_input = part if at_input is None else at_input + part
+                else:
+                    incoming[i] = part if incoming[i] is None else incoming[i] + part
+        return logits, at_input if at_input is not None else torch.zeros_like(x)
 
     def start_relevance(self, logits: Tensor, target: Tensor | None) -> Tensor:
         """one-hot(target) * logits (target -1 or None: the predicted class), or softmax for `seed`."""
@@ -254,13 +389,13 @@ class LRPModel(nn.Module):
     def _validate(self, x: Tensor, target) -> tuple[Tensor, Tensor | None]:
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if x.ndim != 4 or (self.in_channels is not None and x.shape[1] != self.in_channels):
+            raise ValueError(f"input must be (N, {self.in_channels or 'C'}, H, W), got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("input batch is empty")
         if min(x.shape[-2:]) < self.min_size:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is too small: this VGG needs H, W >= {self.min_size}")
-        weight = self.steps[0].weight
+            raise ValueError(f"input {tuple(x.shape[-2:])} is too small: this network needs H, W >= {self.min_size}")
+        weight = self.steps[self._first].weight
         if not x.is_floating_point() or x.dtype != weight.dtype:
             raise ValueError(f"input dtype must be {weight.dtype}, got {x.dtype}")
         if x.device != weight.device:

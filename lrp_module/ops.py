@@ -26,10 +26,17 @@ class AffineOp(nn.Module):
     def ones_weight(self, weight: Tensor) -> Tensor:
         return torch.ones_like(weight)
 
-    @staticmethod
-    def cat_weights(weights: list[Tensor]) -> Tensor:
+    def cat_weights(self, weights: list[Tensor]) -> Tensor:
         """Stack weight variants along the output dimension (one forward computes all of them)."""
         return torch.cat(weights, dim=0)
+
+    def cat_outputs(self, tensors: list[Tensor]) -> Tensor:
+        """Stack per-variant outputs (or output relevances) as one forward with `cat_weights` lays them out."""
+        return torch.cat(tensors, dim=self.channel_dim)
+
+    def chunk(self, tensor: Tensor, n: int) -> tuple[Tensor, ...]:
+        """Split a stacked result (from `cat_weights` or `split_transposed`) back into its n variants."""
+        return tensor.chunk(n, dim=self.channel_dim)
 
     def cat_transposed(self, weights_t: list[Tensor]) -> Tensor:
         """Stack transposed weights so that one transposed pass sums over all variants' inputs."""
@@ -44,13 +51,21 @@ class AffineOp(nn.Module):
         return 1
 
 
+def interleave(tensors: list[Tensor], groups: int, dim: int) -> Tensor:
+    """Concatenate along `dim` group by group: (group, variant, channel) order, which is what a grouped conv
+    needs when several weight variants (or their relevances) are stacked into one call. groups=1: torch.cat."""
+    if groups == 1:
+        return torch.cat(tensors, dim=dim)
+    return torch.stack([t.unflatten(dim, (groups, -1)) for t in tensors], dim=dim + 1).flatten(dim, dim + 2)
+
+
 class Conv2dOp(AffineOp):
-    """conv2d; its transpose is a conv2d with flipped kernels where stride is 1 (fastest), else conv_transpose2d."""
+    """conv2d (grouped too); its transpose is a conv2d with flipped kernels where stride is 1 (fastest), else
+    conv_transpose2d. Stacked variants of a grouped conv are interleaved per group (`interleave`)."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        if conv.groups != 1:
-            raise ValueError(f"grouped convolutions are not supported (groups={conv.groups})")
+        self.groups = conv.groups
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError(f"only explicit zero padding is supported, got {conv.padding!r}/{conv.padding_mode}")
         self.stride = tuple(conv.stride)
@@ -62,30 +77,48 @@ class Conv2dOp(AffineOp):
         self.flip_padding = flip_padding
 
     def forward_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def transpose_weight(self, weight: Tensor) -> Tensor:
-        if self.as_flipped_conv:
-            return weight.flip(2, 3).transpose(0, 1).contiguous()
+        if self.as_flipped_conv:  # (out, in/g, k, k) -> (in, out/g, k, k), per group, kernels flipped
+            g = self.groups
+            per_group = weight.unflatten(0, (g, -1)).transpose(1, 2)
+            return per_group.flatten(0, 1).flip(2, 3).contiguous()
         return weight.contiguous()
+
+    def cat_weights(self, weights: list[Tensor]) -> Tensor:
+        return interleave(weights, self.groups, 0)
+
+    def cat_outputs(self, tensors: list[Tensor]) -> Tensor:
+        return interleave(tensors, self.groups, 1)
+
+    def chunk(self, tensor: Tensor, n: int) -> tuple[Tensor, ...]:
+        if self.groups == 1:
+            return tensor.chunk(n, dim=1)
+        return tuple(t.flatten(1, 2) for t in tensor.unflatten(1, (self.groups, n, -1)).unbind(2))
 
     def transpose_op(self, s: Tensor, weight_t: Tensor, input_shape: torch.Size) -> Tensor:
         if self.as_flipped_conv:
-            return F.conv2d(s, weight_t, None, 1, self.flip_padding, self.dilation)
+            return F.conv2d(s, weight_t, None, 1, self.flip_padding, self.dilation, self.groups)
         out_pad = [
             size - ((o - 1) * st - 2 * p + d * (k - 1) + 1)
             for size, o, st, p, d, k in zip(
                 input_shape[-2:], s.shape[-2:], self.stride, self.padding, self.dilation, self.kernel
             )
         ]
-        return F.conv_transpose2d(s, weight_t, None, self.stride, self.padding, out_pad, 1, self.dilation)
+        return F.conv_transpose2d(s, weight_t, None, self.stride, self.padding, out_pad, self.groups, self.dilation)
 
     def cat_transposed(self, weights_t: list[Tensor]) -> Tensor:
-        # flipped layout is (in, out, k, k): more "out" channels of the forward = more input channels here
-        return torch.cat(weights_t, dim=1 if self.as_flipped_conv else 0)
+        # flipped layout is (in, out/g, k, k): more "out" channels of the forward = more input channels here;
+        # the stacked relevances come in (group, variant, channel) order (`cat_outputs`)
+        if self.as_flipped_conv:
+            return torch.cat(weights_t, dim=1)
+        return interleave(weights_t, self.groups, 0)
 
     def split_transposed(self, weights_t: list[Tensor]) -> Tensor:
-        return torch.cat(weights_t, dim=0 if self.as_flipped_conv else 1)
+        if self.as_flipped_conv:
+            return interleave(weights_t, self.groups, 0)
+        return torch.cat(weights_t, dim=1)
 
 
 class LinearOp(AffineOp):

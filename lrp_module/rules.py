@@ -4,10 +4,11 @@ A rule is a parameter set. `Rule.bind` turns it, for one concrete layer, into a 
 every modified weight precomputed (w+, w-, w + gamma*w+, their transposes) and computes the input relevance
 from the stored forward values with explicit conv / conv-transpose / matmul calls: no autograd, no hooks.
 
-Fast paths. Inside VGG almost every layer sees a non-negative input (it follows a ReLU) and receives relevance
-only where its ReLU fired (the rule above multiplies by its input, which is zero elsewhere). Where the model
-builder proves both (`LayerContext`), rules drop the terms that are exactly zero and use the stored ReLU output
-in place of the pre-activation. Elsewhere the general, zennit-literal formula runs. Both give the same numbers.
+Fast paths. Inside a VGG or ResNet most layers see a non-negative input (it follows a ReLU) and many receive
+relevance only where their ReLU fired (every reader above multiplies by its input, which is zero elsewhere). Where
+the engine proves either from the graph (`LayerContext`, lrp_module/model.py), rules drop the terms that are
+exactly zero and use the stored ReLU output in place of the pre-activation. Elsewhere the general, zennit-literal
+formula runs. Both give the same numbers.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .graph import Sum
 from .ops import AffineOp
 from .stabilize import rms_per_sample, safe_divide, stabilize
 
@@ -39,11 +41,12 @@ def _clamp_neg(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def _cat_bias(*biases: Tensor | None) -> Tensor | None:
+def _cat_bias(op: AffineOp, *biases: Tensor | None) -> Tensor | None:
+    """The biases of stacked weight variants, in the order `op.cat_weights` stacks them (per group)."""
     if all(b is None for b in biases):
         return None
     ref = next(b for b in biases if b is not None)
-    return torch.cat([torch.zeros_like(ref) if b is None else b for b in biases])
+    return op.cat_weights([torch.zeros_like(ref) if b is None else b for b in biases])
 
 
 def _divide(relevance: Tensor, denominator: Tensor, eps: float | Tensor) -> Tensor:
@@ -206,7 +209,7 @@ class _BoundZPlus(BoundRule):
         a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
         z = self.op.forward_op(a_pos, self.w_pos, self.b_pos) + self.op.forward_op(a_neg, self.w_neg)
         s = relevance / stabilize(z, self.eps)
-        c_pos, c_neg = self.op.transpose_op(s, self.w_split_t, a.shape).chunk(2, dim=self.op.channel_dim)
+        c_pos, c_neg = self.op.chunk(self.op.transpose_op(s, self.w_split_t, a.shape), 2)
         return a_pos * c_pos + a_neg * c_neg
 
 
@@ -233,7 +236,7 @@ class _SignSplit(BoundRule):
     def _bind_pair(self, w_p: Tensor, w_n: Tensor, b_p: Tensor | None, b_n: Tensor | None, nonnegative: bool):
         op, t = self.op, self.op.transpose_weight
         self.nonnegative = nonnegative
-        self._buffers_from(w_both=op.cat_weights([w_p, w_n]), b_both=_cat_bias(b_p, b_n),
+        self._buffers_from(w_both=op.cat_weights([w_p, w_n]), b_both=_cat_bias(op, b_p, b_n),
                            w_pos_t=op.cat_transposed([t(w_p), t(w_n)]))
         if not nonnegative:
             self._buffers_from(w_both_swapped=op.cat_weights([w_n, w_p]), w_neg_t=op.cat_transposed([t(w_n), t(w_p)]))
@@ -245,12 +248,12 @@ class _SignSplit(BoundRule):
         else:
             z = self.op.forward_op(a.clamp(min=0), self.w_both, self.b_both) + self.op.forward_op(
                 a.clamp(max=0), self.w_both_swapped)
-        z_p, z_n = z.chunk(2, dim=self.op.channel_dim)
+        z_p, z_n = self.op.chunk(z, 2)
         return z_p, z_n
 
     def _redistribute(self, a: Tensor, s_p: Tensor, s_n: Tensor) -> Tensor:
         """a+ (F^T(s_p, P) + F^T(s_n, N)) + a- (F^T(s_p, N) + F^T(s_n, P))."""
-        s = torch.cat([s_p, s_n], dim=self.op.channel_dim)
+        s = self.op.cat_outputs([s_p, s_n])
         if self.nonnegative:
             return self.op.transpose_op(s, self.w_pos_t, a.shape).mul_(a)
         return a.clamp(min=0) * self.op.transpose_op(s, self.w_pos_t, a.shape) + a.clamp(max=0) * \
@@ -258,19 +261,31 @@ class _SignSplit(BoundRule):
 
 
 class _BoundGamma(_SignSplit):
+    """Three paths, one formula. fast: the input is >= 0 and relevance arrives only where the ReLU above fired, so
+    only the (o > 0, a+) term is non-zero. from_output: the input is >= 0, so with q = F(a, W+, b+) the two
+    denominators are z_p = F(a, W + gW+, b + gb+) = o + g q and z_n = F(a, W + gW-, b + gb-) = (1 + g) o - g q
+    (as F(a, W-) + b- = o - q): one extra conv instead of two. general: zennit's four terms, literally."""
+
     def __init__(self, rule: Gamma, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext):
         super().__init__(op)
-        g, self.eps = rule.gamma, rule.stabilizer
+        g, self.eps, self.gamma = rule.gamma, rule.stabilizer, rule.gamma
+        bias_kept = bias is None or not rule.zero_bias  # o carries the layer's bias: z may use it only then
         bias = None if rule.zero_bias else bias
         w_gp, w_gn = weight + g * weight.clamp(min=0), weight + g * weight.clamp(max=0)
         b_gp = None if bias is None else bias + g * bias.clamp(min=0)
         b_gn = None if bias is None else bias + g * bias.clamp(max=0)
-        # fast: a >= 0 and relevance only where o > 0, so only the (o > 0, a+) term survives
         self.fast = ctx.input_nonnegative and ctx.relu and ctx.relevance_on_active
+        self.from_output = ctx.input_nonnegative and not self.fast and bias_kept
         self.keeps_preactivation = ctx.relu and not self.fast
         if self.fast:
             self._buffers_with_transpose("w_gp", w_gp)
             self._buffers_from(b_gp=b_gp)
+        elif self.from_output:  # q = g F(a, W+, b+); the second variant's sign is folded into its weight
+            t = op.transpose_weight
+            self.nonnegative = True
+            b_q = _clamp_pos(bias)
+            self._buffers_from(w_q=g * weight.clamp(min=0), b_q=None if b_q is None else g * b_q,
+                               w_pos_t=op.cat_transposed([t(w_gp), t(-w_gn)]))
         else:
             self._bind_pair(w_gp, w_gn, b_gp, b_gn, ctx.input_nonnegative)
 
@@ -281,9 +296,16 @@ class _BoundGamma(_SignSplit):
             s = relevance.div_(z.clamp_(min=0).add_(self.eps))
             return self.op.transpose_op(s, self._transposed("w_gp"), a.shape).mul_(a)
         o = stash if self.keeps_preactivation else out
+        positive, negative = o > 0, o < 0
+        if self.from_output:
+            # o > 0: stab(z_p) = o + q + eps; o < 0: stab(z_n) = -(q - (1 + g) o + eps), its sign in the weight
+            q = self.op.forward_op(a, self.w_q, self.b_q)
+            denominator = torch.where(positive, o + q, torch.add(q, o, alpha=-(1.0 + self.gamma))).add_(self.eps)
+            s = relevance.div_(denominator)
+            return self._redistribute(a, s * positive, s * negative)
         z_p, z_n = self._denominators(a)
-        s_p = relevance * (o > 0) / stabilize(z_p, self.eps)
-        s_n = relevance * (o < 0) / stabilize(z_n, self.eps)
+        s_p = relevance * positive / stabilize(z_p, self.eps)
+        s_n = relevance * negative / stabilize(z_n, self.eps)
         return self._redistribute(a, s_p, s_n)
 
 
@@ -330,6 +352,10 @@ class ZBox(Rule):
             raise ValueError(f"ZBox: low and high must have the same shape and low <= high, got {low}, {high}")
         self.stabilizer = float(stabilizer)
 
+    @property
+    def multiplies_input(self) -> bool:
+        return False  # the box terms give relevance where the input is zero
+
     def bind(self, op, weight, bias, ctx):
         return _BoundZBox(self, op, weight, bias, ctx)
 
@@ -366,7 +392,7 @@ class _BoundZBox(BoundRule):
         if self.bias is not None:
             box = box + self.bias
         s = relevance / stabilize(o - box, self.eps)
-        c, c_low, c_high = self.op.transpose_op(s, self.w_split_t, a.shape).chunk(3, dim=self.op.channel_dim)
+        c, c_low, c_high = self.op.chunk(self.op.transpose_op(s, self.w_split_t, a.shape), 3)
         return a * c - low * c_low - high * c_high
 
 
@@ -417,9 +443,9 @@ class _BoundSquaredOrFlat(BoundRule):
 
 # ----------------------------------------------------------------------------------------------- pooling
 class PoolRule:
-    """A relevance rule for pooling layers."""
+    """A relevance rule for pooling layers (and for the residual sum, zennit's `Sum` module: Norm)."""
 
-    def bind(self, pool: nn.Module) -> "BoundPoolRule":
+    def bind(self, pool: nn.Module, ctx: LayerContext | None = None) -> "BoundPoolRule":
         raise NotImplementedError
 
     multiplies_input = True
@@ -435,18 +461,53 @@ class BoundPoolRule(nn.Module):
         raise NotImplementedError
 
 
-def _pool_geometry(pool: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    def pair(v):
-        return (v, v) if isinstance(v, int) else tuple(v)
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
 
-    kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
-    padding = pair(getattr(pool, "padding", 0))
-    dilation = pair(getattr(pool, "dilation", 1))
-    if kernel != stride or padding != (0, 0) or dilation != (1, 1) or getattr(pool, "ceil_mode", False):
-        raise ValueError(
-            f"only non-overlapping pooling (kernel == stride, no padding/dilation/ceil_mode) is supported, got {pool}"
-        )
-    return kernel, stride
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Kernel, stride, padding and dilation of a 2-d pooling layer."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, pool: nn.Module) -> "PoolGeometry":
+        if getattr(pool, "ceil_mode", False):
+            raise ValueError(f"pooling with ceil_mode=True is not supported, got {pool}")
+        kernel = _pair(pool.kernel_size)
+        return cls(kernel, _pair(pool.stride or pool.kernel_size), _pair(getattr(pool, "padding", 0)),
+                   _pair(getattr(pool, "dilation", 1)))
+
+    @property
+    def overlapping(self) -> bool:
+        return any(d * (k - 1) + 1 > s for k, s, d in zip(self.kernel, self.stride, self.dilation))
+
+    @property
+    def tiles(self) -> bool:
+        """Windows tile the input exactly from its corner: kernel == stride, no padding or dilation."""
+        return self.kernel == self.stride and self.padding == (0, 0) and self.dilation == (1, 1)
+
+
+def _pool_geometry(pool: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    geometry = PoolGeometry.of(pool)
+    return geometry.kernel, geometry.stride
+
+
+def sum_pool_transpose(s: Tensor, geometry: PoolGeometry, input_shape: torch.Size) -> Tensor:
+    """Adjoint of sum pooling over the windows of `geometry`: each value spread over its window (windows that
+    overlap add up), zero where no window reaches. A depthwise transposed convolution with a ones kernel."""
+    (kh, kw), channels = geometry.kernel, s.shape[1]
+    if geometry.tiles:  # spread each value over its window, zero in leftover rows and columns
+        up = s.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3)
+        return F.pad(up, (0, input_shape[-1] - up.shape[-1], 0, input_shape[-2] - up.shape[-2]))
+    ones = s.new_ones((channels, 1, kh, kw))
+    out_pad = [size - ((o - 1) * st - 2 * p + d * (k - 1) + 1) for size, o, st, p, d, k in zip(
+        input_shape[-2:], s.shape[-2:], geometry.stride, geometry.padding, geometry.dilation, geometry.kernel)]
+    return F.conv_transpose2d(s, ones, None, geometry.stride, geometry.padding, out_pad, channels, geometry.dilation)
 
 
 class WinnerTakesAll(PoolRule):
@@ -454,16 +515,23 @@ class WinnerTakesAll(PoolRule):
 
     needs_indices = True
 
-    def bind(self, pool):
-        _pool_geometry(pool)
-        return _BoundWinnerTakesAll()
+    def bind(self, pool, ctx=None):
+        if not isinstance(pool, nn.MaxPool2d):
+            raise ValueError(f"WinnerTakesAll is for MaxPool2d, got {type(pool).__name__}")
+        return _BoundWinnerTakesAll(PoolGeometry.of(pool).overlapping)
 
 
 class _BoundWinnerTakesAll(BoundPoolRule):
+    def __init__(self, overlapping: bool = False) -> None:
+        super().__init__()
+        self.overlapping = overlapping
+
     def relevance(self, a, out, indices, relevance):
-        # unpooling as a scatter into the flattened input plane: windows do not overlap, so it is exact, and
-        # scatter is what every tracer and exporter supports (ONNX ScatterElements)
+        # unpooling as a scatter into the flattened input plane: exact, and what every tracer and exporter
+        # supports (ONNX ScatterElements); where windows overlap, a position that wins several adds them up
         planes = torch.zeros_like(a).flatten(2)
+        if self.overlapping:
+            return planes.scatter_add_(2, indices.flatten(2), relevance.flatten(2)).view_as(a)
         return planes.scatter_(2, indices.flatten(2), relevance.flatten(2)).view_as(a)
 
 
@@ -474,37 +542,56 @@ class AvgPoolRule(PoolRule):
         self.stabilizer = float(stabilizer)
         self.rms_scale = float(rms_scale)
 
-    def bind(self, pool):
-        kernel, _ = _pool_geometry(pool)
-        return _BoundAvgPool(kernel, self.stabilizer, self.rms_scale)
+    def bind(self, pool, ctx=None):
+        if not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
+            raise ValueError(f"AvgPoolRule is for MaxPool2d / AvgPool2d, got {type(pool).__name__}")
+        geometry = PoolGeometry.of(pool)
+        if geometry.dilation != (1, 1):
+            raise ValueError(f"AvgPoolRule: a dilated max pool has no average-pool counterpart, got {pool}")
+        return _BoundAvgPool(geometry, self.stabilizer, self.rms_scale)
 
 
 class _BoundAvgPool(BoundPoolRule):
-    def __init__(self, kernel: tuple[int, int], eps: float, rms_scale: float) -> None:
+    """z = avgpool(a) over the layer's windows (zero padding counted, as avg_pool2d's default), or the layer's own
+    average pool (`divisor`: count_include_pad=False / divisor_override); R_in = a * sumpool^T(R / stab(z) / n)."""
+
+    def __init__(self, geometry: PoolGeometry, eps: float, rms_scale: float, count_include_pad: bool = True,
+                 divisor_override: int | None = None) -> None:
         super().__init__()
-        self.kernel, self.eps, self.rms_scale = kernel, eps, rms_scale
+        self.geometry, self.eps, self.rms_scale = geometry, eps, rms_scale
+        self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
 
     def relevance(self, a, out, indices, relevance):
-        kh, kw = self.kernel
-        z = F.avg_pool2d(a, self.kernel, self.kernel)
+        g = self.geometry
+        z = F.avg_pool2d(a, g.kernel, g.stride, g.padding, False, self.count_include_pad, self.divisor_override)
         eps = self.eps + self.rms_scale * rms_per_sample(z) if self.rms_scale else self.eps
-        s = _divide(relevance, stabilize(z, eps), eps) / (kh * kw)
-        # adjoint of non-overlapping average pooling: spread each value over its window, zero in leftover rows
-        up = s.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3)
-        up = F.pad(up, (0, a.shape[-1] - up.shape[-1], 0, a.shape[-2] - up.shape[-2]))
-        return up.mul_(a)
+        s = _divide(relevance, stabilize(z, eps), eps)
+        if self.divisor_override:
+            s = s / self.divisor_override
+        elif self.count_include_pad:
+            s = s / (g.kernel[0] * g.kernel[1])
+        else:  # per window: the number of positions inside the input
+            ones = torch.ones_like(a[:1, :1])
+            s = s / F.avg_pool2d(ones, g.kernel, g.stride, g.padding, False, False, 1)
+        return sum_pool_transpose(s, g, a.shape).mul_(a)
 
 
 class Norm(PoolRule):
-    """Average / adaptive average pooling (zennit's Norm): z = pool(a), R_in = a * pool^T(R / stab(z))."""
+    """Average / adaptive average pooling and the residual sum (zennit's Norm): z = layer(a),
+    R_in = a * layer^T(R / stab(z)); for a sum of x_1, x_2: R_i = x_i * R / stab(x_1 + x_2)."""
 
     def __init__(self, stabilizer: float = 1e-6) -> None:
         self.stabilizer = float(stabilizer)
 
-    def bind(self, pool):
-        if not isinstance(pool, nn.AdaptiveAvgPool2d):
-            raise ValueError(f"Norm supports AdaptiveAvgPool2d here, got {pool}")
-        return _BoundAdaptiveNorm(pool.output_size, self.stabilizer)
+    def bind(self, pool, ctx=None):
+        if isinstance(pool, nn.AdaptiveAvgPool2d):
+            return _BoundAdaptiveNorm(pool.output_size, self.stabilizer)
+        if isinstance(pool, nn.AvgPool2d):
+            return _BoundAvgPool(PoolGeometry.of(pool), self.stabilizer, 0.0, pool.count_include_pad,
+                                 pool.divisor_override)
+        if isinstance(pool, Sum):
+            return _BoundSumNorm(self.stabilizer, ctx)
+        raise ValueError(f"Norm supports AvgPool2d, AdaptiveAvgPool2d and sums, got {pool}")
 
 
 def adaptive_pool_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
@@ -530,3 +617,24 @@ class _BoundAdaptiveNorm(BoundPoolRule):
         if (h, w) != (oh, ow):  # separable adjoint: P_h^T s P_w
             s = adaptive_pool_matrix(h, oh, s).t() @ s @ adaptive_pool_matrix(w, ow, s)
         return s * a
+
+
+class _BoundSumNorm(BoundPoolRule):
+    """R_i = x_i * R / stab(o) for o = x_1 + x_2 (+ ...), o optionally followed by a ReLU. fast: the ReLU output
+    stands in for o, valid where relevance arrives only where the ReLU fired (the engine proves it)."""
+
+    def __init__(self, eps: float, ctx: LayerContext | None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.relu = ctx is not None and ctx.relu
+        self.fast = self.relu and ctx.relevance_on_active
+        self.keeps_preactivation = self.relu and not self.fast
+
+    def relevance_sum(self, inputs: Sequence[Tensor], out: Tensor, stash: Tensor | None,
+                      relevance: Tensor) -> list[Tensor]:
+        if self.fast:  # out = relu(o) >= 0, and relevance is zero wherever it is zero
+            s = _divide(relevance, out + self.eps, self.eps)
+        else:
+            z = stash if self.keeps_preactivation else out
+            s = _divide(relevance, stabilize(z, self.eps), self.eps)
+        return [x * s for x in inputs]

@@ -1,5 +1,6 @@
-"""VGG builders and their weights: torchvision's ImageNet weights (hub cache or download), a local state-dict
-file, or random initialisation on explicit request. Missing weights are an error that says what to put where;
+"""Model builders (every torchvision VGG, ResNet, Wide ResNet, ResNeXt-50, and vgg-shapes) and their weights:
+torchvision's ImageNet weights (hub cache or download), a local state-dict file, or random initialisation on
+explicit request. Missing weights are an error that says what to put where;
 random weights are never a silent fallback.
 """
 from __future__ import annotations
@@ -21,7 +22,11 @@ from . import demo_model
 log = logging.getLogger(__name__)
 
 VGG_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
-MODEL_NAMES = VGG_NAMES + demo_model.NAMES  # every model name accepted (vgg-shapes*: lrp_module/demo_model.py)
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+                "resnext50_32x4d")
+# every model name accepted (vgg-shapes*: lrp_module/demo_model.py)
+MODEL_NAMES = VGG_NAMES + RESNET_NAMES + demo_model.NAMES
+HEADS = {"vgg": "classifier.6.weight", "resnet": "fc.weight"}  # the last layer's weight: its rows are the classes
 IMAGENET_CHOICES = ("imagenet", "DEFAULT", "IMAGENET1K_V1")
 DEMO_CHOICES = ("demo", "auto", "DEFAULT")  # vgg-shapes, vgg-shapes-hans: the committed trained weights
 OFFLINE_ENV = "LRP_OFFLINE"  # set to 1 to never try a download
@@ -207,9 +212,15 @@ def _load_file(name: str, path: Path) -> tuple[dict, WeightsInfo]:
     return state, WeightsInfo(name, "file", str(path), sha256_file(path))
 
 
-def build_vgg(name: str, weights: str | os.PathLike | None, num_classes: int | None = None,
-              seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
-    """A torchvision VGG in eval mode and where its weights came from.
+def _classes_in(name: str, state: dict) -> int | None:
+    """The number of classes a state dict was trained for (rows of its last layer), None if it has no such key."""
+    head = state.get(HEADS["resnet" if name in RESNET_NAMES else "vgg"])
+    return None if head is None else head.shape[0]
+
+
+def build_model(name: str, weights: str | os.PathLike | None, num_classes: int | None = None,
+                seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """A torchvision VGG / ResNet (or vgg-shapes) in eval mode and where its weights came from.
 
     weights: "imagenet" (torchvision's, from the hub cache or downloaded), a path to a state-dict file, or
     "random" (seeded initialisation; warns loudly). None is an error: weights are always chosen explicitly.
@@ -235,6 +246,8 @@ def build_vgg(name: str, weights: str | os.PathLike | None, num_classes: int | N
         return model.eval(), WeightsInfo(name, "random", f"seed={seed}")
     else:
         state, info = _load_file(name, Path(weights))
-        classes = state.get("classifier.6.weight")
-        model = builder(num_classes=num_classes or (classes.shape[0] if classes is not None else 1000))
+        model = builder(num_classes=num_classes or _classes_in(name, state) or 1000)
     return _loaded(model, state, info, name)
+
+
+build_vgg = build_model  # the name it had when every model was a VGG

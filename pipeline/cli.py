@@ -27,7 +27,8 @@ OPTIONS = [
     ("synsets", str, "class list: the devkit's meta.mat or LOC_synset_mapping.txt (default: searched)"),
     ("boxes", str, "folder of PASCAL VOC box XMLs (default: searched)"),
     ("limit", int, "explain only the first N images"),
-    ("model", str, "vgg11, vgg11_bn, ..., vgg19_bn, vgg-shapes, vgg-shapes-hans (the demo models)"),
+    ("model", str, "vgg11, ..., vgg19_bn, resnet18, ..., resnet152, wide_resnet50_2, wide_resnet101_2, "
+                   "resnext50_32x4d, vgg-shapes, vgg-shapes-hans (the demo models)"),
     ("weights", str, "auto | imagenet | demo | random | path to a state-dict file"),
     ("composite", str, "epsilon_gamma_box, epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, ..."),
     ("top_k", float, "relevance filter: fraction kept per layer (0 = off)"),

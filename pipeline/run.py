@@ -179,9 +179,9 @@ def _known_class_count(config: RunConfig) -> int | None:
     """The model's number of classes where its name and weights choice tell (not for a weights file)."""
     from lrp_module import demo_model
 
-    if config.model == demo_model.NAME:
-        return len(json.loads(demo_model.RECORD_FILE.read_text())["classes"]) if demo_model.RECORD_FILE.is_file() \
-            else None
+    if config.model in demo_model.NAMES:
+        record = demo_model.record_file(config.model)
+        return len(json.loads(record.read_text())["classes"]) if record.is_file() else None
     return 1000 if weights_file(config.model, config.weights) is None else None
 
 
