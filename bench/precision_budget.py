@@ -26,7 +26,7 @@ PATHS = {"default": {}, "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "SSE41": {"ONEDN
 # (model, weights, composite, top-k, size, batch, with onnxruntime)
 CASES = [
     ("vgg11", "random", "epsilon_plus_flat", 0.1, 224, 2, True),
-    ("vgg16", "random", "epsilon_gamma_box", 0.0, 224, 2, False),
+    ("vgg16", "random", "epsilon_gamma_box", 0.0, 224, 2, True),
     ("vgg11_bn", "random", "epsilon_alpha2_beta1", 0.0, 64, 3, False),
     ("vgg-shapes", "demo", "epsilon_gamma_box", 0.0, 64, 4, True),
     ("vgg-shapes", "demo", "epsilon_plus_flat", 0.0, 64, 4, False),

@@ -39,13 +39,14 @@ def relative_error(ours: Tensor, reference: Tensor) -> Tensor:
 
 
 def correlation(ours: Tensor, reference: Tensor) -> Tensor:
-    """Per image: Pearson correlation of the two maps (1 for two equal constant maps, NaN for one constant)."""
+    """Per image: Pearson correlation of the two maps; where either is constant (e.g. an all-zero map), 1 if they
+    are equal and 0 otherwise, so that a map that lost everything is flagged rather than undefined."""
     ours, reference = ours.detach().cpu().double().flatten(1), reference.detach().cpu().double().flatten(1)
     a, b = ours - ours.mean(1, keepdim=True), reference - reference.mean(1, keepdim=True)
     denominator = (a.square().sum(1) * b.square().sum(1)).sqrt()
     value = (a * b).sum(1) / denominator.masked_fill(denominator == 0, 1.0)
     equal = (ours == reference).all(1)
-    return torch.where(denominator > 0, value, torch.where(equal, 1.0, torch.nan))
+    return torch.where(denominator > 0, value, equal.double())
 
 
 @dataclass(frozen=True)
