@@ -120,7 +120,7 @@ def test_measures():
     assert float(error[0]) == pytest.approx(0.1, rel=1e-5) and error[1] < 1e-7
     corr = oracle.correlation(torch.stack([ours[0], 2 * reference[1] + 3]), reference)
     assert float(corr[1]) == pytest.approx(1.0) and 0.0 < float(corr[0]) < 1.0
-    constant = torch.ones(1, 4, 4, dtype=torch.float64)
+    constant = torch.ones(1, 5, 5, dtype=torch.float64)
     assert oracle.correlation(constant, constant)[0] == 1.0 and oracle.correlation(reference[:1], constant)[0] == 0.0
     assert oracle.relative_error(torch.zeros(1, 3), torch.zeros(1, 3))[0] == 0.0
     assert oracle.bound(1e-6) == oracle.FLOOR and oracle.bound(1e-2) == pytest.approx(0.1)
