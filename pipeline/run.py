@@ -182,8 +182,12 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     settings = {
         "batch_size": config.batch_size, "size": config.size, "map_dtype": config.map_dtype,
         "compression": config.compression, "target": config.target, "decode_threads": config.decode_threads,
-        "tf32": config.tf32, "strict": strict, "class_names": metadata.get("class_names") or _imagenet_names(),
+        "precision": config.precision, "strict": strict,
+        "class_names": metadata.get("class_names") or _imagenet_names(),
         "attributes": {"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
+        "start": metadata["composite"].get("start", "logit"),
+        # the precision probe: the actor explaining shard 0 recomputes its first batch in float64 (pipeline/worker.py)
+        "probe": {"model": config.model, "weights": weights, "composite": config.composite, "top_k": config.top_k},
     }
     if classifier is not None:
         settings["faithfulness"] = {"classifier": str(classifier.resolve()), "steps": config.flip_steps,
@@ -206,6 +210,9 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
     try:
         count, options, device, threads = _actor_plan(ray, config)
         settings = {**settings, "device": device, "threads": threads}
+        if device == "cpu" and config.precision == "tf32":
+            print("note: precision tf32 has no effect on the CPU (float32 is used); recorded as asked",
+                  file=sys.stderr, flush=True)
         # no Ray restarts or retries: the scheduler sees every death and replaces the actor itself; SPREAD puts
         # the actors on different nodes of a cluster where it can
         remote = ray.remote(ShardExplainer).options(max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD",
@@ -302,6 +309,7 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
         "totals": {"images": sum(len(s) for s in shards), "explained": explained, "failed": failed},
         "failure_reasons": _reason_counts(all_failures),
         "retries": work.get("retries", {"total": 0}),
+        "precision": _precision(out),
         "shards": entries,
         "timings": {"seconds_this_invocation": seconds,
                     **{k: v for k, v in work.items() if k not in ("retries", "workers")}},
@@ -311,6 +319,16 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
     with atomic(out / "_SUCCESS") as tmp:
         tmp.write_text("")
     return manifest
+
+
+def _precision(out: Path) -> dict:
+    """The precision probe the actor of shard 0 wrote (it stays with the run when a later invocation resumes)."""
+    from .worker import PROBE_FILE
+
+    path = out / PROBE_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"reference": "float64-cpu", "images": 0, "error": "no image of shard 0 was explained"}
 
 
 def _reason_counts(failures: pa.Table) -> dict[str, int]:
