@@ -18,7 +18,7 @@ EXPORT_ARGS ?=
 # from configs/run.yaml.
 given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
 
-.PHONY: venv test bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test test-precision bench bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean
 
 venv: $(STAMP)
@@ -39,6 +39,16 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The precision-sensitive tests (marked `precision`) again under oneDNN's other kernel paths, which any x86 CPU
+# offers, and with oneDNN off: CI on one CPU then proves they pass on others (README, Correctness).
+PRECISION_PATHS := ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=SSE41 LRP_MKLDNN=0
+
+test-precision: $(STAMP)
+	@for path in $(PRECISION_PATHS); do \
+		echo "=== precision tests with $$path"; \
+		env $$path $(PY) -m pytest -q -m precision $(PYTEST_ARGS) || exit 1; \
+	done
 
 bench: bench-lrp bench-export bench-pipeline bench-report bench-faithfulness bench-reliability
 

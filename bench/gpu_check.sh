@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One short check on a lent CUDA machine, run from the repo root: the CUDA tests, then the LRP and
-# pixel-flipping benchmarks on the GPU. Every step is bounded; a failed step does not stop the next.
+# One short check on a lent CUDA machine, run from the repo root: the CUDA tests, the precision probe
+# (GPU float32 against the CPU float64 oracle: vgg-shapes and a random VGG16, TF32 off/on, cuDNN benchmark
+# off/on), then the LRP and pixel-flipping benchmarks on the GPU. Every step is bounded; a failed step does not stop the next.
 # JSON and the log go to $OUT (the device tool's output folder; bench/results when unset).
 set -uo pipefail
 OUT="${OUT:-bench/results}"
@@ -25,6 +26,7 @@ fi
 python3 -c "import zennit; print('zennit', zennit.__file__)" || echo "zennit missing: its tests and rows are skipped"
 step 180 "CUDA tests" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" --timeout=120 \
     tests/test_cuda.py tests/test_api.py tests/test_topk.py
+step 150 "precision probe: TF32 x cuDNN benchmark" python3 -m bench.gpu_probe --device cuda --out "$OUT/gpu_probe.json"
 step 90 "LRP speed, VGG16 224, batch 32" python3 -m bench.lrp_speed --device cuda --quick --repeats 5 --batch 32 \
     --out "$OUT/lrp_speed_cuda.json"
 step 60 "pixel flipping speed" python3 -m bench.faithfulness_speed --device cuda --batch 16 --repeats 5 \

@@ -187,7 +187,6 @@ def test_vgg11_by_name_all_formats(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.precision
 def test_vgg16_224_all_formats(tmp_path):
     config = ExportConfig(model="vgg16", weights="random")
     with pytest.warns(UserWarning, match="RANDOM"):

@@ -92,7 +92,6 @@ def test_vgg16_bn_explicit_targets():
 
 
 @pytest.mark.slow
-@pytest.mark.precision
 def test_vgg16_224():
     model = make_vgg("vgg16", num_classes=1000)
     x = torch.randn(2, 3, 224, 224)
