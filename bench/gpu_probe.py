@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--models", default=",".join(c[0] for c in CASES), help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
     rows = []
-    for (model_name, weights, size), composite in itertools.product(CASES, COMPOSITES):
+    cases = [c for c in CASES if c[0] in args.models.split(",")]
+    for (model_name, weights, size), composite in itertools.product(cases, COMPOSITES):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, _ = build_vgg(model_name, weights)

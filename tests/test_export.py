@@ -45,7 +45,7 @@ def _compare(path, model, vgg, batch, size, channel_sum=True):
         eager_relevance, reference = eager_relevance.sum(1), reference.sum(1)
     assert relevance.shape == tuple(eager_relevance.shape)
     for ours, eager, ref, floor in ((logits, eager_logits, ref_logits, LOGITS_FLOOR),
-                                   (relevance, eager_relevance, reference, FLOOR))::
+                                   (relevance, eager_relevance, reference, FLOOR)):
         limit = bound(compare(eager, ref).worst, floor)
         assert compare(torch.from_numpy(ours), ref).worst <= limit
 
