@@ -62,6 +62,7 @@ def test_all_formats_round_trip_with_dynamic_batch(tmp_path, top_k):
 
 
 @pytest.mark.precision
+@pytest.mark.timeout(900)  # five exports, each checked against float64; loaded CI machines are slow
 def test_non_default_size_per_channel_and_other_composites(tmp_path):
     model, record, vgg = _export(tmp_path, composite="epsilon_plus_flat", size=(80, 48), channel_sum=False,
                                  formats=("onnx", "torch.export"))
