@@ -22,10 +22,11 @@ from .composites import Composite
 from .model import LRPModel
 
 # error(implementation) <= max(MULTIPLE * error(eager float32 here), FLOOR), errors as max |diff| / max |float64|.
-# Measured spread of correct implementations around eager float32 (README, Correctness): 0.02x to 3x across
-# oneDNN's AVX-512 / AVX2 / SSE4.1 / reference kernels and onnxruntime; defects are >= 100x the bound.
+# Measured (README, Correctness): correct implementations lie within 0.04x to 4.3x of eager float32 on the same
+# kernel path, with one outlier (zennit's autograd kernels, 170x on one image, 1.0e-3); the worst correct float32
+# error on any path was 7.2e-3. The floor covers both; the smallest defect tested is 0.53, 53x the floor.
 MULTIPLE = 10.0
-FLOOR = 1e-3  # relevance: trained weights reach 1e-6; still >= 100x below every defect tested
+FLOOR = 1e-2  # relevance: an absolute budget above every correct implementation measured on every kernel path
 LOGITS_FLOOR = 1e-4  # logits are well conditioned (1e-7 to 3e-6 measured)
 CORRELATION_WARNING = 0.999  # a probe below this per-image Pearson correlation is flagged in the report
 

@@ -113,18 +113,18 @@ def test_verification_reports_a_differing_artifact(tmp_path, monkeypatch):
     def tampered(artifact, x, target, timeout_s=900):
         out = real(artifact, x, target, timeout_s)
         if artifact.suffix == ".onnx":
-            out["relevance"] = out["relevance"] * 1.01
+            out["relevance"] = out["relevance"] * 1.1
         return out
 
     monkeypatch.setattr(verify, "run_fresh", tampered)
-    with pytest.raises(ExportError, match=r"lrp.onnx: max relative difference to float64 relevance 1.0\de-02 "
-                                          r"exceeds the bound 1.0e-03 \(10 x eager float32's .*, floor 1e-03\)"):
+    with pytest.raises(ExportError, match=r"lrp.onnx: max relative difference to float64 relevance 1.0\de-01 "
+                                          r"exceeds the bound 1.0e-02 \(10 x eager float32's .*, floor 1e-02\)"):
         _export(tmp_path, formats=("torchscript", "onnx"))
     assert (tmp_path / "lrp.onnx").exists() and (tmp_path / "lrp.torchscript.pt").exists()
     sidecar = json.loads((tmp_path / SIDECAR).read_text())
     assert sidecar["verification"]["onnx"]["ok"] is False and sidecar["verification"]["torchscript"]["ok"]
     checked = sidecar["verification"]["torchscript"]["outputs"]["relevance"]
-    assert checked["bound"] == max(10 * checked["eager_float32"], 1e-3)
+    assert checked["bound"] == max(10 * checked["eager_float32"], 1e-2)
     assert checked["max_relative_error"]["max"] <= checked["bound"]
 
 
