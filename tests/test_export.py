@@ -61,7 +61,6 @@ def test_all_formats_round_trip_with_dynamic_batch(tmp_path, top_k):
             _compare(tmp_path / name, model, vgg, batch, (64, 64))
 
 
-@pytest.mark.precision
 @pytest.mark.timeout(900)  # five exports, each checked against float64; loaded CI machines are slow
 def test_non_default_size_per_channel_and_other_composites(tmp_path):
     model, record, vgg = _export(tmp_path, composite="epsilon_plus_flat", size=(80, 48), channel_sum=False,
@@ -176,7 +175,6 @@ def test_cli_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.precision
 def test_vgg11_by_name_all_formats(tmp_path):
     """The real entry point on a full-size VGG (random weights), verified in fresh processes."""
     config = ExportConfig(model="vgg11", weights="random", num_classes=10, height=64, width=64, top_k=0.1)

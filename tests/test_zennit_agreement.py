@@ -73,7 +73,6 @@ def test_named_composites_match_zennit(name, arch, size):
     assert_agree(model, name, ZENNIT[name](canonizers), x)
 
 
-@pytest.mark.precision
 @pytest.mark.parametrize("name", ["epsilon_gamma_box", "epsilon_plus_flat"])
 def test_larger_input_with_downsampling_adaptive_pool(name):
     """256x288 gives an 8x9 feature map that the adaptive pool shrinks to 7x7 (overlapping bins)."""
@@ -82,7 +81,6 @@ def test_larger_input_with_downsampling_adaptive_pool(name):
     assert_agree(model, name, ZENNIT[name](None), x)
 
 
-@pytest.mark.precision
 def test_vgg16_bn_explicit_targets():
     model = make_vgg("vgg16_bn", num_classes=20)
     torch.manual_seed(3)
