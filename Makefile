@@ -43,7 +43,7 @@ endif
 endif
 endif
 
-.PHONY: venv test bench bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test test-precision bench bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay
 
 venv: $(STAMP)
@@ -64,6 +64,16 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The precision-sensitive tests (marked `precision`) again under oneDNN's other kernel paths, which any x86 CPU
+# offers, and with oneDNN off: CI on one CPU then proves they pass on others (README, Correctness).
+PRECISION_PATHS := ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=SSE41 LRP_MKLDNN=0
+
+test-precision: $(STAMP)
+	@for path in $(PRECISION_PATHS); do \
+		echo "=== precision tests with $$path"; \
+		env $$path $(PY) -m pytest -q -m precision $(PYTEST_ARGS) || exit 1; \
+	done
 
 bench: bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
 

@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
                           height=args.size, width=args.size, formats=("onnx", "torchscript"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lrp, info = build_explainer(config)
+        lrp, info, model = build_explainer(config)
     x = torch.randn(args.batch, 3, args.size, args.size)
     target = torch.full((args.batch,), -1)
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
-        write_artifacts(lrp, info, config, scratch, verify=False)
+        write_artifacts(lrp, info, config, scratch, verify=False, source=model)
         runners = {"eager LRPModel": lambda: lrp.explain(x, target)}
         for fmt, name in (("onnxruntime (ONNX)", "lrp.onnx"), ("TorchScript", "lrp.torchscript.pt")):
             run = load_artifact(Path(scratch) / name)

@@ -51,7 +51,7 @@ def run_pipeline(dataset: Path, out: Path, cache: Path, model: str, size: int, b
 
     config = load_config({"dataset": str(dataset), "model": model, "weights": "random", "size": size,
                           "batch_size": batch, "shard_size": shard_size, "out": str(out), "cache": str(cache),
-                          "device": device, "tf32": tf32})
+                          "device": device, "precision": "tf32" if tf32 else "fp32"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return explain(config, progress=False)
@@ -59,11 +59,11 @@ def run_pipeline(dataset: Path, out: Path, cache: Path, model: str, size: int, b
 
 def _explainer(model: str, device: str):
     from lrp_module import LRPModel
-    from lrp_module.zoo import build_vgg
+    from lrp_module.zoo import build_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LRPModel(build_vgg(model, "random")[0], "epsilon_gamma_box").to(device)
+        return LRPModel(build_model(model, "random")[0], "epsilon_gamma_box").to(device)
 
 
 def _preprocessed(dataset: Path, size: int, limit: int | None = None) -> torch.Tensor:

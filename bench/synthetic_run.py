@@ -64,6 +64,8 @@ def stats_table(n: int, classes: int, image_paths: Sequence[str], labelled: bool
         "row": np.arange(n) % shard_size,
         "seconds": f32(0.01, 0.02),
     }
+    columns["conservation"] = f32(0.2, 1.1)
+    columns["absorbed"] = (1 - columns["conservation"]).astype(np.float32)
     schema = STATS_SCHEMA
     if faithfulness:
         morf = f32(0.2, 0.6)

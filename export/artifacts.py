@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from lrp_module import LRPModel
+from lrp_module.oracle import Float64Oracle, probe_record
 from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD, get_composite
 from lrp_module.zoo import WeightsInfo, build_model
 
@@ -60,11 +62,12 @@ class ExportConfig:
             raise ExportError("example_batch must be >= 2 (a batch of 1 would be specialised by the exporters)")
 
 
-def build_explainer(config: ExportConfig) -> tuple[LRPModel, WeightsInfo]:
+def build_explainer(config: ExportConfig) -> tuple[LRPModel, WeightsInfo, nn.Module]:
+    """The LRP model, where its weights came from, and the network it was built from (the float64 oracle's source)."""
     model, info = build_model(config.model, config.weights, config.num_classes)
     lrp = LRPModel(model, config.composite, top_k=config.top_k, rescale_top_k=config.rescale_top_k,
                    composite_params=config.composite_params)
-    return lrp, info
+    return lrp, info, model
 
 
 def metadata(config: ExportConfig, lrp: LRPModel, info: WeightsInfo) -> dict:
@@ -162,14 +165,27 @@ EXPORTERS = {"torchscript": _export_torchscript, "onnx": _export_onnx, "torch.ex
 def export_artifacts(config: ExportConfig, out_dir: str | os.PathLike, verify: bool = True) -> dict:
     """Build the model the config names, then write and verify its artifacts (see `write_artifacts`)."""
     config.validate()
-    lrp, info = build_explainer(config)  # bad weights fail here, before OUT exists
-    return write_artifacts(lrp, info, config, out_dir, verify)
+    lrp, info, model = build_explainer(config)  # bad weights fail here, before OUT exists
+    return write_artifacts(lrp, info, config, out_dir, verify, source=model)
+
+
+def reference_batch(lrp: LRPModel, source: nn.Module, config: ExportConfig):
+    """The verification batch (another size than the export's) with its float64 and eager float32 outputs."""
+    from .verify import Reference
+
+    x, target = example_inputs(config, batch=config.example_batch + 1, seed=1)
+    outputs = {}
+    for kind, (logits, relevance) in (("float64", Float64Oracle.like(source, lrp).explain(x, target)),
+                                      ("eager", lrp.explain(x, target))):
+        outputs[kind] = {"logits": logits, "relevance": relevance.sum(1) if config.channel_sum else relevance}
+    return Reference(x, target, outputs["float64"], outputs["eager"])
 
 
 def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_dir: str | os.PathLike,
-                    verify: bool = True) -> dict:
-    """Write the chosen artifacts and the sidecar into out_dir; verify each in a fresh process unless told not
-    to. Returns the sidecar record (paths, metadata, verification results)."""
+                    verify: bool = True, *, source: nn.Module) -> dict:
+    """Write the chosen artifacts and the sidecar into out_dir; verify each in a fresh process against the float64
+    oracle built from `source` (the VGG `lrp` was built from) unless told not to; record the precision probe
+    (eager float32 against float64 on the same batch) either way. Returns the sidecar record."""
     out_dir = Path(out_dir)
     config.validate()
     prepare_output(out_dir)
@@ -192,11 +208,14 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
         finally:
             tmp.unlink(missing_ok=True)
         written[fmt] = path.name
-    record = {"artifacts": written, "metadata": meta, "config": asdict(config), "verification": None}
+    reference = reference_batch(lrp, source, config)
+    record = {"artifacts": written, "metadata": meta, "config": asdict(config), "verification": None,
+              "precision": probe_record(reference.eager["relevance"], reference.float64["relevance"],
+                                        lrp.steps[0].weight.device)}
     if verify:
         from .verify import verify_artifacts
 
-        record["verification"] = verify_artifacts(lrp, config, out_dir, written)
+        record["verification"] = verify_artifacts(reference, out_dir, written)
     sidecar = out_dir / SIDECAR
     tmp = _temporary(sidecar)
     tmp.write_text(json.dumps(record, indent=2, default=_json_default))

@@ -41,6 +41,7 @@ OPTIONS = [
     ("actors", str, "auto (one per GPU, else one CPU actor) or a number"),
     ("decode_threads", int, "decoding threads per actor"),
     ("device", str, "auto | cpu | cuda"),
+    ("precision", str, "fp32 | tf32 (CUDA: TF32 matmuls and convolutions; no effect on a CPU)"),
     ("shard_timeout_s", float, "seconds before a silent actor is killed and its shard retried (default 120 + 10/image)"),
     ("shard_retries", int, "retries of a shard whose actor crashed or hung, before its images are isolated"),
     ("out", str, "run directory (default runs/<dataset>-<model>-<composite>)"),
@@ -69,7 +70,6 @@ def parser() -> argparse.ArgumentParser:
                               epilog=EXIT_CODES)
     for name, kind, doc in OPTIONS:
         run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=doc)
-    run.add_argument("--tf32", action="store_true", default=None, help="allow TF32 on GPUs")
     run.add_argument("--faithfulness", action="store_true", default=None,
                      help="pixel flipping per image: MoRF and random-order curves and their AOPC")
     run.add_argument("--overwrite", action="store_true", help="replace a run directory made with another config")
@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "spray":
         return run_spray_command(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
-    overrides["tf32"] = args.tf32
     overrides["faithfulness"] = args.faithfulness
     try:
         config = load_config(overrides)

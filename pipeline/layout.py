@@ -13,6 +13,9 @@ TEMPORARY = re.compile(r"^\.tmp-\d+-.+$")  # writers.temporary(): .tmp-<pid>-<fi
 SHARD_FILE = re.compile(rf"^shard-\d{{{SHARD_DIGITS}}}\.(h5|parquet)$")
 REPORT_IMAGE = re.compile(r"^[A-Za-z0-9._-]+\.(png|jpg)$")  # tiles, plots, colour bar (pipeline/report)
 HEATMAP_FILE = re.compile(r"^[A-Za-z0-9._-]+-(heatmap|image|overlay)\.png$")
+# pipeline/spray's outputs (outputs.py, virelay.py): the strategies of a run are its own files too
+SPRAY_FILE = re.compile(r"^(clusters\.parquet|summary\.json|cluster_means\.h5|project\.yaml|label-map\.json|"
+                        r"attribution\.h5|dataset\.h5|analysis\.h5|\.tmp-\d+-.+)$")
 
 
 def shard_name(index: int) -> str:
@@ -27,8 +30,8 @@ def temporary_name(name: str) -> str:
 class RunLayout:
     """File names of one run folder: shards, virtual dataset, failures, manifest, _SUCCESS, report."""
 
-    RELEVANCE, STATS, FAILURES, REPORT, REPORT_IMAGES, HEATMAPS = (
-        "relevance", "stats", "failures", "report", "report/img", "heatmaps")
+    RELEVANCE, STATS, FAILURES, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY = (
+        "relevance", "stats", "failures", "report", "report/img", "heatmaps", "spray")
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
 
     def __init__(self, root: str | Path) -> None:
@@ -51,6 +54,15 @@ class RunLayout:
     @property
     def virtual_dataset(self) -> Path:
         return self.root / "relevance.h5"
+
+    @property
+    def precision(self) -> Path:
+        """The precision probe (shard 0's first batch against float64), written by the actor of shard 0."""
+        return self.root / "precision.json"
+
+    @property
+    def spray(self) -> Path:
+        return self.root / self.SPRAY
 
     @property
     def failures(self) -> Path:
@@ -96,13 +108,14 @@ class RunLayout:
     # ------------------------------------------------------------------------------------------ own files
     def own_files(self) -> Iterator[Path]:
         """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
-        for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures,
+        for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
                      self.report / "index.html", self.report / ".index.html.tmp"):
             if path.is_file() or path.is_symlink():
                 yield path
         yield from self.temporary_files()
         for folder, pattern in ((self.RELEVANCE, SHARD_FILE), (self.STATS, SHARD_FILE), (self.FAILURES, SHARD_FILE),
-                                (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE)):
+                                (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE),
+                                (self.SPRAY, SPRAY_FILE)):
             yield from self._matching(self.root / folder, pattern)
 
     def temporary_files(self) -> Iterator[Path]:
@@ -126,7 +139,7 @@ class RunLayout:
         """--overwrite: delete the run's own files, then each of its folders that this left empty."""
         for path in list(self.own_files()):
             path.unlink(missing_ok=True)
-        for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, *self.SHARD_FOLDERS):
+        for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY, *self.SHARD_FOLDERS):
             folder = self.root / sub
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
                 folder.rmdir()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lrp_module.zoo import WeightsError, build_vgg, default_weights, weights_file
+from lrp_module.zoo import WeightsError, build_model, default_weights, weights_file
 
 from .artifact_trust import record_trust, untrusted_reason
 from .classes import check_classes
@@ -50,7 +50,7 @@ def resolve_weights(config: RunConfig) -> tuple[str, str | None]:
         return config.weights, None
     trained = default_weights(config.model)
     try:
-        build_vgg(config.model, trained)
+        build_model(config.model, trained)
         return trained, None
     except WeightsError as error:
         return "random", f"{RANDOM_WARNING} ({error})"
@@ -238,9 +238,12 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     settings = {
         "batch_size": config.batch_size, "size": config.size, "map_dtype": config.map_dtype,
         "compression": config.compression, "target": config.target, "decode_threads": config.decode_threads,
-        "tf32": config.tf32, "gpu_decode": config.gpu_decode, "strict": strict,
+        "precision": config.precision, "gpu_decode": config.gpu_decode, "strict": strict,
         "class_names": metadata.get("class_names") or _imagenet_names(),
         "attributes": {"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
+        "start": metadata["composite"].get("start", "logit"),
+        # the precision probe: the actor explaining shard 0 recomputes its first batch in float64 (pipeline/worker.py)
+        "probe": {"model": config.model, "weights": weights, "composite": config.composite, "top_k": config.top_k},
     }
     if classifier is not None:
         settings["faithfulness"] = {"classifier": str(classifier.resolve()), "steps": config.flip_steps,
@@ -264,6 +267,9 @@ def _run_shards(config: RunConfig, artifact: Path, settings: dict, shards: list[
     try:
         count, options, device, threads = _actor_plan(ray, config)
         settings = {**settings, "device": device, "threads": threads}
+        if device == "cpu" and config.precision == "tf32":
+            print("note: precision tf32 has no effect on the CPU (float32 is used); recorded as asked",
+                  file=sys.stderr, flush=True)
         # no Ray restarts or retries: the scheduler sees every death and replaces the actor itself; SPREAD puts
         # the actors on different nodes of a cluster where it can
         remote = ray.remote(ShardExplainer).options(max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD",
@@ -394,6 +400,7 @@ def _finish(out: Path, config: RunConfig, shards, weights: str, warning: str | N
         "totals": {"images": sum(len(s) for s in shards), "explained": explained, "failed": failed},
         "failure_reasons": _reason_counts(all_failures),
         "retries": _summed_retries(invocations),
+        "precision": _precision(out),
         "shards": entries,
         "timings": {"seconds_this_invocation": seconds,
                     "seconds_all_invocations": sum(i.get("seconds", 0.0) for i in invocations),
@@ -417,6 +424,14 @@ def _summed_retries(invocations: list[dict]) -> dict:
             elif key == "timeout_s":
                 total[key] = value
     return total
+
+
+def _precision(out: Path) -> dict:
+    """The precision probe the actor of shard 0 wrote (it stays with the run when a later invocation resumes)."""
+    path = RunLayout(out).precision
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"reference": "float64-cpu", "images": 0, "error": "no image of shard 0 was explained"}
 
 
 def _reason_counts(failures: pa.Table) -> dict[str, int]:

@@ -123,6 +123,22 @@ def prediction(logits: Tensor, target: Tensor, top: int = 5) -> dict[str, Tensor
     }
 
 
+def start_relevance(logits: Tensor, target: Tensor, start: str = "logit") -> Tensor:
+    """The relevance LRP starts from, per image: the target's logit, or 1 for a softmax start (`seed`)."""
+    if start == "softmax":
+        return torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    return logits.gather(1, target[:, None]).squeeze(1)
+
+
+def conservation(relevance_sum: Tensor, start: Tensor) -> dict[str, Tensor]:
+    """How much of the start relevance reaches the input (sum of the map / start) and the share absorbed on the
+    way (1 - conservation: by biases, stabilisers and the top-k filter; negative where biases added relevance).
+    NaN where the start relevance is 0."""
+    ratio = relevance_sum / start.masked_fill(start == 0, 1.0)
+    ratio = ratio.masked_fill(start == 0, torch.nan)
+    return {"conservation": ratio, "absorbed": 1.0 - ratio}
+
+
 def map_statistics(relevance: Tensor) -> dict[str, Tensor]:
     """Every box-free statistic of a batch of maps, by column name."""
     row, col = centre_of_mass(relevance)

@@ -6,10 +6,12 @@ A write error (disk full, ...) is not an image failure: the shard writes nothing
 result carries `write_error` for the driver to stop the run."""
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +25,10 @@ from .faults import inject_fault
 from .gpu_decode import DeviceDecoder
 from .preprocess import DecodeError, Preprocessing, load
 from .layout import RunLayout
-from .writers import FAILURE_SCHEMA, STATS_SCHEMA, OutputError, compress_map, write_parquet, write_relevance
+from .writers import (FAILURE_SCHEMA, STATS_SCHEMA, OutputError, atomic, compress_map, write_parquet,
+                      write_relevance)
+
+PROBE_IMAGES = 8  # the precision probe: shard 0's first batch, at most this many images, recomputed in float64
 
 
 class ShardExplainer:
@@ -33,7 +38,8 @@ class ShardExplainer:
         self.settings = settings
         self.device = "cuda" if settings.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(settings.get("tf32"))
+            tf32 = settings.get("precision") == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         else:
             torch.set_num_threads(max(1, int(settings.get("threads", 1))))
         self.module = torch.jit.load(artifact, map_location=self.device)
@@ -96,6 +102,8 @@ class ShardExplainer:
         maps, rows, compressed = [], [], []
         batch = int(self.settings["batch_size"])
         pending: list = []
+        probe = index == 0 and bool(self.settings.get("probe"))  # the run's precision probe: shard 0's first batch
+        precision = None
         try:
             for record in records:
                 item = next(decoded)
@@ -108,7 +116,7 @@ class ShardExplainer:
                     return self._stopped(index, failures[0], started)
                 if len(pending) == batch or (record is records[-1] and pending):
                     try:
-                        maps_chunk, rows_chunk = self._explain_batch(pending, len(maps))
+                        maps_chunk, rows_chunk, outputs = self._explain_batch(pending, len(maps))
                         for map_, row in zip(maps_chunk, rows_chunk):
                             empty = _empty_map_reason(row)
                             if empty:  # an all-zero or non-finite map explains nothing: a failure saying why
@@ -119,6 +127,8 @@ class ShardExplainer:
                             maps.append(map_)
                             compressed.append(self.compressors.submit(compress_map, map_, *self._map_format))
                             rows.append(row)
+                        if probe and precision is None:
+                            precision = self._probe(*outputs)
                         if strict and failures:
                             return self._stopped(index, failures[0], started)
                     except Exception as error:  # an image that breaks the model: record it, go on
@@ -132,7 +142,11 @@ class ShardExplainer:
         size = self.settings["size"]
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
         try:
-            self._write(RunLayout(out), index, array, rows, failures, [future.result() for future in compressed])
+            layout = RunLayout(out)
+            if precision is not None:  # before the statistics file that marks the shard done
+                with atomic(layout.precision) as tmp:
+                    tmp.write_text(json.dumps(precision, indent=2))
+            self._write(layout, index, array, rows, failures, [future.result() for future in compressed])
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
             return {"shard": index, "explained": 0, "failed": 0, "reasons": [], "write_error": str(error),
                     "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
@@ -171,6 +185,8 @@ class ShardExplainer:
         predicted = logits.argmax(1)
         used = torch.where(target.cpu() < 0, predicted, target.cpu())
         values = {**statistics.map_statistics(relevance), **statistics.prediction(logits, used)}
+        start = statistics.start_relevance(logits, used, self.settings.get("start", "logit"))
+        values.update(statistics.conservation(values["relevance_sum"], start))
         values.update(statistics.localisation(relevance, [boxes for _, (_, boxes) in chunk]))
         if self.classifier is not None:
             flipping = self.settings["faithfulness"]
@@ -190,12 +206,31 @@ class ShardExplainer:
                 **{key: _scalar(values[key][i]) for key in (
                     "target_probability", "target_logit", "pred_probability", "pred_logit", "relevance_sum",
                     "positive_sum", "negative_sum", "max_abs", "positive_in_top1pct", "positive_in_top5pct",
-                    "positive_in_top10pct", "gini", "entropy", "centre_row", "centre_col", "positive_in_box")},
+                    "positive_in_top10pct", "gini", "entropy", "centre_row", "centre_col", "positive_in_box",
+                    "conservation", "absorbed")},
                 "pointing_game_hit": None if np.isnan(float(values["pointing_game_hit"][i]))
                 else bool(values["pointing_game_hit"][i]),
                 **{key: (values[key][i].tolist() if key in values else None) for key in FLIP_COLUMNS},
             })
-        return list(relevance.numpy()), rows
+        return list(relevance.numpy()), rows, (x, target, relevance)
+
+    def _probe(self, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor) -> dict:
+        """The first images recomputed in float64 on the CPU with eager LRPModel, built from the same model,
+        weights, composite and top-k: how far this device's float32 maps are from float64 (lrp_module.oracle)."""
+        from lrp_module.oracle import Float64Oracle, probe_record
+        from lrp_module.zoo import build_model
+
+        spec = self.settings["probe"]
+        n = min(PROBE_IMAGES, x.shape[0])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # random weights warn; the driver has said so loudly already
+                model, _ = build_model(spec["model"], spec["weights"])
+            oracle = Float64Oracle(model, spec["composite"], top_k=spec["top_k"], copy_model=False)
+            _, reference = oracle.explain(x[:n], target[:n])
+            return probe_record(relevance[:n], reference.sum(1), x.device)
+        except Exception as error:  # the probe must not cost the shard; say why it is missing
+            return {"reference": "float64-cpu", "images": 0, "error": f"{type(error).__name__}: {error}"}
 
     def _targets(self, records: list[ImageRecord]) -> torch.Tensor:
         mode = self.settings.get("target", "predicted")

@@ -87,6 +87,10 @@ STATS_SCHEMA = pa.schema([
     _field("positive_sum", pa.float32(), "sum of the map's positive values", False),
     _field("negative_sum", pa.float32(), "sum of the map's negative values", False),
     _field("max_abs", pa.float32(), "largest absolute value of the map", False),
+    _field("conservation", pa.float32(), "sum of the map / the start relevance (the target logit; 1 for a softmax "
+           "start): the share of the decision the map explains (null when the start is 0)"),
+    _field("absorbed", pa.float32(), "1 - conservation: the share absorbed on the way by biases, stabilisers and "
+           "the top-k filter (negative where biases added relevance)"),
     _field("positive_in_top1pct", pa.float32(), "share of positive relevance in the top 1 % of pixels"),
     _field("positive_in_top5pct", pa.float32(), "share of positive relevance in the top 5 % of pixels"),
     _field("positive_in_top10pct", pa.float32(), "share of positive relevance in the top 10 % of pixels"),

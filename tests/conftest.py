@@ -1,8 +1,14 @@
 """Fixtures shared by the tests."""
+import os
+
 import pytest
 import torch
 
 from .helpers import make_vgg
+
+# LRP_MKLDNN=0: run with oneDNN off (PyTorch's own kernels), one of the kernel paths `make test-precision` covers
+if os.environ.get("LRP_MKLDNN") == "0":
+    torch.backends.mkldnn.enabled = False
 
 
 @pytest.fixture

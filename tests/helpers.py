@@ -5,6 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
+from lrp_module.oracle import relative_error  # noqa: F401  (per image max |difference| / max |reference|)
+
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random non-zero biases and batch-norm statistics, so every bias and folding path is exercised."""
@@ -38,9 +40,3 @@ def make_tiny_vgg(num_classes: int = 10, batch_norm: bool = False, seed: int = 0
         nn.Linear(64, num_classes),
     )
     return randomize(model, seed)
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per image: max |difference| over max |reference|."""
-    diff = (ours - reference).abs().flatten(1).max(dim=1).values
-    return diff / reference.abs().flatten(1).max(dim=1).values

@@ -17,10 +17,11 @@ ray = pytest.importorskip("ray")
 
 @pytest.mark.timeout(240)
 def test_torchscript_runs_in_a_ray_actor(tmp_path, local_ray):
-    model = lrp.LRPModel(make_tiny_vgg(), "epsilon_gamma_box", top_k=0.1)
+    vgg = make_tiny_vgg()
+    model = lrp.LRPModel(vgg, "epsilon_gamma_box", top_k=0.1)
     config = ExportConfig(model="tiny-vgg", weights="random", height=64, width=64, formats=("torchscript",),
                           top_k=0.1)
-    write_artifacts(model, WeightsInfo("tiny-vgg", "random"), config, tmp_path, verify=False)
+    write_artifacts(model, WeightsInfo("tiny-vgg", "random"), config, tmp_path, verify=False, source=vgg)
 
     @ray.remote(num_cpus=0.5)  # fractional: a whole CPU per actor starves everything else on 2 cores
     class Explainer:

@@ -68,10 +68,14 @@ def clean(images, cache, tmp_path_factory, fault_ray):
 
 def test_same_maps_with_one_or_two_actors(images, cache, clean, tmp_path, fault_ray):
     """Determinism: two actors (each with half the torch threads of one) give bit-identical maps and identical
-    statistics and failures; shards explained on both actors."""
+    statistics and failures, and every shard is explained once. How Ray spreads the shards over the two actors
+    is its business (on a loaded machine one actor may take them all), so it is not asserted."""
     out = tmp_path / "two"
     manifest = _run(_config(images, out, cache, actors=2))
-    assert len({entry["worker"]["pid"] for entry in manifest["shards"]}) == 2
+    assert [entry["shard"] for entry in manifest["shards"]] == list(range(IMAGES // 2))
+    assert all(entry["worker"] and entry["worker"]["pid"] for entry in manifest["shards"])
+    assert manifest["retries"]["total"] == 0
+    assert_exactly_once(out, IMAGES)
     assert_same_outputs(out, clean)
 
 

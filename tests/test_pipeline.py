@@ -3,6 +3,7 @@ the same preprocessed images, the statistics equal recomputed ones, a corrupt im
 on, a deleted shard is redone on resume, and bad configurations stop before anything is written."""
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 import lrp_module as lrp
+from lrp_module.oracle import Float64Oracle, bound, compare
 from lrp_module.zoo import build_vgg
 from pipeline import stats
 from pipeline.cli import main as cli_main
@@ -65,12 +67,14 @@ def test_end_to_end(dataset, tmp_path, local_ray):
     records = [r for r in load_records(dataset) if r.image_id != "broken"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lrp.LRPModel(build_vgg("vgg11", "random")[0], "epsilon_gamma_box")
+        vgg = build_vgg("vgg11", "random")[0]
+    model = lrp.LRPModel(vgg, "epsilon_gamma_box")
     from pipeline.preprocess import Preprocessing
     prep = Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE)
     x = torch.stack([load(r, prep)[0] for r in records])
     logits, expected = model.explain(x)
     expected = expected.sum(1)
+    reference = Float64Oracle(vgg).explain(x)[1].sum(1)
     table = pd.read_parquet(out / "stats").sort_values("image_id").reset_index(drop=True)
     with h5py.File(out / "relevance.h5") as handle:
         maps = torch.from_numpy(handle["relevance"][:])
@@ -78,10 +82,24 @@ def test_end_to_end(dataset, tmp_path, local_ray):
     by_id = {r.image_id: i for i, r in enumerate(records)}
     order = [by_id[i] for i in table.image_id]
     # the virtual dataset is in dataset order, which is the order of records (broken is last in its class)
-    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    # the worker's float32 maps are no further from float64 than eager float32's bound
+    assert compare(maps, reference).worst <= bound(compare(expected, reference).worst)
     recomputed = stats.map_statistics(expected[order])
     for column in ("relevance_sum", "positive_sum", "gini", "entropy", "centre_row", "positive_in_top5pct"):
         np.testing.assert_allclose(table[column].to_numpy(), recomputed[column].numpy(), rtol=1e-3, atol=1e-6)
+    # conservation: the map's sum over the start relevance (the target logit), and the share absorbed
+    np.testing.assert_allclose(table.conservation, table.relevance_sum / table.target_logit, rtol=1e-5)
+    np.testing.assert_allclose(table.absorbed, 1 - table.conservation, rtol=1e-5, atol=1e-6)
+    # the precision probe: shard 0's first batch (batch_size 2) recomputed in float64 on the CPU
+    probe = manifest["precision"]
+    assert set(probe) == {"reference", "images", "device", "dtype", "tf32", "cudnn_benchmark", "cudnn_deterministic",
+                          "onednn", "max_relative_error", "correlation"}
+    assert probe["reference"] == "float64-cpu" and probe["images"] == 2 and probe["device"].startswith("cpu")
+    assert probe["dtype"] == "float32" and probe["tf32"] is False and probe["cudnn_benchmark"] is None
+    first = compare(maps[:2], reference[:2])  # shard 0's first batch are the first two images in dataset order
+    assert probe["max_relative_error"]["max"] == pytest.approx(first.worst, rel=1e-3, abs=1e-9)
+    assert probe["correlation"]["min"] == pytest.approx(float(first.correlation.min()), abs=1e-9)
+    assert probe == json.loads((out / "precision.json").read_text()) and manifest["config"]["precision"] == "fp32"
     assert table.pred.tolist() == logits.argmax(1)[order].tolist()
     assert table.label.tolist() == [0, 0, 281, 281, 967, 967] and table.wnid[2] == "n02123045"
     assert table.label_name[2] == "tabby" and table.correct.notna().all()
@@ -92,7 +110,7 @@ def test_end_to_end(dataset, tmp_path, local_ray):
 
 def test_resume_redoes_only_missing_shards(dataset, tmp_path, local_ray):
     config = _config(dataset, tmp_path)
-    _run(config)
+    probe = _run(config)["precision"]
     out = tmp_path / "run"
     before = pd.read_parquet(out / "stats").drop(columns="seconds").sort_values("image_id").reset_index(drop=True)
     with h5py.File(out / "relevance.h5") as handle:
@@ -100,7 +118,7 @@ def test_resume_redoes_only_missing_shards(dataset, tmp_path, local_ray):
     (out / "stats" / "shard-00001.parquet").unlink()  # as if killed mid-shard
     (out / "_SUCCESS").unlink()
     untouched = (out / "relevance" / "shard-00000.h5").stat().st_mtime_ns
-    _run(config)
+    assert _run(config)["precision"] == probe  # shard 0 was not redone: its probe stays with the run
     assert (out / "relevance" / "shard-00000.h5").stat().st_mtime_ns == untouched
     after = pd.read_parquet(out / "stats").drop(columns="seconds").sort_values("image_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)

@@ -198,7 +198,7 @@ def test_report_with_labels_boxes_failures_and_faithfulness(tmp_path, photos):
     assert _section_ids(index, "uncertain") == selection.least_confident_correct(stats, 5).image_id.tolist()
     assert sorted(_section_ids(index, "classes")) == sorted(selection.per_class_sample(stats, 2, True).image_id)
     for text in ("accuracy", "pointing game", "relevance mass in box", "AOPC MoRF", "AOPC (mean)", "broken0",
-                 "not an image", "RANDOM weights"):
+                 "not an image", "RANDOM weights", "conservation (median)", "of the start relevance reaches the input"):
         assert text in page, text
     assert (index.parent / "img" / "curves.png").is_file()
     assert (index.parent / "img" / "hist-aopc_morf.png").is_file()
@@ -335,3 +335,20 @@ def test_tiles_draw_the_box_where_the_image_has_one(tmp_path):
     assert (image[6, 4:20] != 128).any(axis=-1).all() and (image[15, 12] == 128).all()  # an outline, not a fill
     plain = render("b", str(photo), relevance, tmp_path, "coldnhot", photo_format="png")
     assert (np.asarray(Image.open(tmp_path / plain.image)) == 128).all()
+
+
+@pytest.mark.parametrize("lowest,flagged", [(0.9999991, False), (0.9871, True)])
+def test_summary_shows_the_precision_probe_and_flags_low_correlation(tmp_path, photos, lowest, flagged):
+    import json
+
+    run = _run(tmp_path, photos, n=8)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["precision"] = {"reference": "float64-cpu", "images": 8, "device": "cuda (NVIDIA H200)",
+                             "dtype": "float32", "tf32": True, "cudnn_benchmark": False, "cudnn_deterministic": False,
+                             "onednn": None, "max_relative_error": {"max": 2.5e-3, "median": 4e-4},
+                             "correlation": {"min": lowest, "median": 0.99999}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(run, gallery=2).read_text()
+    assert "precision (float64 probe)" in page and "max relative error 0.0025 (median 0.0004)" in page
+    assert f"correlation min {lowest:.6f}" in page and "cuda (NVIDIA H200), float32, TF32" in page
+    assert ("LOW CORRELATION" in page) is flagged

@@ -78,12 +78,39 @@ def summary(run: RunData, extra: list[tuple[str, str]] = ()) -> list[tuple[str, 
         rows.append(("pointing game", _pointing(stats["pointing_game_hit"]) + " images with boxes)"))
     if _has(stats, "positive_in_box"):
         rows.append(("relevance mass in box", fmt(stats["positive_in_box"].mean())))
+    if _has(stats, "conservation"):
+        rows.append(("conservation (median)", _conservation(stats)))
+    if m.get("precision"):
+        rows.append(("precision (float64 probe)", precision_text(m["precision"])))
     if _has(stats, "aopc_morf"):
         text = f"MoRF {fmt(stats['aopc_morf'].mean())}"
         if _has(stats, "aopc_random"):
             text += f", random order {fmt(stats['aopc_random'].mean())} (higher MoRF than random: faithful)"
         rows.append(("AOPC (mean)", text))
     return rows + list(extra)
+
+
+def _conservation(stats: pd.DataFrame) -> str:
+    """The median share of the start relevance the maps keep, and how many images keep under half of it."""
+    kept = stats["conservation"].dropna()
+    low = int((kept < 0.5).sum())
+    return (f"{fmt(kept.median())} of the start relevance reaches the input (absorbed by biases and stabilisers: "
+            f"{fmt(stats['absorbed'].dropna().median())}); {fmt(low)} image(s) keep under half")
+
+
+def precision_text(probe: dict) -> str:
+    """The manifest's precision probe in one line; a correlation under 0.999 (or a missing probe) is flagged."""
+    from lrp_module.oracle import CORRELATION_WARNING
+
+    if not probe.get("images"):
+        return f"not measured: {probe.get('error', 'no probe')}"
+    error, corr = probe["max_relative_error"], probe["correlation"]
+    text = (f"max relative error {error['max']:.2g} (median {error['median']:.2g}), correlation min "
+            f"{corr['min']:.6f} (median {corr['median']:.6f}) on {probe['images']} images against "
+            f"{probe['reference']}; {probe['device']}, {probe['dtype']}{', TF32' if probe.get('tf32') else ''}")
+    if not corr["min"] >= CORRELATION_WARNING:
+        text += f"  — LOW CORRELATION (< {CORRELATION_WARNING}): these maps are not what float64 gives; do not trust them"
+    return text
 
 
 def class_names(stats: pd.DataFrame, by_label: bool) -> dict[int, str]:
