@@ -27,6 +27,8 @@ class SprayParams:
     def check(self) -> None:
         if self.neighbours < 1:
             raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.large_class < 0:
+            raise ValueError(f"large_class must be >= 0, got {self.large_class}")
         if self.k_max < 2:
             raise ValueError(f"k_max must be >= 2, got {self.k_max}")
         if self.eigenvalues < self.k_max + 1:
