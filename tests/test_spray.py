@@ -191,6 +191,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "no class has 20 or more images" in err
     assert cli_main(["spray", str(run), "--k-max", "40"]) == 2
     assert "must exceed k_max" in capsys.readouterr().err
+    assert cli_main(["spray", str(run), "--large-class", "-1"]) == 2
+    assert "large_class must be >= 0, got -1" in capsys.readouterr().err
     assert not (run / "spray").exists()
     with pytest.raises(SystemExit):
         cli_main(["spray", str(run), "--variant", "nonsense"])
