@@ -80,10 +80,15 @@ def child_large(run_dir: str, threads: int) -> dict:
             "ward_labels": result.analysis.agglomerative[GROUPS].tolist()}
 
 
-def child_agreement(n: int, threads: int) -> dict:
-    """The large-class path (reduced neighbours, sampled Ward) against the exact one on the same n planted maps."""
+def ari(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings, to 4 decimals."""
     from sklearn.metrics import adjusted_rand_score
 
+    return round(float(adjusted_rand_score(a, b)), 4)
+
+
+def child_agreement(n: int, threads: int) -> dict:
+    """The large-class path (reduced neighbours, sampled Ward) against the exact one on the same n planted maps."""
     from bench.spray_maps import planted_maps
     from pipeline.spray import graph
     from pipeline.spray.analyse import SprayParams, analyse_class
@@ -103,7 +108,6 @@ def child_agreement(n: int, threads: int) -> dict:
     params = dict(k_max=K_MAX, embedding=False)
     exact = analyse_class(vectors, SprayParams(**params, large_class=n), threads)
     fast = analyse_class(vectors, SprayParams(**params, large_class=0), threads)
-    ari = lambda x, y: round(float(adjusted_rand_score(x, y)), 4)
     ks = sorted(exact.kmeans)
     out.update({
         "k_chosen": {"exact": exact.k_chosen, "large_path": fast.k_chosen},
@@ -151,7 +155,6 @@ def write_large_run(root: Path, n: int) -> np.ndarray:
 def compare(n: int, corelay_python: Path, threads: int, picture: bool) -> dict:
     """Both on the same n maps; `picture`: with the t-SNE (ours of a 1,000-image sample, corelay's of all)."""
     import h5py
-    from sklearn.metrics import adjusted_rand_score
 
     from bench.spray_maps import planted_maps
 
@@ -170,7 +173,6 @@ def compare(n: int, corelay_python: Path, threads: int, picture: bool) -> dict:
                              str(Path(tmp) / "corelay.npz"), str(K_MIN), str(K_MAX), *flag], env=env)
         a, b = np.load(Path(tmp) / "ours.npz"), np.load(Path(tmp) / "corelay.npz")
         ks = range(K_MIN, K_MAX + 1)
-        ari = lambda x, y: round(float(adjusted_rand_score(x, y)), 4)
         return {
             "maps": n, "groups": GROUPS, "map_size": SIZE, "threads": threads, "picture": picture,
             "ours": ours, "corelay": theirs,
