@@ -3,10 +3,13 @@
 the same kNN graph (10 neighbours), 32 eigenpairs, k-means for k = 2..8 and a t-SNE; each in a fresh process (corelay
 in its own virtual environment), timed end to end with its peak memory. Then 100,000 maps of one class, which
 corelay's dense N x N distances cannot hold, through ours only: the class task exactly as `make spray` runs it
-(maps streamed from HDF5 shards, kNN graph, spectrum, k-means, Ward, t-SNE, cluster mean maps). Prints a table and
-writes bench/results/spray_speed.json.
+(maps streamed from HDF5 shards, kNN graph, spectrum, k-means, Ward, t-SNE, cluster mean maps; above
+graph.LARGE_CLASS images the reduced-space neighbours and sampled Ward), with two threads. And at 20,000 maps the
+large-class path against the exact one: neighbour recall and clustering ARI. Prints a table and writes
+bench/results/spray_speed.json.
 
-    python -m bench.spray_speed [--maps 5000] [--large 100000] [--skip-large] [--corelay-python PATH]
+    python -m bench.spray_speed [--maps 5000] [--large 100000] [--agreement 20000] [--skip-large]
+                                [--skip-compare] [--skip-agreement] [--corelay-python PATH]
 """
 from __future__ import annotations
 
@@ -73,7 +76,50 @@ def child_large(run_dir: str, threads: int) -> dict:
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "cpu_seconds": cpu_seconds(), "peak_rss_mb": peak_mb(), "baseline_rss_mb": baseline,
             "added_peak_mb": peak_mb() - baseline, "steps": result.seconds, "k_chosen": result.analysis.k_chosen,
-            "images": len(result.rows), "labels": result.analysis.kmeans[GROUPS].tolist()}
+            "images": len(result.rows), "labels": result.analysis.kmeans[GROUPS].tolist(),
+            "ward_labels": result.analysis.agglomerative[GROUPS].tolist()}
+
+
+def ari(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings, to 4 decimals."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return round(float(adjusted_rand_score(a, b)), 4)
+
+
+def child_agreement(n: int, threads: int) -> dict:
+    """The large-class path (reduced neighbours, sampled Ward) against the exact one on the same n planted maps."""
+    from bench.spray_maps import planted_maps
+    from pipeline.spray import graph
+    from pipeline.spray.analyse import SprayParams, analyse_class
+    from pipeline.spray.features import features
+
+    maps, truth = planted_maps(n, GROUPS, SIZE, shares=SHARES)
+    vectors = features(maps, 32, "absspectral").vectors
+    del maps
+    timed = {}
+    for name, large in (("exact", n), ("large_path", 0)):
+        started = time.perf_counter()
+        timed[name] = graph.nearest_neighbours(vectors, 10, threads, large=large)
+        timed[f"{name}_seconds"] = round(time.perf_counter() - started, 2)
+    out = {"maps": n, "threads": threads, "reduced_dims": graph.REDUCED_DIMS, "candidates_per_neighbour": graph.CANDIDATES,
+           "neighbour_recall": round(graph.neighbour_recall(timed["large_path"], timed["exact"]), 5),
+           "neighbours_seconds": {"exact": timed["exact_seconds"], "large_path": timed["large_path_seconds"]}}
+    params = dict(k_max=K_MAX, embedding=False)
+    exact = analyse_class(vectors, SprayParams(**params, large_class=n), threads)
+    fast = analyse_class(vectors, SprayParams(**params, large_class=0), threads)
+    ks = sorted(exact.kmeans)
+    out.update({
+        "k_chosen": {"exact": exact.k_chosen, "large_path": fast.k_chosen},
+        "ari_kmeans_large_vs_exact": {k: ari(exact.kmeans[k], fast.kmeans[k]) for k in ks},
+        "ari_ward_large_vs_exact": {k: ari(exact.agglomerative[k], fast.agglomerative[k]) for k in ks},
+        "ari_vs_truth_k4": {"exact_kmeans": ari(truth, exact.kmeans[GROUPS]), "large_kmeans": ari(truth, fast.kmeans[GROUPS]),
+                            "exact_ward": ari(truth, exact.agglomerative[GROUPS]),
+                            "large_ward": ari(truth, fast.agglomerative[GROUPS])},
+        "eigenvalues_max_difference_first_8": round(float(np.abs(exact.eigenvalues[:8] - fast.eigenvalues[:8]).max()), 5),
+        "steps": {"exact": exact.seconds, "large_path": fast.seconds},
+    })
+    return out
 
 
 def _thread_env(threads: int) -> dict:
@@ -109,7 +155,6 @@ def write_large_run(root: Path, n: int) -> np.ndarray:
 def compare(n: int, corelay_python: Path, threads: int, picture: bool) -> dict:
     """Both on the same n maps; `picture`: with the t-SNE (ours of a 1,000-image sample, corelay's of all)."""
     import h5py
-    from sklearn.metrics import adjusted_rand_score
 
     from bench.spray_maps import planted_maps
 
@@ -128,7 +173,6 @@ def compare(n: int, corelay_python: Path, threads: int, picture: bool) -> dict:
                              str(Path(tmp) / "corelay.npz"), str(K_MIN), str(K_MAX), *flag], env=env)
         a, b = np.load(Path(tmp) / "ours.npz"), np.load(Path(tmp) / "corelay.npz")
         ks = range(K_MIN, K_MAX + 1)
-        ari = lambda x, y: round(float(adjusted_rand_score(x, y)), 4)
         return {
             "maps": n, "groups": GROUPS, "map_size": SIZE, "threads": threads, "picture": picture,
             "ours": ours, "corelay": theirs,
@@ -152,9 +196,10 @@ def large(n: int, threads: int) -> dict:
         written = time.perf_counter() - begun
         result = _run_child([sys.executable, "-m", "bench.spray_speed", "--child", "large", str(Path(tmp) / "run"),
                              "--threads", str(threads)], _thread_env(threads))
-    labels = np.asarray(result.pop("labels"))
+    labels, ward = np.asarray(result.pop("labels")), np.asarray(result.pop("ward_labels"))
     result.update({"maps": n, "map_size": SIZE, "threads": threads, "write_run_seconds": round(written, 1),
-                   "ari_vs_truth": round(float(adjusted_rand_score(truth, labels)), 4)})
+                   "ari_vs_truth": round(float(adjusted_rand_score(truth, labels)), 4),
+                   "ward_ari_vs_truth": round(float(adjusted_rand_score(truth, ward)), 4)})
     return result
 
 
@@ -172,6 +217,13 @@ def table(report: dict) -> str:
     if big:
         lines.append(f"| ours, one `make spray` class task | {big['maps']:,} | {big['seconds']:.1f} | "
                      f"{big['peak_rss_mb']:.0f} | {big['added_peak_mb']:.0f} | {big['ari_vs_truth']} |")
+    agree = report.get("agreement")
+    if agree:
+        lines.append("")
+        lines.append(f"agreement at {agree['maps']:,} maps, large-class path vs exact: neighbour recall "
+                     f"{agree['neighbour_recall']}, neighbours {agree['neighbours_seconds']['exact']} s -> "
+                     f"{agree['neighbours_seconds']['large_path']} s, k* {agree['k_chosen']}, ARI k-means by k "
+                     f"{agree['ari_kmeans_large_vs_exact']}, ARI Ward by k {agree['ari_ward_large_vs_exact']}")
     for key in ("compare", "compare_without_picture"):
         small = report.get(key)
         if not small:
@@ -188,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maps", type=int, default=5000, help="maps of the side-by-side run (default 5000)")
     parser.add_argument("--large", type=int, default=100_000, help="maps of the large run (default 100000)")
     parser.add_argument("--skip-large", action="store_true", help="only the side-by-side run")
-    parser.add_argument("--skip-compare", action="store_true", help="only the large run")
+    parser.add_argument("--skip-compare", action="store_true", help="no side-by-side run with corelay")
+    parser.add_argument("--agreement", type=int, default=20_000, help="maps of the large-path-vs-exact run (20000)")
+    parser.add_argument("--skip-agreement", action="store_true", help="no large-path-vs-exact run")
     parser.add_argument("--threads", type=int, default=1, help="BLAS / OpenMP threads of both sides (default 1)")
+    parser.add_argument("--large-threads", type=int, default=2, help="threads of the large and agreement runs (2)")
     parser.add_argument("--corelay-python", default=str(CORELAY_PYTHON), help="python of corelay's environment")
-    parser.add_argument("--child", choices=("ours", "large"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("ours", "large", "agreement"), help=argparse.SUPPRESS)
     parser.add_argument("--no-tsne", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -201,14 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.child == "large":
         print(json.dumps(child_large(args.paths[0], args.threads)))
         return 0
+    if args.child == "agreement":
+        print(json.dumps(child_agreement(int(args.paths[0]), args.threads)))
+        return 0
     report = {"machine": f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
     if not args.skip_compare:
         if not Path(args.corelay_python).is_file():
             parser.error(f"{args.corelay_python} is missing: `make bench-spray` builds corelay's environment")
         report["compare"] = compare(args.maps, Path(args.corelay_python), args.threads, picture=True)
         report["compare_without_picture"] = compare(args.maps, Path(args.corelay_python), args.threads, picture=False)
+    if not args.skip_agreement:
+        report["agreement"] = _run_child([sys.executable, "-m", "bench.spray_speed", "--child", "agreement",
+                                          str(args.agreement), "--threads", str(args.large_threads)],
+                                         _thread_env(args.large_threads))
     if not args.skip_large:
-        report["large"] = large(args.large, args.threads)
+        report["large"] = large(args.large, args.large_threads)
     print(table(report))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

@@ -191,6 +191,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "no class has 20 or more images" in err
     assert cli_main(["spray", str(run), "--k-max", "40"]) == 2
     assert "must exceed k_max" in capsys.readouterr().err
+    assert cli_main(["spray", str(run), "--large-class", "-1"]) == 2
+    assert "large_class must be >= 0, got -1" in capsys.readouterr().err
     assert not (run / "spray").exists()
     with pytest.raises(SystemExit):
         cli_main(["spray", str(run), "--variant", "nonsense"])
@@ -221,3 +223,63 @@ def test_sampled_tsne_keeps_the_groups_apart():
     placed = np.setdiff1d(np.arange(300), chosen)
     nearest = KNeighborsClassifier(1).fit(xy[chosen], truth[chosen])
     assert (nearest.predict(xy[placed]) == truth[placed]).mean() >= 0.95
+
+
+LARGE_TEST = 1000  # the large-class threshold in these tests (the product's is graph.LARGE_CLASS = 20,000)
+
+
+def test_large_class_neighbours_via_principal_components_match_the_exact_graph(monkeypatch):
+    """Above the threshold, candidates come from a search among REDUCED_DIMS principal components and are re-ranked by
+    exact distances: nearly the exact graph, exact distances, nearest first, never a vector itself."""
+    maps, _ = planted_maps(3000, 4, SIZE, seed=7)
+    vectors = features.features(maps, 16, "absspectral").vectors  # 256 dimensions
+    searched = []
+    original = graph.exact_neighbours
+    monkeypatch.setattr(graph, "exact_neighbours", lambda v, k, t=1: searched.append(v.shape) or original(v, k, t))
+    found = graph.nearest_neighbours(vectors, 10, large=LARGE_TEST)
+    assert searched == [(3000, graph.REDUCED_DIMS)]  # the reduced path ran, with 3k candidates
+    exact = original(vectors, 10)
+    assert graph.neighbour_recall(found, exact) >= 0.95
+    assert found.indices.shape == (3000, 10) and not (found.indices == np.arange(3000)[:, None]).any()
+    measured = np.linalg.norm(vectors[found.indices] - vectors[:, None], axis=2)
+    np.testing.assert_allclose(found.distances, measured, rtol=1e-4, atol=1e-7)
+    assert np.all(np.diff(found.distances, axis=1) >= 0)
+    assert (found.distances[:, 0] >= exact.distances[:, 0] - 1e-6).all()  # never nearer than the true nearest
+    searched.clear()
+    graph.nearest_neighbours(vectors, 10, large=3000)  # at the threshold: the exact path
+    assert searched == [(3000, 256)]
+
+
+def test_large_class_path_recovers_planted_groups_like_the_exact_one(monkeypatch):
+    """A class above the threshold (reduced neighbours; Ward of a 500-image sample, the rest by nearest centroid):
+    the same k*, the planted groups recovered by k-means and Ward, and clusters as the exact path's."""
+    monkeypatch.setattr(cluster, "WARD_SAMPLE", 500)
+    shares = np.array([0.5, 0.3, 0.2])
+    maps, truth = planted_maps(3000, 3, SIZE, seed=3, shares=shares)
+    vectors = features.features(maps, 16, "absspectral").vectors
+    large = analyse_class(vectors, SprayParams(k_max=6, embedding=False, large_class=LARGE_TEST))
+    exact = analyse_class(vectors, SprayParams(k_max=6, embedding=False))
+    assert large.k_chosen == exact.k_chosen == 3
+    for result in (large, exact):
+        assert adjusted_rand_score(truth, result.kmeans[3]) >= 0.95
+        assert adjusted_rand_score(truth, result.agglomerative[3]) >= 0.95
+    assert adjusted_rand_score(exact.kmeans[3], large.kmeans[3]) >= 0.95
+    np.testing.assert_allclose(large.eigenvalues[:4], exact.eigenvalues[:4], atol=0.02)
+    for k, labels in large.agglomerative.items():  # every k cut, numbered by size
+        sizes = np.bincount(labels, minlength=k)
+        assert len(sizes) == k and (sizes > 0).all() and np.all(np.diff(sizes) <= 0)
+
+
+def test_sampled_ward_keeps_the_samples_labels_and_assigns_the_rest_to_the_nearest_centroid():
+    rng = np.random.default_rng(0)
+    centres = np.array([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]])
+    truth = rng.integers(0, 3, 2000)
+    points = centres[truth] + rng.normal(size=(2000, 3))
+    labels = cluster.sampled_ward(points, range(2, 4), seed=1, sample=300)
+    assert adjusted_rand_score(truth, labels[3]) >= 0.95
+    assert len(np.unique(labels[2])) == 2
+    chosen = np.sort(np.random.default_rng(1).choice(2000, 300, replace=False))
+    others = np.setdiff1d(np.arange(2000), chosen)
+    centroids = np.stack([points[chosen][labels[3][chosen] == c].mean(0) for c in range(3)])
+    nearest = np.linalg.norm(points[others][:, None] - centroids[None], axis=2).argmin(1)
+    np.testing.assert_array_equal(labels[3][others], nearest)

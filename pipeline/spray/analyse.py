@@ -22,10 +22,13 @@ class SprayParams:
     embedding: bool = True  # t-SNE (the costliest step at scale); off: x, y are the 2nd and 3rd eigenvectors
     tsne_sample: int = embed.SAMPLE  # larger classes: t-SNE of this many, the rest placed by neighbours
     agglomerative: bool = True
+    large_class: int = graph.LARGE_CLASS  # larger classes: neighbours via 64 principal components, Ward of a sample
 
     def check(self) -> None:
         if self.neighbours < 1:
             raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.large_class < 0:
+            raise ValueError(f"large_class must be >= 0, got {self.large_class}")
         if self.k_max < 2:
             raise ValueError(f"k_max must be >= 2, got {self.k_max}")
         if self.eigenvalues < self.k_max + 1:
@@ -80,7 +83,8 @@ def analyse_class(vectors: np.ndarray, params: SprayParams = SprayParams(), thre
         clock[0] = now
 
     with threadpool_limits(threads):
-        neighbours = graph.nearest_neighbours(vectors, params.neighbours, threads)
+        neighbours = graph.nearest_neighbours(vectors, params.neighbours, threads, params.large_class,
+                                              params.seed)
         lap("neighbours")
         affinity = graph.affinity(neighbours)
         spectrum = graph.spectrum(affinity, min(params.eigenvalues, n - 1), params.seed)
@@ -90,7 +94,8 @@ def analyse_class(vectors: np.ndarray, params: SprayParams = SprayParams(), thre
         ks = range(2, k_top + 1)
         kmeans = cluster.kmeans(spectrum.eigenvectors, ks, params.seed)
         lap("kmeans")
-        agglomerative = cluster.agglomerative(spectrum.eigenvectors, affinity, ks) if params.agglomerative else {}
+        agglomerative = (cluster.agglomerative(spectrum.eigenvectors, affinity, ks, params.large_class, params.seed)
+                         if params.agglomerative else {})
         lap("agglomerative")
         if params.embedding:
             xy = embed.tsne(spectrum.eigenvectors, params.seed, threads, params.tsne_sample)

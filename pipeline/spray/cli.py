@@ -31,6 +31,9 @@ def add_spray_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--eigenvalues", type=int, default=params.eigenvalues, help="eigenpairs computed (default 32)")
     p.add_argument("--k-max", type=int, default=params.k_max, help="largest number of clusters (default 8)")
     p.add_argument("--seed", type=int, default=params.seed, help="k-means / t-SNE seed (default 0)")
+    p.add_argument("--large-class", type=int, default=params.large_class,
+                   help=f"classes with more images: neighbours among 64 principal components, Ward of a sample "
+                        f"(default {params.large_class})")
     p.add_argument("--no-embedding", action="store_true", help="skip t-SNE: x, y are the 2nd and 3rd eigenvectors")
     p.add_argument("--no-virelay", action="store_true", help="do not write the ViRelAy project")
     p.add_argument("--no-virelay-images", action="store_true",
@@ -51,7 +54,7 @@ def _classes(text: str | None) -> tuple[int, ...] | None:
 def run_spray_command(args: argparse.Namespace) -> int:
     try:
         params = SprayParams(neighbours=args.neighbours, eigenvalues=args.eigenvalues, k_max=args.k_max,
-                             seed=args.seed, embedding=not args.no_embedding)
+                             seed=args.seed, embedding=not args.no_embedding, large_class=args.large_class)
         options = SprayOptions(by=args.by, variant=args.variant, grid=args.grid, min_images=args.min_images,
                                params=params, classes=_classes(args.classes), virelay=not args.no_virelay,
                                virelay_images=not args.no_virelay_images, out=args.out)
