@@ -107,8 +107,20 @@ def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SE
           make_sample: Callable[[int, int], shapes.ShapeSample] = shapes.make_sample, flips: bool = True,
           noise: bool = True) -> tuple[torch.nn.Module, dict]:
     """The trained model and what its record says of the training."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # tiny activations early in training are otherwise very slow on CPUs
+    try:
+        return _train(per_class, epochs, seed, threads, val_per_class, cfg, batch_norm, learning_rate, log,
+                      make_sample, flips, noise)
+    finally:  # process-wide settings: a caller (a test, a notebook) gets its own back
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(previous_threads)
+
+
+def _train(per_class: int, epochs: int, seed: int, threads: int, val_per_class: int, cfg: list | None, batch_norm: bool,
+           learning_rate: float, log, make_sample: Callable[[int, int], shapes.ShapeSample], flips: bool,
+           noise: bool) -> tuple[torch.nn.Module, dict]:
     cfg = list(cfg or demo_model.CFG)
     torch.manual_seed(seed)
     started = time.time()

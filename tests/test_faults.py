@@ -129,7 +129,11 @@ def test_crashing_and_hanging_images_are_isolated(cache, clean, tmp_path, fault_
     exact = ~expected.image_id.isin(mates).to_numpy()
     pd.testing.assert_frame_equal(stats[exact].drop(columns=local), expected[exact].drop(columns=local),
                                   check_exact=True)
-    pd.testing.assert_frame_equal(stats.drop(columns=local), expected.drop(columns=local), rtol=1e-4)
+    # `absorbed` is 1 - conservation, a small difference of near-equal numbers: compared absolutely, at the
+    # precision conservation itself is compared with
+    absorbed = local + ["absorbed"]
+    pd.testing.assert_frame_equal(stats.drop(columns=absorbed), expected.drop(columns=absorbed), rtol=1e-4)
+    np.testing.assert_allclose(stats.absorbed, expected.absorbed, rtol=0, atol=1e-4)
     order = np.argsort([f"{s}:{r:05d}" for s, r in zip(ref_stats.shard, ref_stats.row)])  # dataset order
     ids_in_order = ref_stats.image_id.to_numpy()[order]
     ref_maps = ref_maps[~np.isin(ids_in_order, culprits)]

@@ -146,7 +146,7 @@ def test_bad_configuration_stops_before_writing(tmp_path, dataset, capsys):
     with pytest.raises(ConfigError, match=r"command line: top_k must be a fraction"):
         load_config({"dataset": str(dataset), "top_k": 2.0})
     with pytest.raises(ConfigError, match=r"command line: model must be one of"):
-        load_config({"dataset": str(dataset), "model": "resnet50"})
+        load_config({"dataset": str(dataset), "model": "mobilenet_v2"})
     (configs / "datasets" / "mine.yaml").write_text("root: ${SURELY_UNSET_VARIABLE_X}\n")
     with pytest.raises(ConfigError, match="SURELY_UNSET_VARIABLE_X is not set: export SURELY_UNSET_VARIABLE_X="):
         load_config({"dataset": "mine"}, config_dir=configs)

@@ -112,10 +112,11 @@ def test_onnx_artifact_keeps_negative_logit_maps_too(tmp_path):
 
     from .helpers import make_tiny_vgg
 
-    model = lrp.LRPModel(make_tiny_vgg(), "epsilon_gamma_box", top_k=0.1)
+    vgg = make_tiny_vgg()
+    model = lrp.LRPModel(vgg, "epsilon_gamma_box", top_k=0.1)
     config = ExportConfig(model="tiny-vgg", weights="random", composite="epsilon_gamma_box", top_k=0.1, height=64,
                           width=64, formats=("onnx",))
-    write_artifacts(model, WeightsInfo("tiny-vgg", "random", "tests"), config, tmp_path, verify=False)
+    write_artifacts(model, WeightsInfo("tiny-vgg", "random", "tests"), config, tmp_path, verify=False, source=vgg)
     torch.manual_seed(3)
     x = torch.randn(3, 3, 64, 64)
     target = _negative_targets(model, x)
