@@ -148,6 +148,7 @@ def test_user_model_matches_zennit_in_float64(size):
 FLOAT32_BOUND = {"epsilon_plus_flat": 2e-3, "epsilon_gamma_box": 2e-3}
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("name", sorted(FLOAT32_BOUND))
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_float32_against_the_float64_oracle(resnets, arch, name):
