@@ -7,7 +7,6 @@ forward-only VGG, MoRF + random order, 2 x (steps + 1) forward passes per image)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ import torch
 import lrp_module as lrp
 from bench.lrp_speed import best_seconds, build_model
 from pipeline.faithfulness import flip_statistics
+from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/faithfulness_speed.json")
 
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                   "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {args.out}")
+    write_results(args.out, report)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ from lrp_module import LRPModel
 from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.oracle import Float64Oracle, probe_record
 from lrp_module.zoo import build_model
+from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/gpu_probe.json")
 CASES = [("vgg-shapes", "demo", 64), ("vgg16", "random", 224)]
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         del explainer, cpu
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"written to {args.out}")
+    write_results(args.out, {"torch": torch.__version__, "rows": rows})
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import subprocess
@@ -33,6 +32,7 @@ from torch import nn
 
 import lrp_module as lrp
 from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from bench import write_results
 
 COMPOSITES = ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
               "epsilon_alpha2_beta1_flat", "montavon", "seed"]
@@ -333,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "targets": targets,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {args.out}")
+    write_results(args.out, report)
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/pipeline_speed.json")
 LRP_FORWARDS = 3  # LRP costs about three forward passes (README, Speed: 3.1x on an H200)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch)
         data = make_images(scratch / "images", args.images, args.image_size)
         x = _preprocessed(data, args.size)
-        runs = report["throughput"] = _end_to_end(args, data, scratch, modes, x)
+        report["throughput"] = _end_to_end(args, data, scratch, modes, x)
         stored = sum(p.stat().st_size for p in (scratch / "run-float32" / "relevance").glob("*.h5")) / args.images
         report["stored_bytes_per_map"] = stored
         report["breakdown"] = stage_breakdown(data, args.model, args.size, args.batch, args.device,
@@ -350,11 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         peaks = dict(zip(("float32", "tf32"), args.peak_tflops)) if args.peak_tflops else None
         report["limit"] = physical_limit(device_name, forward_flops(args.model, args.size), peaks)
-    report["targets"] = targets = _targets(args, report, memory, stored)
+    report["targets"] = _targets(args, report, memory, stored)
     _print(args, report, device_name)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"written to {args.out}")
+    write_results(args.out, report)
     return 0
 
 

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/precision_budget.json")
 PATHS = {"default": {}, "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
@@ -133,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         logits = "" if row["logits_error"] is None else f"{row['logits_error']:.1e}"
         print(f"{row['path']:<11s}{row['model']:<11s}{row['composite']:<22s}{row['implementation']:<16s}"
               f"{row['relevance_error']:11.2e}{row['ratio_to_eager']:9.2f}{row['correlation_min']:12.7f}{logits:>10s}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"\nwritten to {args.out}")
+    write_results(args.out, {"torch": torch.__version__, "rows": rows})
     return 0
 
 

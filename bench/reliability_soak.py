@@ -8,7 +8,6 @@ faults. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from tests.fault_tools import actor_processes, make_images, read_run
+from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/reliability.json")
 
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
           "clean run's time")
     print(table.to_string())
     print(f"throughput with the fault: {result['throughput_ratio']:.0%} of the clean run's")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"-> {args.out}")
+    write_results(args.out, result)
     assert faulty["lost"] == 0 and faulty["duplicated"] == 0 and faulty["failed_other"] == 0, "images lost"
     return result
 

@@ -10,7 +10,6 @@ unwritten HDF5 chunks, so the benchmark needs megabytes, not the 2 GB of a real 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from PIL import Image
 
 from bench.synthetic_run import stats_table, synthesise_run
 from pipeline.report import build_report, selection
+from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/report_speed.json")
 TARGET_SECONDS = 30.0
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{tiles:,} images shown, report {result['report_mb']} MB")
     target = result["target"]
     print(f"\n[{'met' if target['met'] else 'MISSED'}] {target['target']}: {target['value']} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"written to {args.out}")
+    write_results(args.out, result)
     return 0
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import warnings
@@ -20,6 +19,7 @@ from bench.lrp_speed import best_seconds, build_model
 from lrp_module import LRPModel
 from lrp_module.topk import kept_count, kth_largest
 from lrp_module.topk_select import kth_largest_radix
+from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/topk_speed.json")
 CUDA_TARGET = 0.15  # the issue's: top-k 0.1 costs at most +15 % of the plain LRP on the GPU
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             report["targets"] = [{"target": "CUDA: top-k 0.1 costs <= +15 % of plain LRP",
                                   "value": round(cost["extra"], 3), "met": met}]
             print(f"  [{'met' if met else 'MISSED'}] top-k 0.1 <= +15 % of plain LRP on the GPU")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"written to {args.out}")
+    write_results(args.out, report)
     return 0
 
 
