@@ -43,7 +43,7 @@ endif
 endif
 endif
 
-.PHONY: venv test test-precision bench bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test lint test-precision bench bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay
 
 venv: $(STAMP)
@@ -62,8 +62,12 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff's configuration is pyproject.toml's [tool.ruff]; `make test` lints first.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The precision-sensitive tests (marked `precision`) again under oneDNN's other kernel paths, which any x86 CPU
 # offers, and with oneDNN off: CI on one CPU then proves they pass on others (README, Correctness).

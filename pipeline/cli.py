@@ -12,7 +12,8 @@ from .config import ConfigError, load_config
 from .datasets import DatasetError
 from .output_checks import OutputCheckError
 from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
-from .run import RunError, StrictStop, explain
+from .errors import RunError, StrictStop
+from .run import explain
 from .spray.cli import add_spray_command, run_spray_command
 from .writers import OutputError
 

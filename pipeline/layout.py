@@ -90,8 +90,14 @@ class RunLayout:
         return path.relative_to(self.root).as_posix()
 
     def stats_shards(self) -> list[Path]:
-        folder = self.root / self.STATS
-        return sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
+        return self._shards(self.STATS)
+
+    def failure_shards(self) -> list[Path]:
+        return self._shards(self.FAILURES)
+
+    def _shards(self, folder: str) -> list[Path]:
+        """The shard files of one folder, in shard order."""
+        return sorted((self.root / folder).glob("shard-*.parquet")) if (self.root / folder).is_dir() else []
 
     # ------------------------------------------------------------------------------------------ state
     def shard_done(self, index: int) -> bool:

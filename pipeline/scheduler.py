@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contracts import ShardResult
 from .datasets.records import ImageRecord
 
 CRASHED, TIMED_OUT, ERROR = "crashed", "timed_out", "error"
@@ -51,11 +52,13 @@ class Isolation:
 
 
 class ShardScheduler:
-    """Runs shards on `count` actors made by `make_actor`; calls `on_result(result)` for every finished shard."""
+    """Runs shards on `count` actors made by `make_actor`; calls `on_result(result)` for every finished shard
+    (the worker's ShardResult, or the one `write_failed` returns for a shard given up)."""
 
     def __init__(self, ray, make_actor: Callable[[], Any], count: int, shards: list[list[ImageRecord]], out: str,
-                 timeout_s: float, retries: int, on_result: Callable[[dict], None],
-                 on_retry: Callable[[], None] = lambda: None, write_failed: Callable[[int, str], dict] | None = None):
+                 timeout_s: float, retries: int, on_result: Callable[[ShardResult], None],
+                 on_retry: Callable[[], None] = lambda: None,
+                 write_failed: Callable[[int, str], ShardResult] | None = None):
         self.ray, self.make_actor, self.count, self.shards, self.out = ray, make_actor, count, shards, out
         self.timeout_s, self.retries, self.on_result, self.on_retry = timeout_s, retries, on_result, on_retry
         self.write_failed = write_failed

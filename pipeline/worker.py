@@ -1,9 +1,10 @@
 """Explain one shard: decode in background threads, run the traced LRP module, compute statistics, write the
 shard's HDF5 maps, Parquet statistics and failures. A plain class: the driver wraps it as a Ray actor.
 
-With settings["strict"] a shard stops at its first failed image and writes nothing (the shard stays undone).
+With `settings.strict` a shard stops at its first failed image and writes nothing (the shard stays undone).
 A write error (disk full, ...) is not an image failure: the shard writes nothing under a final name and its
-result carries `write_error` for the driver to stop the run."""
+result carries `write_error` for the driver to stop the run. Settings and results are the typed contracts of
+pipeline/contracts.py."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrp_module.oracle import Float64Oracle, probe_record
+from lrp_module.zoo import build_model
+
 from . import stats as statistics
+from .contracts import ShardResult, WorkerSettings
 from .datasets.records import ImageRecord
 from .faithfulness import FLIP_COLUMNS, flip_statistics
 from .faults import inject_fault
@@ -34,30 +39,30 @@ PROBE_IMAGES = 8  # the precision probe: shard 0's first batch, at most this man
 class ShardExplainer:
     """Holds the traced module (loaded once) and explains shards."""
 
-    def __init__(self, artifact: str, settings: dict) -> None:
+    def __init__(self, artifact: str, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.device = "cuda" if settings.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
+        self.device = "cuda" if settings.device == "cuda" and torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
-            tf32 = settings.get("precision") == "tf32"
+            tf32 = settings.precision == "tf32"
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         else:
-            torch.set_num_threads(max(1, int(settings.get("threads", 1))))
+            torch.set_num_threads(max(1, settings.threads))
         self.module = torch.jit.load(artifact, map_location=self.device)
-        size = int(settings["size"])
+        size = settings.size
         self.preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size)  # the 256/224 recipe
-        self.decoders = ThreadPoolExecutor(max_workers=max(1, int(settings.get("decode_threads", 2))))
+        self.decoders = ThreadPoolExecutor(max_workers=settings.decode_threads)
         # JPEGs decoded and preprocessed on the GPU where there is one (gpu_decode: false keeps Pillow)
-        self.device_decoder = DeviceDecoder(self.preprocessing, self.device, int(settings["batch_size"]),
-                                            int(settings.get("decode_threads", 2))) \
-            if self.device == "cuda" and settings.get("gpu_decode", True) else None
+        self.device_decoder = DeviceDecoder(self.preprocessing, self.device, settings.batch_size,
+                                            settings.decode_threads) \
+            if self.device == "cuda" and settings.gpu_decode else None
         self.compressors = ThreadPoolExecutor(max_workers=2, thread_name_prefix="compress")  # while the model runs
-        self._map_format = settings.get("map_dtype", "float16"), int(settings.get("compression", 4))
-        self.class_names = settings.get("class_names") or []
-        flipping = settings.get("faithfulness")  # pixel flipping needs plain forward passes: the traced VGG
-        self.classifier = torch.jit.load(flipping["classifier"], map_location=self.device) if flipping else None
+        # pixel flipping needs plain forward passes: the traced classifier
+        self.classifier = torch.jit.load(settings.flipping.classifier, map_location=self.device) \
+            if settings.flipping else None
 
     def _name(self, index: int) -> str | None:
-        return self.class_names[index] if 0 <= index < len(self.class_names) else None
+        names = self.settings.class_names
+        return names[index] if 0 <= index < len(names) else None
 
     def _decode(self, record: ImageRecord):
         """The preprocessed image and boxes, or the exception that becomes this image's failure reason."""
@@ -87,12 +92,12 @@ class ShardExplainer:
         return True
 
     def explain_shard(self, index: int, records: list[ImageRecord], out_dir: str,
-                      skip: dict[int, str] | None = None) -> dict:
+                      skip: dict[int, str] | None = None) -> ShardResult:
         """Explain and write one shard; `skip` maps positions of images known to kill the worker to the reason
         recorded for them instead."""
         out = Path(out_dir)
         started = time.perf_counter()
-        strict = bool(self.settings.get("strict"))
+        strict = self.settings.strict
         skip = skip or {}
         # every decode is submitted now and runs in the pool's threads while earlier batches are explained
         decode = lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record)  # noqa: E731
@@ -100,9 +105,9 @@ class ShardExplainer:
             self.decoders.map(decode, range(len(records)), records)
         failures: list[dict] = []
         maps, rows, compressed = [], [], []
-        batch = int(self.settings["batch_size"])
+        batch = self.settings.batch_size
         pending: list = []
-        probe = index == 0 and bool(self.settings.get("probe"))  # the run's precision probe: shard 0's first batch
+        probe = index == 0 and self.settings.probe is not None  # the run's precision probe: shard 0's first batch
         precision = None
         try:
             for record in records:
@@ -125,7 +130,8 @@ class ShardExplainer:
                                 continue
                             row["row"] = len(maps)
                             maps.append(map_)
-                            compressed.append(self.compressors.submit(compress_map, map_, *self._map_format))
+                            compressed.append(self.compressors.submit(compress_map, map_, self.settings.map_dtype,
+                                                                      self.settings.compression))
                             rows.append(row)
                         if probe and precision is None:
                             precision = self._probe(*outputs)
@@ -139,7 +145,7 @@ class ShardExplainer:
                     pending = []
         finally:
             decoded.close()  # a strict stop cancels the decodes not yet started
-        size = self.settings["size"]
+        size = self.settings.size
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
         try:
             layout = RunLayout(out)
@@ -148,16 +154,13 @@ class ShardExplainer:
                     tmp.write_text(json.dumps(precision, indent=2))
             self._write(layout, index, array, rows, failures, [future.result() for future in compressed])
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
-            return {"shard": index, "explained": 0, "failed": 0, "reasons": [], "write_error": str(error),
-                    "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
-        return {"shard": index, "explained": len(rows), "failed": len(failures),
-                "reasons": [f["reason"] for f in failures], "seconds": time.perf_counter() - started,
-                "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
+            return _result(index, started, explained=0, failed=0, write_error=str(error))
+        return _result(index, started, explained=len(rows), failed=len(failures),
+                       reasons=tuple(f["reason"] for f in failures))
 
-    def _stopped(self, index: int, failure: dict, started: float) -> dict:
+    def _stopped(self, index: int, failure: dict, started: float) -> ShardResult:
         """--strict: the shard's result at its first failure; nothing of the shard is written."""
-        return {"shard": index, "explained": 0, "failed": 1, "reasons": [failure["reason"]], "stopped_at": failure,
-                "seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(), "worker": _where()}
+        return _result(index, started, explained=0, failed=1, reasons=(failure["reason"],), stopped_at=failure)
 
     def _write(self, layout: RunLayout, index: int, array: np.ndarray, rows: list[dict],
                failures: list[dict], chunks: list[bytes] | None = None) -> None:
@@ -166,9 +169,8 @@ class ShardExplainer:
                    "pred": np.array([r["pred"] for r in rows], dtype=np.int64),
                    "target": np.array([r["target"] for r in rows], dtype=np.int64)}
         relevance_file = layout.relevance_shard(index)
-        write_relevance(relevance_file, array, columns, self.settings.get("attributes", {}),
-                        dtype=self.settings.get("map_dtype", "float16"),
-                        compression=int(self.settings.get("compression", 4)), chunks=chunks)
+        write_relevance(relevance_file, array, columns, self.settings.attributes, dtype=self.settings.map_dtype,
+                        compression=self.settings.compression, chunks=chunks)
         for row in rows:
             row["shard"] = layout.relative(relevance_file)
         write_parquet(failures, FAILURE_SCHEMA, layout.failure_shard(index))
@@ -185,14 +187,14 @@ class ShardExplainer:
         predicted = logits.argmax(1)
         used = torch.where(target.cpu() < 0, predicted, target.cpu())
         values = {**statistics.map_statistics(relevance), **statistics.prediction(logits, used)}
-        start = statistics.start_relevance(logits, used, self.settings.get("start", "logit"))
+        start = statistics.start_relevance(logits, used, self.settings.start)
         values.update(statistics.conservation(values["relevance_sum"], start))
         values.update(statistics.localisation(relevance, [boxes for _, (_, boxes) in chunk]))
         if self.classifier is not None:
-            flipping = self.settings["faithfulness"]
+            flipping = self.settings.flipping
             values.update(flip_statistics(self.classifier, x, relevance, used.to(self.device),
-                                          [record.image_id for record, _ in chunk], flipping["steps"],
-                                          flipping["patch"], int(self.settings["batch_size"])))
+                                          [record.image_id for record, _ in chunk], flipping.steps,
+                                          flipping.patch, self.settings.batch_size))
         rows = []
         for i, (record, (_, boxes)) in enumerate(chunk):
             label = record.label
@@ -217,23 +219,20 @@ class ShardExplainer:
     def _probe(self, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor) -> dict:
         """The first images recomputed in float64 on the CPU with eager LRPModel, built from the same model,
         weights, composite and top-k: how far this device's float32 maps are from float64 (lrp_module.oracle)."""
-        from lrp_module.oracle import Float64Oracle, probe_record
-        from lrp_module.zoo import build_model
-
-        spec = self.settings["probe"]
+        spec = self.settings.probe
         n = min(PROBE_IMAGES, x.shape[0])
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # random weights warn; the driver has said so loudly already
-                model, _ = build_model(spec["model"], spec["weights"])
-            oracle = Float64Oracle(model, spec["composite"], top_k=spec["top_k"], copy_model=False)
+                model, _ = build_model(spec.model, spec.weights)
+            oracle = Float64Oracle(model, spec.composite, top_k=spec.top_k, copy_model=False)
             _, reference = oracle.explain(x[:n], target[:n])
             return probe_record(relevance[:n], reference.sum(1), x.device)
         except Exception as error:  # the probe must not cost the shard; say why it is missing
             return {"reference": "float64-cpu", "images": 0, "error": f"{type(error).__name__}: {error}"}
 
     def _targets(self, records: list[ImageRecord]) -> torch.Tensor:
-        mode = self.settings.get("target", "predicted")
+        mode = self.settings.target
         if mode == "label":
             return torch.tensor([-1 if r.label is None else r.label for r in records])
         if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
@@ -250,6 +249,12 @@ def _empty_map_reason(row: dict) -> str | None:
         return (f"all-zero relevance map (target {row['target']}, logit {row['target_logit']:.4g}): no relevance "
                 "reached the input")
     return None
+
+
+def _result(index: int, started: float, **outcome) -> ShardResult:
+    """A shard's result, with its time, the actor's peak memory and where it ran."""
+    return ShardResult(shard=index, seconds=time.perf_counter() - started, peak_rss_mb=_peak_rss_mb(),
+                       worker=_where(), **outcome)
 
 
 def _peak_rss_mb() -> float:

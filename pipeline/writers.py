@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+from .contracts import ShardResult, WorkerSettings
 from .layout import RunLayout, shard_name, temporary_name  # noqa: F401  (shard_name: re-exported)
 
 
@@ -179,17 +180,17 @@ def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequenc
         handle.create_virtual_dataset("relevance", layout, fillvalue=np.nan)
 
 
-def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, settings: dict) -> dict:
+def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, settings: WorkerSettings
+                       ) -> ShardResult:
     """A shard none of whose images could be explained (its actor kept dying): no maps, every image a failure;
     written by the driver in the same files and order as an actor would."""
     layout = RunLayout(out)
-    size = int(settings["size"])
+    size = settings.size
     columns = {"image_id": [], "path": [], "label": np.zeros(0, np.int64), "pred": np.zeros(0, np.int64),
                "target": np.zeros(0, np.int64)}
     write_relevance(layout.relevance_shard(index), np.zeros((0, size, size), np.float32), columns,
-                    settings.get("attributes", {}), dtype=settings.get("map_dtype", "float16"))
+                    settings.attributes, dtype=settings.map_dtype)
     failures = [{"image_id": r.image_id, "path": r.path, "reason": reason, "shard": index} for r in records]
     write_parquet(failures, FAILURE_SCHEMA, layout.failure_shard(index))
     write_parquet([], STATS_SCHEMA, layout.stats_shard(index))
-    return {"shard": index, "explained": 0, "failed": len(failures), "reasons": [reason] * len(failures),
-            "worker": None}
+    return ShardResult(shard=index, explained=0, failed=len(failures), reasons=(reason,) * len(failures))

@@ -1,11 +1,20 @@
 """Test helpers: small random VGGs with non-trivial biases and batch-norm statistics."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torchvision
 from torch import nn
 
 from lrp_module.oracle import relative_error  # noqa: F401  (per image max |difference| / max |reference|)
+from pipeline.config import RunConfig
+from pipeline.contracts import WorkerSettings
+
+
+def worker_settings(**values) -> WorkerSettings:
+    """A shard worker's settings as the driver makes them from the run configuration's defaults, with `values`."""
+    return dataclasses.replace(WorkerSettings.from_config(RunConfig()), **values)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -7,6 +7,7 @@ writes maps as close to float64 with device="cuda" as on the CPU. Skipped withou
 LRP_TEST_DEVICE=cpu runs the same checks on the CPU (float32 against float64): a dry run of the file's logic."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -27,7 +28,7 @@ from lrp_module.topk import relevance_filter
 from lrp_module.topk_select import kth_largest_radix
 
 from .bad_inputs import reference_rgb
-from .helpers import make_vgg, relative_error
+from .helpers import make_vgg, relative_error, worker_settings
 
 DEVICE = os.environ.get("LRP_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -183,7 +184,7 @@ def shard_inputs(tmp_path_factory):
     """Six small JPEGs in one ImageFolder class and the traced vgg11 artifact the pipeline builds for them."""
     from pipeline.config import load_config
     from pipeline.datasets import load_records
-    from pipeline.run import cached_artifact
+    from pipeline.artifact_cache import cached_artifact
 
     base = tmp_path_factory.mktemp("cuda-shard")
     root = base / "images" / "n01440764"
@@ -204,12 +205,12 @@ def _run_shard(artifact: Path, records, device: str, out: Path, gpu_decode: bool
 
     for sub in ("relevance", "stats", "failures"):
         (out / sub).mkdir(parents=True)
-    explainer = ShardExplainer(str(artifact), {"batch_size": 4, "size": SIZE, "map_dtype": "float32",
-                                               "compression": 0, "decode_threads": 1, "threads": 2,
-                                               "device": device, "gpu_decode": gpu_decode})
+    explainer = ShardExplainer(str(artifact), worker_settings(batch_size=4, size=SIZE, map_dtype="float32",
+                                                              compression=0, decode_threads=1, threads=2,
+                                                              device=device, gpu_decode=gpu_decode))
     assert explainer.device == device
     assert (explainer.device_decoder is not None) == (gpu_decode and device == "cuda")
-    result = explainer.explain_shard(0, records, str(out))
+    result = dataclasses.asdict(explainer.explain_shard(0, records, str(out)))
     if explainer.device_decoder is not None:
         result["routed"] = dict(explainer.device_decoder.routed)
     return result

@@ -4,6 +4,7 @@ itself equals the Pillow path's crops and boxes (measured: 0 levels apart on the
 the shard worker with it writes exactly what it writes without it."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pipeline.gpu_decode import DeviceDecoder, route
 from pipeline.preprocess import DecodeError, Preprocessing, load
 
 from .bad_inputs import encode, reference_rgb, sample_files
+from .helpers import worker_settings
 
 pytestmark = pytest.mark.timeout(120)
 PREP = Preprocessing(resize=73, crop=64)
@@ -156,8 +158,8 @@ def test_shard_worker_with_the_device_decoder_writes_what_it_writes_without(reco
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(TinyExplainer(), (torch.rand(2, 3, 64, 64), torch.tensor([-1, -1]))), artifact)
-    settings = {"batch_size": 3, "size": 64, "map_dtype": "float32", "compression": 0, "decode_threads": 2,
-                "threads": 1, "device": "cpu"}
+    settings = worker_settings(batch_size=3, size=64, map_dtype="float32", compression=0, decode_threads=2,
+                               threads=1, device="cpu")
     outputs = {}
     for mode in ("pillow", "device"):
         out = tmp_path / mode
@@ -167,7 +169,7 @@ def test_shard_worker_with_the_device_decoder_writes_what_it_writes_without(reco
         assert explainer.device_decoder is None  # the CPU default: Pillow
         if mode == "device":
             explainer.device_decoder = DeviceDecoder(explainer.preprocessing, "cpu", 3)
-        outputs[mode] = explainer.explain_shard(0, records, str(out))
+        outputs[mode] = dataclasses.asdict(explainer.explain_shard(0, records, str(out)))
         if mode == "device":
             assert explainer.device_decoder.routed["device"] == len(DEVICE)
     assert outputs["pillow"]["explained"] == outputs["device"]["explained"] > len(DEVICE)

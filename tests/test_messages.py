@@ -124,7 +124,7 @@ def _tree(root: Path) -> set[str]:
 
 @pytest.mark.parametrize("weights", ["../../outside/missing.pth", "no-such-file.pth", "x/../../y"])
 def test_bad_weights_leave_nothing_in_or_outside_the_cache(tmp_path, weights):
-    from pipeline.run import cached_artifact
+    from pipeline.artifact_cache import cached_artifact
 
     base = tmp_path / "work"
     cache = base / "deep" / "cache"
@@ -139,7 +139,7 @@ def test_bad_weights_leave_nothing_in_or_outside_the_cache(tmp_path, weights):
 
 
 def test_cache_entries_are_named_by_a_hash(tmp_path, artifact_cache):
-    from pipeline.run import cache_key
+    from pipeline.artifact_cache import cache_key
 
     weights = tmp_path / "my weights; rm -rf.pth"
     torch.save(make_vgg("vgg11", num_classes=1000).state_dict(), weights)

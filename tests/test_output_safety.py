@@ -30,9 +30,13 @@ from pipeline.config import load_config
 from pipeline.datasets import load_records
 from pipeline.output_checks import estimated_bytes
 from pipeline.preprocess import load
-from pipeline.run import RunError, _stop_if_needed, cached_artifact, cached_classifier
+from pipeline import artifact_cache
+from pipeline.artifact_cache import cached_artifact, cached_classifier
+from pipeline.errors import RunError
+from pipeline.shard_runner import stop_if_needed
 
 from .bad_inputs import make_imagenet_val, reference_rgb
+from .helpers import worker_settings
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -148,8 +152,8 @@ def artifact(artifact_cache, good_dataset):
 def _explainer(artifact):
     from pipeline.worker import ShardExplainer
 
-    return ShardExplainer(str(artifact), {"batch_size": 2, "size": SIZE, "map_dtype": "float32", "compression": 0,
-                                          "decode_threads": 1, "threads": 1})
+    return ShardExplainer(str(artifact), worker_settings(batch_size=2, size=SIZE, map_dtype="float32", compression=0,
+                                                         decode_threads=1, threads=1))
 
 
 def test_write_error_in_a_worker_is_not_an_image_failure(artifact, good_dataset, tmp_path, monkeypatch):
@@ -167,11 +171,11 @@ def test_write_error_in_a_worker_is_not_an_image_failure(artifact, good_dataset,
 
     monkeypatch.setattr(writers.pq, "write_table", full_disk)
     result = _explainer(artifact).explain_shard(0, load_records(good_dataset)[:2], str(out))
-    assert result["write_error"] == f"cannot write {out}/stats/shard-00000.parquet: no space left on device"
-    assert result["failed"] == 0 and not list(out.rglob(".tmp-*"))
+    assert result.write_error == f"cannot write {out}/stats/shard-00000.parquet: no space left on device"
+    assert result.failed == 0 and not list(out.rglob(".tmp-*"))
     assert not (out / "stats" / "shard-00000.parquet").exists()  # the shard is not done: a rerun redoes it
     with pytest.raises(RunError, match="no space left on device .*the run stopped"):
-        _stop_if_needed(result, strict=False)
+        stop_if_needed(result, strict=False)
 
 
 # ---- safety -----------------------------------------------------------------------------------------------
@@ -237,9 +241,7 @@ def test_cached_artifact_is_rebuilt_unless_it_is_what_we_built(artifact, good_da
         built.append(directory)
         (Path(directory) / "lrp.torchscript.pt").write_bytes(artifact.read_bytes())
 
-    import export.artifacts
-
-    monkeypatch.setattr(export.artifacts, "export_artifacts", fake_export)
+    monkeypatch.setattr(artifact_cache, "export_artifacts", fake_export)
     path, sidecar = cached_artifact(config, "random")
     assert built == [] and path.read_bytes() == artifact.read_bytes()  # trusted: used as it is
     planted = torch.jit.script(torch.nn.Identity())
@@ -269,9 +271,7 @@ def test_cached_classifier_is_rebuilt_unless_it_is_what_we_built(artifact, good_
         built.append(path)
         torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))
 
-    import export.classifier
-
-    monkeypatch.setattr(export.classifier, "export_classifier", fake_export)
+    monkeypatch.setattr(artifact_cache, "export_classifier", fake_export)
     path = cached_classifier(config, "random", lrp_artifact)
     assert len(built) == 1 and (path.parent / "classifier.sha256").is_file()
     cached_classifier(config, "random", lrp_artifact)
@@ -292,7 +292,7 @@ def test_records_with_problems_are_never_opened(artifact, tmp_path, monkeypatch)
     monkeypatch.setattr(preprocess, "read_bytes", lambda path: opened.append(path) or real(path))
     records = load_records(root)
     result = _explainer(artifact).explain_shard(0, records, str(_run_dir(tmp_path)))
-    assert result["explained"] == sum(v == "explained" for v in expected.values())
+    assert result.explained == sum(v == "explained" for v in expected.values())
     assert opened and all(Path(p).resolve().is_relative_to(root.resolve()) for p in opened)
     never = {r.path for r in records if r.problem}
     assert never and not never & set(opened)

@@ -198,7 +198,7 @@ def test_explicit_imagenet_weights_fail_when_missing(dataset, tmp_path, monkeypa
         with pytest.raises(zoo.WeightsError, match="ImageNet weights for vgg11 are not available"):
             _run(_config(dataset, tmp_path, weights="imagenet", out=str(tmp_path / "never")))
         assert not (tmp_path / "never").exists()
-        from pipeline.run import resolve_weights
+        from pipeline.artifact_cache import resolve_weights
 
         weights, warning = resolve_weights(_config(dataset, tmp_path, weights="auto"))
         assert weights == "random" and "RANDOM weights" in warning

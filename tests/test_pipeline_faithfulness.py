@@ -3,6 +3,7 @@ their AOPC that equal `region_perturbation` recomputed here with the eager model
 off, the columns are null and no flipping runs; bad settings stop at configuration time."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import h5py
@@ -17,9 +18,11 @@ from pipeline.config import ConfigError, load_config
 from pipeline.datasets import load_records
 from pipeline.faithfulness import FLIP_COLUMNS, aopc, region_perturbation, stable_seed
 from pipeline.preprocess import Preprocessing, load
-from pipeline.run import cached_artifact, cached_classifier
+from pipeline.artifact_cache import cached_artifact, cached_classifier
+from pipeline.contracts import Flipping
 
 from .test_pipeline import SIZE, _config, _run, dataset  # noqa: F401  (the dataset fixture)
+from .helpers import worker_settings
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -71,26 +74,26 @@ def test_off_means_null_columns_and_no_flipping(dataset, tmp_path, monkeypatch):
     for run in ("off", "on"):  # the driver makes these
         for sub in ("relevance", "stats", "failures"):
             (tmp_path / run / sub).mkdir(parents=True)
-    settings = {"batch_size": 3, "size": SIZE, "map_dtype": "float32", "compression": 1, "target": "predicted",
-                "decode_threads": 1, "threads": 1, "class_names": [], "attributes": {}}
+    settings = worker_settings(batch_size=3, size=SIZE, map_dtype="float32", compression=1, target="predicted",
+                               decode_threads=1, threads=1)
 
     def never(*args, **kwargs):
         raise AssertionError("pixel flipping ran although faithfulness is off")
     monkeypatch.setattr(worker, "flip_statistics", never)
     off = worker.ShardExplainer(str(artifact), settings)
     assert off.classifier is None
-    assert off.explain_shard(0, records, str(tmp_path / "off"))["explained"] == 3
+    assert off.explain_shard(0, records, str(tmp_path / "off")).explained == 3
     table = pd.read_parquet(tmp_path / "off" / "stats")
     assert all(table[column].isna().all() for column in FLIP_COLUMNS)
     monkeypatch.undo()
 
     classifier = cached_classifier(config, "random", artifact)
-    on = worker.ShardExplainer(str(artifact), {**settings, "faithfulness": {
-        "classifier": str(classifier), "steps": STEPS, "patch": PATCH}})
+    on = worker.ShardExplainer(str(artifact), dataclasses.replace(
+        settings, flipping=Flipping(str(classifier), STEPS, PATCH)))
     calls = []
     traced = on.classifier
     on.classifier = lambda batch: calls.append(len(batch)) or traced(batch)
-    assert on.explain_shard(0, records, str(tmp_path / "on"))["explained"] == 3
+    assert on.explain_shard(0, records, str(tmp_path / "on")).explained == 3
     assert len(calls) == 2 * -(-3 * (STEPS + 1) // 3) and max(calls) == 3
     table = pd.read_parquet(tmp_path / "on" / "stats")
     assert table.aopc_morf.notna().all() and table.flip_curve_random.map(len).eq(STEPS + 1).all()

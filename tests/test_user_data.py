@@ -12,6 +12,7 @@ from pipeline.layout import RunLayout
 
 from .bad_inputs import reference_rgb
 from .test_output_safety import SIZE, _args, _cli
+from .helpers import worker_settings
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -94,7 +95,7 @@ def test_run_layout_knows_its_own_files_only(tmp_path):
 @pytest.fixture(scope="module")
 def artifact(artifact_cache):
     from pipeline.config import load_config
-    from pipeline.run import cached_artifact
+    from pipeline.artifact_cache import cached_artifact
 
     config = load_config({"model": "vgg11", "weights": "random", "size": SIZE, "cache": str(artifact_cache)})
     with warnings.catch_warnings():
@@ -105,8 +106,9 @@ def artifact(artifact_cache):
 def _explainer(artifact, **settings):
     from pipeline.worker import ShardExplainer
 
-    return ShardExplainer(str(artifact), {"batch_size": 2, "size": SIZE, "map_dtype": "float32", "compression": 0,
-                                          "decode_threads": 1, "threads": 1, **settings})
+    return ShardExplainer(str(artifact), worker_settings(**{"batch_size": 2, "size": SIZE, "map_dtype": "float32",
+                                                            "compression": 0, "decode_threads": 1, "threads": 1,
+                                                            **settings}))
 
 
 def _shard_tables(out: Path):
@@ -136,7 +138,7 @@ def test_an_all_zero_map_is_a_failure_saying_why(artifact, dataset, tmp_path):
     records = load_records(dataset)[:3]
     result = explainer.explain_shard(0, records, str(out))
     stats, failures = _shard_tables(out)
-    assert result["explained"] == 2 and result["failed"] == 1
+    assert result.explained == 2 and result.failed == 1
     assert failures.image_id.tolist() == [records[0].image_id]
     assert failures.reason[0].startswith("all-zero relevance map")
     assert stats.image_id.tolist() == [r.image_id for r in records[1:]] and stats.row.tolist() == [0, 1]

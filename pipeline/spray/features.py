@@ -3,13 +3,13 @@ recipes do (`spectral`: the signed map over its sum; `absspectral`: |map| over i
 maps from the run's HDF5 shards, one shard at a time, so that only the pooled vectors are ever held."""
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
+
+from ..run_reader import map_pieces
 
 VARIANTS = ("spectral", "absspectral")
 
@@ -66,28 +66,6 @@ def features(maps: np.ndarray, grid: int, variant: str) -> Normalised:
     return normalise(sum_pool(maps, grid), variant)
 
 
-def _shard_pieces(root: Path, rows: pd.DataFrame, size: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """(positions in `rows`, maps) in pieces of at most `size` maps, shard file by shard file, each file opened
-    once and its rows read in increasing order (HDF5 chunk order)."""
-    resolved_root = root.resolve()
-    for shard, group in rows.groupby("shard", sort=True):
-        path = (root / shard).resolve()
-        if not path.is_relative_to(resolved_root):
-            raise SprayInputError(f"map shard {shard!r} lies outside the run directory {root}")
-        order = np.argsort(group["row"].to_numpy(), kind="stable")
-        positions = group["_position"].to_numpy()[order]
-        wanted = group["row"].to_numpy()[order]
-        try:
-            with h5py.File(path, "r") as handle:
-                relevance = handle["relevance"]
-                for start in range(0, len(wanted), size):
-                    piece = wanted[start:start + size]
-                    unique, inverse = np.unique(piece, return_inverse=True)  # h5py wants increasing, distinct rows
-                    yield positions[start:start + size], relevance[unique.tolist()][inverse]
-        except (OSError, KeyError, IndexError, ValueError, TypeError) as error:
-            raise SprayInputError(f"{path}: cannot read maps ({error})") from None
-
-
 def read_class_features(root: str | Path, rows: pd.DataFrame, grid: int, variant: str, batch: int = 1024
                         ) -> tuple[np.ndarray, dict[str, int]]:
     """The SpRAy vectors (len(rows), grid * grid) of one class's images, in the order of `rows` (columns `shard`,
@@ -97,7 +75,7 @@ def read_class_features(root: str | Path, rows: pd.DataFrame, grid: int, variant
     rows = rows[["shard", "row"]].assign(_position=np.arange(len(rows)))
     out = np.zeros((len(rows), grid * grid), dtype=np.float32)
     counts = {"fallback": 0, "empty": 0}
-    for positions, maps in _shard_pieces(root, rows, batch):
+    for positions, maps in map_pieces(root, rows, batch, SprayInputError):
         result = features(maps, grid, variant)
         out[positions] = result.vectors
         counts["fallback"] += result.fallback
@@ -113,7 +91,7 @@ def cluster_mean_maps(root: str | Path, rows: pd.DataFrame, labels: dict[int, np
     rows = rows[["shard", "row"]].assign(_position=np.arange(len(rows)))
     sums: dict[int, np.ndarray] = {}
     counts = {k: np.bincount(v, minlength=k).astype(np.float64) for k, v in labels.items()}
-    for positions, maps in _shard_pieces(root, rows, batch):
+    for positions, maps in map_pieces(root, rows, batch, SprayInputError):
         values = np.asarray(maps, dtype=np.float64)
         scale = np.abs(values).sum((1, 2), keepdims=True)
         values = values / np.where(scale > 0, scale, 1.0)

@@ -3,14 +3,13 @@
 relevance.h5 virtual dataset), and the model's class names and ids."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as ds
+
+from ..run_reader import open_run_folder, read_json, read_stats
 
 COLUMNS = ("image_id", "path", "wnid", "label", "label_name", "pred", "pred_name", "target", "pred_probability",
            "target_probability", "shard", "row")
@@ -70,27 +69,12 @@ def _class_table(manifest: dict, table: pd.DataFrame) -> tuple[list[str], list[s
 
 def open_run_index(root: str | Path) -> RunIndex:
     """Read the run's statistics (the columns above) and manifest; SprayRunError when it is not a run."""
-    if not str(root).strip():
-        raise SprayRunError("no run directory given (RUN=...)")
-    root = Path(root)
-    stats_dir = root / "stats"
-    if not root.is_dir():
-        raise SprayRunError(f"{root}: no such run directory")
-    files = sorted(str(p) for p in stats_dir.glob("shard-*.parquet")) if stats_dir.is_dir() else []
-    if not files:
-        raise SprayRunError(f"{root}: not a run directory (no stats/shard-*.parquet)")
-    manifest_file = root / "manifest.json"
-    try:
-        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-    except json.JSONDecodeError as error:
-        raise SprayRunError(f"{manifest_file}: not valid JSON ({error})") from None
-    try:
-        table = ds.dataset(files, format="parquet").to_table(columns=list(COLUMNS)).to_pandas()
-    except (pa.ArrowInvalid, OSError, KeyError) as error:
-        raise SprayRunError(f"{stats_dir}: unreadable statistics ({error})") from None
+    layout = open_run_folder(root, SprayRunError)
+    manifest = read_json(layout.manifest, SprayRunError)
+    table = read_stats(layout, SprayRunError, COLUMNS).to_pandas()
     if table.empty:
         raise SprayRunError(f"{root}: the run explained no image")
     table = table.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)
     table["index"] = np.arange(len(table), dtype=np.int64)  # = the row of relevance.h5 (shards in order, rows in order)
     names, wnids = _class_table(manifest, table)
-    return RunIndex(root, manifest, table, names, wnids)
+    return RunIndex(layout.root, manifest, table, names, wnids)

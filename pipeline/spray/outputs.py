@@ -135,8 +135,6 @@ def write_summary(out: Path, summary: dict) -> None:
 
 def write_all(out: Path, index: RunIndex, results: dict, skipped: list[dict], options, seconds: float) -> dict:
     """clusters.parquet, cluster_means.h5 and summary.json; returns the summary."""
-    from .run import options_dict
-
     k_max = options.params.k_max
     table = clusters_table(results, k_max)
     with atomic(out / CLUSTERS_FILE) as tmp:
@@ -144,7 +142,7 @@ def write_all(out: Path, index: RunIndex, results: dict, skipped: list[dict], op
     write_means(out, index, results)
     classes = class_summaries(index, results)
     summary = {
-        "run": str(index.root), "options": options_dict(options), "images": int(table.num_rows),
+        "run": str(index.root), "options": options.record(), "images": int(table.num_rows),
         "classes": classes, "candidates": [c["class"] for c in classes if c["candidate"]], "skipped": skipped,
         "seconds": round(seconds, 2),
     }

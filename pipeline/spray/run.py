@@ -48,6 +48,12 @@ class SprayOptions:
         except ValueError as error:
             raise SprayRunError(str(error)) from None
 
+    def record(self) -> dict:
+        """The options as recorded in summary.json."""
+        record = asdict(replace(self, out=str(self.out) if self.out else None))
+        record["classes"] = list(self.classes) if self.classes is not None else None
+        return record
+
 
 @dataclass
 class ClassResult:
@@ -164,9 +170,3 @@ def spray(run_dir: str | Path, options: SprayOptions = SprayOptions(), progress:
         outputs.write_summary(out, summary)
     return summary
 
-
-def options_dict(options: SprayOptions) -> dict:
-    """The options as recorded in summary.json."""
-    record = asdict(replace(options, out=str(options.out) if options.out else None))
-    record["classes"] = list(options.classes) if options.classes is not None else None
-    return record

@@ -1,0 +1,132 @@
+"""A run's closing files: the virtual dataset over the shards, all failures in one table, manifest.json (with
+every invocation's provenance) and _SUCCESS, written last. Each shard's provenance (the worker that wrote it and
+the invocation) comes from the invocation that wrote it: a resumed or repeated run keeps earlier entries."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import h5py
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .artifact_cache import ResolvedWeights
+from .config import RunConfig
+from .datasets.records import ImageRecord
+from .layout import RunLayout
+from .shard_runner import InvocationWork
+from .writers import FAILURE_SCHEMA, atomic, sha256, write_virtual_dataset
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the driver settled before any shard ran, and what the manifest records of it."""
+
+    config: RunConfig
+    layout: RunLayout
+    shards: list[list[ImageRecord]]
+    weights: ResolvedWeights
+    artifact: dict[str, Any]  # the artifact's sidecar metadata (lrp.json "metadata")
+    dataset: dict[str, Any]  # how the dataset was read (layout, label and box sources)
+    started: float
+
+
+def finish(plan: RunPlan, work: InvocationWork) -> dict:
+    """Write the closing files; returns the manifest."""
+    layout, shards = plan.layout, plan.shards
+    previous = _previous_manifest(layout)
+    invocation = len(previous.get("invocations", [])) + 1
+    entries, failures = _shard_entries(layout, shards, previous, work, invocation)
+    write_virtual_dataset(layout.virtual_dataset, [layout.relevance_shard(i) for i in range(len(shards))],
+                          [e["explained"] for e in entries], plan.config.size, plan.config.size,
+                          plan.config.map_dtype)
+    all_failures = pa.concat_tables(failures) if failures else FAILURE_SCHEMA.empty_table()
+    with atomic(layout.failures) as tmp:
+        pq.write_table(all_failures, tmp)
+    seconds = time.time() - plan.started
+    this = {"invocation": invocation, "started": plan.started, "seconds": seconds,
+            "shards_explained": sorted(work.workers), "retries": work.retries, **work.timings(),
+            "dataset": plan.dataset}
+    invocations = [*previous.get("invocations", []), this]
+    artifact = plan.artifact
+    manifest = {
+        "config": asdict(plan.config), "digest": plan.config.digest(),
+        "weights": artifact["weights"], "random_weights": plan.weights.choice == "random",
+        "weights_warning": plan.weights.warning, "artifact": artifact,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, **artifact["versions"]},
+        "dataset": plan.dataset,
+        "totals": {"images": sum(len(s) for s in shards), "explained": sum(e["explained"] for e in entries),
+                   "failed": all_failures.num_rows},
+        "failure_reasons": _reason_counts(all_failures),
+        "retries": _summed_retries(invocations),
+        "precision": _precision(layout),
+        "shards": entries,
+        "timings": {"seconds_this_invocation": seconds,
+                    "seconds_all_invocations": sum(i.get("seconds", 0.0) for i in invocations), **work.timings()},
+        "invocations": invocations,
+    }
+    with atomic(layout.manifest) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    with atomic(layout.success) as tmp:
+        tmp.write_text("")
+    return manifest
+
+
+def _shard_entries(layout: RunLayout, shards: list[list[ImageRecord]], previous: dict, work: InvocationWork,
+                   invocation: int) -> tuple[list[dict], list[pa.Table]]:
+    """Each shard's manifest entry (files, hashes, counts, provenance) and its failures table."""
+    earlier = {e.get("shard"): e for e in previous.get("shards", []) if isinstance(e, dict)}
+    entries, failures = [], []
+    for index, shard in enumerate(shards):
+        h5, stats, failed = layout.relevance_shard(index), layout.stats_shard(index), layout.failure_shard(index)
+        with h5py.File(h5, "r") as handle:
+            explained = handle["relevance"].shape[0]
+        failures.append(pq.read_table(failed))
+        entry = {"shard": index, "images": len(shard), "explained": explained, "failed": failures[-1].num_rows,
+                 "relevance": layout.relative(h5), "relevance_sha256": sha256(h5), "stats": layout.relative(stats),
+                 "stats_sha256": sha256(stats), "worker": None, "invocation": None}
+        if index in work.workers:
+            entry.update(worker=work.workers[index], invocation=invocation)
+        elif (old := earlier.get(index)) and old.get("stats_sha256") == entry["stats_sha256"]:
+            entry.update(worker=old.get("worker"), invocation=old.get("invocation", 1))
+        entries.append(entry)
+    return entries, failures
+
+
+def _previous_manifest(layout: RunLayout) -> dict:
+    try:
+        return json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _summed_retries(invocations: list[dict]) -> dict:
+    """Retries over every invocation of the run (each invocation's own counts are in `invocations`)."""
+    total: dict = {"total": 0}
+    for item in invocations:
+        for key, value in (item.get("retries") or {}).items():
+            if isinstance(value, (int, float)) and key != "timeout_s":
+                total[key] = total.get(key, 0) + value
+            elif key == "timeout_s":
+                total[key] = value
+    return total
+
+
+def _precision(layout: RunLayout) -> dict:
+    """The precision probe the actor of shard 0 wrote (it stays with the run when a later invocation resumes)."""
+    if layout.precision.is_file():
+        return json.loads(layout.precision.read_text())
+    return {"reference": "float64-cpu", "images": 0, "error": "no image of shard 0 was explained"}
+
+
+def _reason_counts(failures: pa.Table) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for reason in failures.column("reason").to_pylist() if failures.num_rows else []:
+        key = reason.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+

@@ -1,0 +1,71 @@
+"""Reading a run folder for analysis (the report, SpRAy): is it a run, its manifest, its statistics by column
+(Parquet projection, no map read), and the maps of chosen rows, shard file by shard file. Each reader passes its
+own error class, so that its messages name the culprit in its own terms."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from .layout import RunLayout
+
+
+def open_run_folder(root: str | Path, error: type[Exception]) -> RunLayout:
+    """The layout of the run at `root`; `error` when none is given, it is missing, or it holds no statistics."""
+    if not str(root).strip():
+        raise error("no run directory given (RUN=...)")
+    layout = RunLayout(root)
+    if not layout.root.is_dir():
+        raise error(f"{root}: no such run directory")
+    if not layout.stats_shards():
+        raise error(f"{root}: not a run directory (no stats/shard-*.parquet)")
+    return layout
+
+
+def read_json(path: Path, error: type[Exception]) -> dict:
+    """A run's JSON record ({} when missing); `error` when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as problem:
+        raise error(f"{path}: not valid JSON ({problem})") from None
+
+
+def read_stats(layout: RunLayout, error: type[Exception], columns: Sequence[str] | None = None,
+               leave_out: Sequence[str] = ()) -> pa.Table:
+    """The statistics of every shard, only `columns` (all when None) less `leave_out`."""
+    try:
+        dataset = ds.dataset([str(p) for p in layout.stats_shards()], format="parquet")
+        names = list(columns) if columns is not None else [f.name for f in dataset.schema]
+        return dataset.to_table(columns=[name for name in names if name not in leave_out])
+    except (pa.ArrowInvalid, OSError, KeyError) as problem:
+        raise error(f"{layout.root / RunLayout.STATS}: unreadable statistics ({problem})") from None
+
+
+def map_pieces(root: Path, rows: pd.DataFrame, size: int, error: type[Exception]
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions, maps) for `rows` (columns `shard`, `row`, `_position`) in pieces of at most `size` maps, shard
+    file by shard file, each file opened once and its rows read in increasing order (HDF5 chunk order). A shard
+    outside the run folder, or unreadable, is `error` naming it."""
+    resolved_root = root.resolve()
+    for shard, group in rows.groupby("shard", sort=True):
+        path = (root / shard).resolve()
+        if not path.is_relative_to(resolved_root):
+            raise error(f"map shard {shard!r} lies outside the run directory {root}")
+        order = np.argsort(group["row"].to_numpy(), kind="stable")
+        positions = group["_position"].to_numpy()[order]
+        wanted = group["row"].to_numpy()[order]
+        try:
+            with h5py.File(path, "r") as handle:
+                relevance = handle["relevance"]
+                for start in range(0, len(wanted), size):
+                    piece = wanted[start:start + size]
+                    unique, inverse = np.unique(piece, return_inverse=True)  # h5py wants increasing, distinct rows
+                    yield positions[start:start + size], relevance[unique.tolist()][inverse]
+        except (OSError, KeyError, IndexError, ValueError, TypeError) as problem:
+            raise error(f"{path}: cannot read maps ({problem})") from None

@@ -1,0 +1,134 @@
+"""Running the unfinished shards: start (or join) Ray, plan the actors, feed the shards to them through the
+fault-tolerant scheduler (pipeline/scheduler.py) with a progress bar, and sum up what this invocation did."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .config import RunConfig
+from .contracts import ShardResult, WorkerSettings
+from .datasets.records import ImageRecord
+from .errors import RunError, StrictStop
+from .layout import RunLayout
+from .ray_session import start_ray
+from .scheduler import SchedulingError, ShardScheduler
+from .worker import ShardExplainer
+from .writers import write_failed_shard
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many shard actors, with which Ray resources, on which device, with how many torch threads each."""
+
+    count: int
+    resources: dict[str, float]
+    device: str
+    threads: int
+
+
+@dataclass
+class InvocationWork:
+    """What this invocation's shard runs did, as the manifest records it (empty when every shard was done)."""
+
+    images: int = 0
+    seconds: float = 0.0
+    actor_peak_rss_mb: float = 0.0
+    retries: dict[str, Any] = field(default_factory=lambda: {"total": 0})
+    workers: dict[int, Any] = field(default_factory=dict)  # shard -> the node / host / process that explained it
+
+    def timings(self) -> dict[str, Any]:
+        if not self.workers and not self.images:
+            return {}
+        return {"images_this_invocation": self.images, "explain_seconds": self.seconds,
+                "images_per_second": self.images / self.seconds if self.seconds else None,
+                "actor_peak_rss_mb": self.actor_peak_rss_mb}
+
+
+def plan_actors(ray, config: RunConfig) -> ActorPlan:
+    """One actor per GPU (pinned), else CPU actors holding half a CPU each: an actor holding whole CPUs starves
+    Ray's other tasks on small machines."""
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
+    count = config.actors if config.actors != "auto" else (gpus or 1)
+    if gpus:
+        return ActorPlan(count, {"num_gpus": 1, "num_cpus": 1}, "cuda", 1)
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    return ActorPlan(count, {"num_cpus": 0.5}, "cpu", max(1, cpus // count))
+
+
+def stop_if_needed(result: ShardResult, strict: bool) -> None:
+    """A shard's result that ends the run: a write error (disk full, ...), or under --strict a failed image."""
+    if result.write_error:
+        raise RunError(f"{result.write_error} (the run stopped; make room and run the same command again "
+                       "to resume)")
+    stopped = result.stopped_at
+    if strict and (stopped or result.failed):
+        where = f"image {stopped['image_id']} ({stopped['path']})" if stopped else f"shard {result.shard}"
+        raise StrictStop(f"--strict: {where} could not be explained: {result.reasons[0]}")
+
+
+class Progress:
+    """The progress bar and the counts it shows, fed by the scheduler's callbacks."""
+
+    def __init__(self, bar: tqdm, strict: bool) -> None:
+        self.bar, self.strict = bar, strict
+        self.failed = self.retries = 0
+        self.peak_rss_mb = 0.0
+        self.workers: dict[int, Any] = {}
+
+    def result(self, result: ShardResult) -> None:
+        stop_if_needed(result, self.strict)
+        self.failed += result.failed
+        self.peak_rss_mb = max(self.peak_rss_mb, result.peak_rss_mb)
+        self.workers[result.shard] = result.worker
+        self.bar.update(result.explained + result.failed)
+        self.bar.set_postfix(failed=self.failed, retries=self.retries)
+
+    def retry(self) -> None:
+        self.retries += 1
+        self.bar.set_postfix(failed=self.failed, retries=self.retries)
+
+
+def run_shards(config: RunConfig, artifact: Path, settings: WorkerSettings, shards: list[list[ImageRecord]],
+               todo: list[int], progress: bool) -> InvocationWork:
+    """Explain the shards in `todo` on Ray actors; raises RunError when the run cannot go on."""
+    out = Path(config.out)
+    ray, started_ray = start_ray()
+    try:
+        plan = plan_actors(ray, config)
+        settings = dataclasses.replace(settings, device=plan.device, threads=plan.threads)
+        if plan.device == "cpu" and config.precision == "tf32":
+            print("note: precision tf32 has no effect on the CPU (float32 is used); recorded as asked",
+                  file=sys.stderr, flush=True)
+        # no Ray restarts or retries: the scheduler sees every death and replaces the actor itself; SPREAD puts
+        # the actors on different nodes of a cluster where it can
+        remote = ray.remote(ShardExplainer).options(max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD",
+                                                    **plan.resources)
+        total = sum(len(s) for s in shards)
+        images = sum(len(shards[i]) for i in todo)
+        timeout = config.shard_timeout_s or 120.0 + 10.0 * config.shard_size
+        begun = time.time()
+        with tqdm(total=total, initial=total - images, unit="img", disable=not progress, desc="explain",
+                  dynamic_ncols=True) as bar:
+            tracker = Progress(bar, settings.strict)
+            scheduler = ShardScheduler(
+                ray, lambda: remote.remote(str(artifact.resolve()), settings), min(plan.count, len(todo)), shards,
+                str(out.resolve()), timeout, config.shard_retries, tracker.result, tracker.retry,
+                lambda index, reason: write_failed_shard(out, index, shards[index], reason, settings))
+            try:
+                counts = scheduler.run(todo)
+            except SchedulingError as error:
+                raise RunError(str(error)) from None
+        RunLayout(out).sweep_temporary()  # files dead actors had begun
+        return InvocationWork(images=images, seconds=time.time() - begun, actor_peak_rss_mb=tracker.peak_rss_mb,
+                              retries={"total": tracker.retries, **counts, "timeout_s": timeout},
+                              workers=tracker.workers)
+    finally:
+        if started_ray:
+            ray.shutdown()
