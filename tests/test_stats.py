@@ -74,7 +74,7 @@ def test_prediction():
     result = stats.prediction(logits, torch.tensor([2, 0]), top=2)
     assert result["pred"].tolist() == [1, 0]
     assert result["target_logit"].tolist() == [1.0, 3.0]
-    assert result["top_classes"].tolist() == [[1, 2], [0, 1]]
+    assert result["top5"].tolist() == [[1, 2], [0, 1]]
     probabilities = torch.softmax(logits, 1)
     assert result["target_probability"][0] == pytest.approx(probabilities[0, 2].item())
 
