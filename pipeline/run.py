@@ -29,7 +29,8 @@ from .datasets.records import ImageRecord
 from .layout import RunLayout, temporary_name
 from .output_checks import check_free_space, check_out_placement, check_writable
 from .ray_session import start_ray
-from .writers import FAILURE_SCHEMA, atomic, sha256, write_failed_shard, write_virtual_dataset
+from .schema import FAILURE_SCHEMA
+from .writers import atomic, sha256, write_failed_shard, write_virtual_dataset
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")

@@ -103,6 +103,9 @@ def columns_of(group: str, columns: Sequence[Column] = STATS_COLUMNS) -> tuple[s
     return tuple(column.name for column in columns if column.group == group)
 
 
+FLIP_COLUMNS = columns_of("faithfulness")  # pixel flipping's columns (pipeline/faithfulness.py)
+
+
 @dataclass(frozen=True)
 class MapColumn:
     """A per-image dataset beside the maps in a relevance shard: its stats column, NumPy type (None: strings)
