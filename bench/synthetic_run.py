@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.layout import shard_name
 from pipeline.schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row
+
 CURVE_STEPS = 9
 
 
