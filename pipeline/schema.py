@@ -106,30 +106,18 @@ def columns_of(group: str, columns: Sequence[Column] = STATS_COLUMNS) -> tuple[s
 FLIP_COLUMNS = columns_of("faithfulness")  # pixel flipping's columns (pipeline/faithfulness.py)
 
 
-@dataclass(frozen=True)
-class MapColumn:
-    """A per-image dataset beside the maps in a relevance shard: its stats column, NumPy type (None: strings)
-    and the value stored for a null."""
-
-    name: str
-    dtype: type | None
-    missing: Any = None
-
-
-# the relevance shard's per-image datasets, row for row with its `relevance` maps
-MAP_COLUMNS = (
-    MapColumn("image_id", None), MapColumn("path", None),
-    MapColumn("label", np.int64, -1),  # -1: no label
-    MapColumn("pred", np.int64), MapColumn("target", np.int64),
-)
+# the relevance shard's per-image datasets, row for row with its `relevance` maps: stats columns (strings stored
+# as strings, numbers as arrays of the column's type), each with the value stored for a null
+MAP_COLUMNS: dict[str, Any] = {"image_id": None, "path": None, "label": -1, "pred": None, "target": None}
 
 
 def map_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list | np.ndarray]:
-    """The relevance shard's per-image datasets from its statistics rows: strings as lists, numbers as arrays."""
+    """The relevance shard's per-image datasets from its statistics rows (label -1: no label)."""
     out: dict[str, list | np.ndarray] = {}
-    for column in MAP_COLUMNS:
-        values = [column.missing if row[column.name] is None else row[column.name] for row in rows]
-        out[column.name] = values if column.dtype is None else np.array(values, dtype=column.dtype)
+    for name, missing in MAP_COLUMNS.items():
+        values = [missing if row[name] is None else row[name] for row in rows]
+        kind = STATS_SCHEMA.field(name).type
+        out[name] = values if pa.types.is_string(kind) else np.array(values, dtype=kind.to_pandas_dtype())
     return out
 
 
