@@ -13,12 +13,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.writers import FAILURE_SCHEMA, STATS_SCHEMA, shard_name
+from pipeline.layout import shard_name
+from pipeline.schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row
 
-FAITHFULNESS_FIELDS = [
-    pa.field("aopc_morf", pa.float32()), pa.field("aopc_random", pa.float32()),
-    pa.field("flip_curve_morf", pa.list_(pa.float32())), pa.field("flip_curve_random", pa.list_(pa.float32())),
-]
 CURVE_STEPS = 9
 
 
@@ -66,7 +63,6 @@ def stats_table(n: int, classes: int, image_paths: Sequence[str], labelled: bool
     }
     columns["conservation"] = f32(0.2, 1.1)
     columns["absorbed"] = (1 - columns["conservation"]).astype(np.float32)
-    schema = STATS_SCHEMA
     if faithfulness:
         morf = f32(0.2, 0.6)
         columns.update({
@@ -74,11 +70,8 @@ def stats_table(n: int, classes: int, image_paths: Sequence[str], labelled: bool
             "flip_curve_morf": [np.linspace(1, 0, CURVE_STEPS, dtype=np.float32).tolist()] * n,
             "flip_curve_random": [np.linspace(1, 0.7, CURVE_STEPS, dtype=np.float32).tolist()] * n,
         })
-        for extra in FAITHFULNESS_FIELDS:
-            if extra.name not in schema.names:
-                schema = schema.append(extra)
-    columns = {f.name: columns.get(f.name, none) for f in schema}  # a column added to the schema later: null
-    return pa.Table.from_pydict(columns, schema=schema)
+    columns = {f.name: columns.get(f.name, none) for f in STATS_SCHEMA}  # a column added to the schema later: null
+    return pa.Table.from_pydict(columns, schema=STATS_SCHEMA)
 
 
 def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int = 64,
@@ -98,8 +91,8 @@ def synthesise_run(root: Path, table: pa.Table, size: int = 32, shard_size: int 
         frame = table.to_pandas()
         chosen = set(maps_for(frame)["image_id"])
     ids = table.column("image_id").to_pylist()
-    failure_rows = [{"image_id": f"broken{i}", "path": f"/nowhere/broken{i}.jpg",
-                     "reason": "not an image (no known image format)", "shard": 0} for i in range(failures)]
+    failure_rows = [failure_row(f"broken{i}", f"/nowhere/broken{i}.jpg", "not an image (no known image format)", 0)
+                    for i in range(failures)]
     for index in range(shards):
         start, stop = index * shard_size, min(n, (index + 1) * shard_size)
         pq.write_table(table.slice(start, stop - start), root / "stats" / f"{shard_name(index)}.parquet")

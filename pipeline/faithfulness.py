@@ -134,9 +134,6 @@ def aopc(curve: Tensor) -> Tensor:
     return (curve[:, :1] - curve).mean(dim=1)
 
 
-FLIP_COLUMNS = ("aopc_morf", "aopc_random", "flip_curve_morf", "flip_curve_random", "flip_seconds")
-
-
 def flip_statistics(forward: Callable[[Tensor], Tensor], x: Tensor, relevance: Tensor, target: Tensor,
                     image_ids: Sequence[str], steps: int, patch: int, batch_size: int | None = None
                     ) -> dict[str, Tensor]:

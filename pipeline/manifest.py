@@ -19,7 +19,8 @@ from .config import RunConfig
 from .datasets.records import ImageRecord
 from .layout import RunLayout
 from .shard_runner import InvocationWork
-from .writers import FAILURE_SCHEMA, atomic, sha256, write_virtual_dataset
+from .schema import FAILURE_SCHEMA
+from .writers import atomic, sha256, write_virtual_dataset
 
 
 @dataclass(frozen=True)

@@ -109,18 +109,27 @@ def localisation(relevance: Tensor, boxes: Sequence[Sequence[Sequence[float]] | 
 
 
 def prediction(logits: Tensor, target: Tensor, top: int = 5) -> dict[str, Tensor]:
-    """Predicted class, probability and logit of target and prediction, and the top classes."""
+    """Predicted class, the class explained, probability and logit of both, and the top classes."""
     probabilities = torch.softmax(logits, dim=1)
     predicted = logits.argmax(1)
     k = min(top, logits.shape[1])
     return {
         "pred": predicted,
+        "target": target,
         "pred_logit": logits.gather(1, predicted[:, None]).squeeze(1),
         "pred_probability": probabilities.gather(1, predicted[:, None]).squeeze(1),
         "target_logit": logits.gather(1, target[:, None]).squeeze(1),
         "target_probability": probabilities.gather(1, target[:, None]).squeeze(1),
-        "top_classes": logits.topk(k, dim=1).indices,
+        "top5": logits.topk(k, dim=1).indices,
     }
+
+
+def correctness(predicted: Tensor, labels: Sequence[int | None]) -> dict[str, Tensor]:
+    """Whether each prediction equals the label, as 1. / 0., NaN for an image without label."""
+    known = torch.tensor([label is not None for label in labels], dtype=torch.bool)
+    label = torch.tensor([-1 if label is None else label for label in labels], dtype=torch.long)
+    hit = (predicted.cpu().long() == label).float()
+    return {"correct": torch.where(known, hit, torch.nan)}
 
 
 def start_relevance(logits: Tensor, target: Tensor, start: str = "logit") -> Tensor:

@@ -25,13 +25,13 @@ from lrp_module.zoo import build_model
 from . import stats as statistics
 from .contracts import ShardResult, WorkerSettings
 from .datasets.records import ImageRecord
-from .faithfulness import FLIP_COLUMNS, flip_statistics
+from .faithfulness import flip_statistics
 from .faults import inject_fault
 from .gpu_decode import DeviceDecoder
 from .preprocess import DecodeError, Preprocessing, load
 from .layout import RunLayout
-from .writers import (FAILURE_SCHEMA, STATS_SCHEMA, OutputError, atomic, compress_map, write_parquet,
-                      write_relevance)
+from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns, stats_rows
+from .writers import OutputError, atomic, compress_map, write_parquet, write_relevance
 
 PROBE_IMAGES = 8  # the precision probe: shard 0's first batch, at most this many images, recomputed in float64
 
@@ -113,8 +113,7 @@ class ShardExplainer:
             for record in records:
                 item = next(decoded)
                 if isinstance(item, Exception):
-                    failures.append({"image_id": record.image_id, "path": record.path, "reason": str(item),
-                                     "shard": index})
+                    failures.append(failure_row(record.image_id, record.path, str(item), index))
                 else:
                     pending.append((record, item))
                 if strict and failures:
@@ -125,8 +124,7 @@ class ShardExplainer:
                         for map_, row in zip(maps_chunk, rows_chunk):
                             empty = _empty_map_reason(row)
                             if empty:  # an all-zero or non-finite map explains nothing: a failure saying why
-                                failures.append({"image_id": row["image_id"], "path": row["path"],
-                                                 "reason": empty, "shard": index})
+                                failures.append(failure_row(row["image_id"], row["path"], empty, index))
                                 continue
                             row["row"] = len(maps)
                             maps.append(map_)
@@ -138,8 +136,8 @@ class ShardExplainer:
                         if strict and failures:
                             return self._stopped(index, failures[0], started)
                     except Exception as error:  # an image that breaks the model: record it, go on
-                        failures += [{"image_id": r.image_id, "path": r.path, "reason": f"explain failed: {error}",
-                                      "shard": index} for r, _ in pending]
+                        failures += [failure_row(r.image_id, r.path, f"explain failed: {error}", index)
+                                     for r, _ in pending]
                         if strict:
                             return self._stopped(index, failures[0], started)
                     pending = []
@@ -164,10 +162,7 @@ class ShardExplainer:
 
     def _write(self, layout: RunLayout, index: int, array: np.ndarray, rows: list[dict],
                failures: list[dict], chunks: list[bytes] | None = None) -> None:
-        columns = {"image_id": [r["image_id"] for r in rows], "path": [r["path"] for r in rows],
-                   "label": np.array([-1 if r["label"] is None else r["label"] for r in rows], dtype=np.int64),
-                   "pred": np.array([r["pred"] for r in rows], dtype=np.int64),
-                   "target": np.array([r["target"] for r in rows], dtype=np.int64)}
+        columns = map_columns(rows)
         relevance_file = layout.relevance_shard(index)
         write_relevance(relevance_file, array, columns, self.settings.attributes, dtype=self.settings.map_dtype,
                         compression=self.settings.compression, chunks=chunks)
@@ -195,25 +190,15 @@ class ShardExplainer:
             values.update(flip_statistics(self.classifier, x, relevance, used.to(self.device),
                                           [record.image_id for record, _ in chunk], flipping.steps,
                                           flipping.patch, self.settings.batch_size))
-        rows = []
-        for i, (record, (_, boxes)) in enumerate(chunk):
-            label = record.label
-            pred = int(values["pred"][i])
-            rows.append({
-                "image_id": record.image_id, "path": record.path, "wnid": record.wnid, "label": label,
-                "label_name": record.label_name, "pred": pred, "pred_name": self._name(pred),
-                "target": int(used[i]), "top5": values["top_classes"][i].tolist(),
-                "correct": None if label is None else pred == label,
-                "row": offset + i, "seconds": seconds, "boxes": [list(b) for b in boxes] or None,
-                **{key: _scalar(values[key][i]) for key in (
-                    "target_probability", "target_logit", "pred_probability", "pred_logit", "relevance_sum",
-                    "positive_sum", "negative_sum", "max_abs", "positive_in_top1pct", "positive_in_top5pct",
-                    "positive_in_top10pct", "gini", "entropy", "centre_row", "centre_col", "positive_in_box",
-                    "conservation", "absorbed")},
-                "pointing_game_hit": None if np.isnan(float(values["pointing_game_hit"][i]))
-                else bool(values["pointing_game_hit"][i]),
-                **{key: (values[key][i].tolist() if key in values else None) for key in FLIP_COLUMNS},
-            })
+        records = [record for record, _ in chunk]
+        values.update(statistics.correctness(values["pred"], [record.label for record in records]))
+        supplied = {"image_id": [r.image_id for r in records], "path": [r.path for r in records],
+                    "wnid": [r.wnid for r in records], "label": [r.label for r in records],
+                    "label_name": [r.label_name for r in records],
+                    "pred_name": [self._name(int(pred)) for pred in values["pred"]],
+                    "boxes": [[list(b) for b in boxes] or None for _, (_, boxes) in chunk],
+                    "row": range(offset, offset + len(chunk)), "seconds": [seconds] * len(chunk)}
+        rows = stats_rows({**values, **supplied}, len(chunk))
         return list(relevance.numpy()), rows, (x, target, relevance)
 
     def _probe(self, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor) -> dict:
@@ -270,8 +255,3 @@ def _where() -> dict:
     except Exception:
         node = None
     return {"node": node, "host": socket.gethostname(), "pid": os.getpid()}
-
-
-def _scalar(value: torch.Tensor) -> float | None:
-    number = float(value)
-    return None if np.isnan(number) else number

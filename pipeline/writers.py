@@ -1,4 +1,4 @@
-"""Shard files: HDF5 relevance maps, Parquet statistics (explicit, documented schema), failures; the HDF5
+"""Shard files: HDF5 relevance maps, Parquet statistics and failures (schemas: pipeline/schema.py); the HDF5
 virtual dataset over all shards. Every file is written under a temporary name and renamed when complete."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from .contracts import ShardResult, WorkerSettings
 from .layout import RunLayout, shard_name, temporary_name  # noqa: F401  (shard_name: re-exported)
+from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns
 
 
 def temporary(path: Path) -> Path:
@@ -63,67 +64,6 @@ def sha256(path: Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _field(name: str, kind: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
-    return pa.field(name, kind, nullable=nullable, metadata={"doc": doc})
-
-
-STATS_SCHEMA = pa.schema([
-    _field("image_id", pa.string(), "image id (file stem), unique in the dataset", False),
-    _field("path", pa.string(), "image file, or <shard.tar>::<member>", False),
-    _field("wnid", pa.string(), "WordNet id of the label"),
-    _field("label", pa.int64(), "ILSVRC class index of the label (torchvision's)"),
-    _field("label_name", pa.string(), "class name of the label"),
-    _field("pred", pa.int64(), "predicted class index", False),
-    _field("pred_name", pa.string(), "predicted class name"),
-    _field("target", pa.int64(), "class the map explains", False),
-    _field("target_probability", pa.float32(), "softmax probability of the target class", False),
-    _field("target_logit", pa.float32(), "logit of the target class", False),
-    _field("pred_probability", pa.float32(), "softmax probability of the predicted class", False),
-    _field("pred_logit", pa.float32(), "logit of the predicted class", False),
-    _field("top5", pa.list_(pa.int64()), "the five highest-scoring classes, best first", False),
-    _field("correct", pa.bool_(), "prediction equals label (null without label)"),
-    _field("relevance_sum", pa.float32(), "sum of the map", False),
-    _field("positive_sum", pa.float32(), "sum of the map's positive values", False),
-    _field("negative_sum", pa.float32(), "sum of the map's negative values", False),
-    _field("max_abs", pa.float32(), "largest absolute value of the map", False),
-    _field("conservation", pa.float32(), "sum of the map / the start relevance (the target logit; 1 for a softmax "
-           "start): the share of the decision the map explains (null when the start is 0)"),
-    _field("absorbed", pa.float32(), "1 - conservation: the share absorbed on the way by biases, stabilisers and "
-           "the top-k filter (negative where biases added relevance)"),
-    _field("positive_in_top1pct", pa.float32(), "share of positive relevance in the top 1 % of pixels"),
-    _field("positive_in_top5pct", pa.float32(), "share of positive relevance in the top 5 % of pixels"),
-    _field("positive_in_top10pct", pa.float32(), "share of positive relevance in the top 10 % of pixels"),
-    _field("gini", pa.float32(), "Gini sparsity of |relevance| (0 even, 1 one pixel)"),
-    _field("entropy", pa.float32(), "entropy of positive relevance over pixels / log(pixels)"),
-    _field("centre_row", pa.float32(), "row of the positive relevance's centre of mass (map pixels)"),
-    _field("centre_col", pa.float32(), "column of the positive relevance's centre of mass (map pixels)"),
-    _field("pointing_game_hit", pa.bool_(),
-           "arg-max pixel inside a label box (null without boxes, or without positive relevance)"),
-    _field("positive_in_box", pa.float32(), "relevance mass accuracy (Arras et al. 2022, 'sum,pos' pooling): positive "
-           "relevance inside the label boxes / all positive relevance (null without boxes)"),
-    _field("boxes", pa.list_(pa.list_(pa.float32())), "label boxes in map pixels, each [x_min, y_min, x_max, "
-           "y_max] (null without boxes)"),
-    _field("shard", pa.string(), "relevance shard file holding the map", False),
-    _field("row", pa.int64(), "row of the map in that shard's `relevance` dataset", False),
-    _field("seconds", pa.float32(), "explanation time of the image's batch, per image", False),
-    # pixel flipping (pipeline/faithfulness.py), null unless the run has `faithfulness: true`
-    _field("aopc_morf", pa.float32(), "AOPC of the target logit, regions perturbed most relevant first"),
-    _field("aopc_random", pa.float32(), "AOPC of the target logit, regions perturbed in a random order"),
-    _field("flip_curve_morf", pa.list_(pa.float32()),
-           "target logit after k = 0..flip_steps regions perturbed, most relevant first"),
-    _field("flip_curve_random", pa.list_(pa.float32()),
-           "target logit after k = 0..flip_steps regions perturbed, in a random order (the baseline)"),
-    _field("flip_seconds", pa.float32(), "pixel flipping time (both orders) of the image's batch, per image"),
-])
-
-FAILURE_SCHEMA = pa.schema([
-    _field("image_id", pa.string(), "image id", False),
-    _field("path", pa.string(), "image file", False),
-    _field("reason", pa.string(), "why it could not be read or explained", False),
-    _field("shard", pa.int64(), "shard index", False),
-])
 
 
 def write_parquet(rows: Sequence[dict], schema: pa.Schema, path: Path) -> None:
@@ -186,11 +126,9 @@ def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, se
     written by the driver in the same files and order as an actor would."""
     layout = RunLayout(out)
     size = settings.size
-    columns = {"image_id": [], "path": [], "label": np.zeros(0, np.int64), "pred": np.zeros(0, np.int64),
-               "target": np.zeros(0, np.int64)}
-    write_relevance(layout.relevance_shard(index), np.zeros((0, size, size), np.float32), columns,
+    write_relevance(layout.relevance_shard(index), np.zeros((0, size, size), np.float32), map_columns([]),
                     settings.attributes, dtype=settings.map_dtype)
-    failures = [{"image_id": r.image_id, "path": r.path, "reason": reason, "shard": index} for r in records]
+    failures = [failure_row(r.image_id, r.path, reason, index) for r in records]
     write_parquet(failures, FAILURE_SCHEMA, layout.failure_shard(index))
     write_parquet([], STATS_SCHEMA, layout.stats_shard(index))
     return ShardResult(shard=index, explained=0, failed=len(failures), reasons=(reason,) * len(failures))

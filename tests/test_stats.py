@@ -74,7 +74,7 @@ def test_prediction():
     result = stats.prediction(logits, torch.tensor([2, 0]), top=2)
     assert result["pred"].tolist() == [1, 0]
     assert result["target_logit"].tolist() == [1.0, 3.0]
-    assert result["top_classes"].tolist() == [[1, 2], [0, 1]]
+    assert result["top5"].tolist() == [[1, 2], [0, 1]]
     probabilities = torch.softmax(logits, 1)
     assert result["target_probability"][0] == pytest.approx(probabilities[0, 2].item())
 
@@ -90,3 +90,8 @@ def test_pointing_game_is_null_without_positive_relevance():
     result = stats.localisation(torch.cat([negative, zero, pointing]), [box, box, [(5.0, 5.0, 8.0, 8.0)]])
     assert math.isnan(result["pointing_game_hit"][0]) and math.isnan(result["pointing_game_hit"][1])
     assert math.isnan(result["positive_in_box"][0]) and result["pointing_game_hit"][2] == 1.0
+
+
+def test_correctness_is_nan_without_label():
+    result = stats.correctness(torch.tensor([1, 2, 3]), [1, None, 0])["correct"]
+    assert result[0] == 1.0 and torch.isnan(result[1]) and result[2] == 0.0

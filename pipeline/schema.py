@@ -1,0 +1,185 @@
+"""The run's tables, each column declared once: the per-image statistics (Parquet), the failures (Parquet) and
+the per-image columns beside the maps (HDF5). Rows are built from these declarations (`stats_rows`,
+`failure_row`, `map_columns`), so a new statistic is computed in stats.py under its column name and declared
+here, nothing more."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+GROUPS = ("record", "prediction", "map", "localisation", "faithfulness", "bookkeeping")
+# columns the worker fills in from the image record, its boxes, the class names and the batch's bookkeeping;
+# every other statistics column is computed by pipeline/stats.py or pipeline/faithfulness.py
+SUPPLIED_GROUPS = ("record", "bookkeeping")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One declared column: name, Arrow type, what it means, whether it may be null, which group it is in."""
+
+    name: str
+    kind: pa.DataType
+    doc: str
+    group: str
+    nullable: bool = True
+
+    def field(self) -> pa.Field:
+        """The Arrow field as the files store it (the doc as metadata; the group is not written)."""
+        return pa.field(self.name, self.kind, nullable=self.nullable, metadata={"doc": self.doc})
+
+
+STATS_COLUMNS = (
+    Column("image_id", pa.string(), "image id (file stem), unique in the dataset", "record", False),
+    Column("path", pa.string(), "image file, or <shard.tar>::<member>", "record", False),
+    Column("wnid", pa.string(), "WordNet id of the label", "record"),
+    Column("label", pa.int64(), "ILSVRC class index of the label (torchvision's)", "record"),
+    Column("label_name", pa.string(), "class name of the label", "record"),
+    Column("pred", pa.int64(), "predicted class index", "prediction", False),
+    Column("pred_name", pa.string(), "predicted class name", "record"),  # looked up in the dataset's class names
+    Column("target", pa.int64(), "class the map explains", "prediction", False),
+    Column("target_probability", pa.float32(), "softmax probability of the target class", "prediction", False),
+    Column("target_logit", pa.float32(), "logit of the target class", "prediction", False),
+    Column("pred_probability", pa.float32(), "softmax probability of the predicted class", "prediction", False),
+    Column("pred_logit", pa.float32(), "logit of the predicted class", "prediction", False),
+    Column("top5", pa.list_(pa.int64()), "the five highest-scoring classes, best first", "prediction", False),
+    Column("correct", pa.bool_(), "prediction equals label (null without label)", "prediction"),
+    Column("relevance_sum", pa.float32(), "sum of the map", "map", False),
+    Column("positive_sum", pa.float32(), "sum of the map's positive values", "map", False),
+    Column("negative_sum", pa.float32(), "sum of the map's negative values", "map", False),
+    Column("max_abs", pa.float32(), "largest absolute value of the map", "map", False),
+    Column("conservation", pa.float32(), "sum of the map / the start relevance (the target logit; 1 for a softmax "
+           "start): the share of the decision the map explains (null when the start is 0)", "map"),
+    Column("absorbed", pa.float32(), "1 - conservation: the share absorbed on the way by biases, stabilisers and "
+           "the top-k filter (negative where biases added relevance)", "map"),
+    Column("positive_in_top1pct", pa.float32(), "share of positive relevance in the top 1 % of pixels", "map"),
+    Column("positive_in_top5pct", pa.float32(), "share of positive relevance in the top 5 % of pixels", "map"),
+    Column("positive_in_top10pct", pa.float32(), "share of positive relevance in the top 10 % of pixels", "map"),
+    Column("gini", pa.float32(), "Gini sparsity of |relevance| (0 even, 1 one pixel)", "map"),
+    Column("entropy", pa.float32(), "entropy of positive relevance over pixels / log(pixels)", "map"),
+    Column("centre_row", pa.float32(), "row of the positive relevance's centre of mass (map pixels)", "map"),
+    Column("centre_col", pa.float32(), "column of the positive relevance's centre of mass (map pixels)", "map"),
+    Column("pointing_game_hit", pa.bool_(),
+           "arg-max pixel inside a label box (null without boxes, or without positive relevance)", "localisation"),
+    Column("positive_in_box", pa.float32(), "relevance mass accuracy (Arras et al. 2022, 'sum,pos' pooling): "
+           "positive relevance inside the label boxes / all positive relevance (null without boxes)", "localisation"),
+    Column("boxes", pa.list_(pa.list_(pa.float32())), "label boxes in map pixels, each [x_min, y_min, x_max, "
+           "y_max] (null without boxes)", "record"),
+    Column("shard", pa.string(), "relevance shard file holding the map", "bookkeeping", False),
+    Column("row", pa.int64(), "row of the map in that shard's `relevance` dataset", "bookkeeping", False),
+    Column("seconds", pa.float32(), "explanation time of the image's batch, per image", "bookkeeping", False),
+    # pixel flipping (pipeline/faithfulness.py), null unless the run has `faithfulness: true`
+    Column("aopc_morf", pa.float32(), "AOPC of the target logit, regions perturbed most relevant first",
+           "faithfulness"),
+    Column("aopc_random", pa.float32(), "AOPC of the target logit, regions perturbed in a random order",
+           "faithfulness"),
+    Column("flip_curve_morf", pa.list_(pa.float32()),
+           "target logit after k = 0..flip_steps regions perturbed, most relevant first", "faithfulness"),
+    Column("flip_curve_random", pa.list_(pa.float32()),
+           "target logit after k = 0..flip_steps regions perturbed, in a random order (the baseline)", "faithfulness"),
+    Column("flip_seconds", pa.float32(), "pixel flipping time (both orders) of the image's batch, per image",
+           "faithfulness"),
+)
+
+FAILURE_COLUMNS = (
+    Column("image_id", pa.string(), "image id", "record", False),
+    Column("path", pa.string(), "image file", "record", False),
+    Column("reason", pa.string(), "why it could not be read or explained", "bookkeeping", False),
+    Column("shard", pa.int64(), "shard index", "bookkeeping", False),
+)
+
+STATS_SCHEMA = pa.schema([column.field() for column in STATS_COLUMNS])
+FAILURE_SCHEMA = pa.schema([column.field() for column in FAILURE_COLUMNS])
+
+
+def columns_of(group: str, columns: Sequence[Column] = STATS_COLUMNS) -> tuple[str, ...]:
+    """Names of a group's columns, in file order."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown column group {group!r}; the groups are {', '.join(GROUPS)}")
+    return tuple(column.name for column in columns if column.group == group)
+
+
+FLIP_COLUMNS = columns_of("faithfulness")  # pixel flipping's columns (pipeline/faithfulness.py)
+
+
+# the relevance shard's per-image datasets, row for row with its `relevance` maps: stats columns (strings stored
+# as strings, numbers as arrays of the column's type), each with the value stored for a null
+MAP_COLUMNS: dict[str, Any] = {"image_id": None, "path": None, "label": -1, "pred": None, "target": None}
+
+
+def map_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list | np.ndarray]:
+    """The relevance shard's per-image datasets from its statistics rows (label -1: no label)."""
+    out: dict[str, list | np.ndarray] = {}
+    for name, missing in MAP_COLUMNS.items():
+        values = [missing if row[name] is None else row[name] for row in rows]
+        kind = STATS_SCHEMA.field(name).type
+        out[name] = values if pa.types.is_string(kind) else np.array(values, dtype=kind.to_pandas_dtype())
+    return out
+
+
+def failure_row(image_id: str, path: str, reason: str, shard: int) -> dict[str, Any]:
+    """One row of FAILURE_SCHEMA: an image that could not be read or explained, and why."""
+    return {"image_id": image_id, "path": path, "reason": reason, "shard": shard}
+
+
+def stats_rows(columns: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
+    """`count` rows of STATS_SCHEMA from per-image columns by name (tensors, arrays or sequences, one value per
+    image), each value converted by its field's Arrow type; a column not given is null in every row. A column
+    with no field in the schema is an error, so that no computed statistic is silently left out."""
+    unknown = sorted(set(columns) - set(STATS_SCHEMA.names))
+    if unknown:
+        raise ValueError(f"columns without a field in STATS_SCHEMA (declare them in pipeline/schema.py): "
+                         f"{', '.join(unknown)}")
+    for name, values in columns.items():
+        if len(values) != count:
+            raise ValueError(f"column {name} has {len(values)} values for {count} images")
+    present = [(field.name, converter(field.type), columns[field.name]) for field in STATS_SCHEMA
+               if field.name in columns]
+    rows = []
+    for i in range(count):
+        row = dict.fromkeys(STATS_SCHEMA.names)
+        for name, convert, values in present:
+            row[name] = convert(values[i])
+        rows.append(row)
+    return rows
+
+
+def converter(kind: pa.DataType) -> Callable[[Any], Any]:
+    """How one value becomes the plain Python a pyarrow column of `kind` takes: floats with NaN as null,
+    booleans from a number (NaN: null), integers, lists via tolist; None stays null."""
+    if pa.types.is_floating(kind):
+        return _nullable(_finite_or_none)
+    if pa.types.is_boolean(kind):
+        return _nullable(_bool_or_none)
+    if pa.types.is_integer(kind):
+        return _nullable(int)
+    if pa.types.is_list(kind):
+        return _nullable(_plain)
+    return lambda value: value
+
+
+def _nullable(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else convert(value)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def _bool_or_none(value: Any) -> bool | None:
+    number = _finite_or_none(value)  # a boolean statistic computed as 0. / 1. with NaN for "not defined"
+    return None if number is None else bool(number)
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and arrays via tolist, tuples as lists, nested."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Iterable) and not isinstance(value, str):
+        return [_plain(item) for item in value]
+    return value
