@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lrp_module import demo_model
 from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
-from lrp_module.zoo import sha256_file
+from lrp_module.files import sha256_file
 from pipeline.preprocess import Preprocessing, decode, preprocess
 
 from . import shapes, shapes_hans

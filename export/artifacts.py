@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lrp_module import LRPModel
+from lrp_module.files import atomic, temporary_path, write_text_atomic
 from lrp_module.oracle import Float64Oracle, probe_record
 from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD, get_composite
 from lrp_module.zoo import WeightsInfo, build_model
@@ -103,20 +104,11 @@ def example_inputs(config: ExportConfig, batch: int | None = None, seed: int = 0
     return x, target
 
 
-def _temporary(path: Path) -> Path:
-    """A hidden name in the same directory, keeping the suffix (torch.export insists on .pt2)."""
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-
-
 def prepare_output(out_dir: Path) -> None:
     """Create the directory and prove it is writable before any work is done."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = _temporary(out_dir / "write-probe")
+        probe = temporary_path(out_dir / "write-probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -196,17 +188,14 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
     written: dict[str, str] = {}
     for fmt in config.formats:
         path = out_dir / FILENAMES[fmt]
-        tmp = _temporary(path)
         try:
-            EXPORTERS[fmt](module, inputs, meta_json, tmp)
-            _commit(tmp, path)
+            with atomic(path) as tmp:
+                EXPORTERS[fmt](module, inputs, meta_json, tmp)
         except ExportError:
             raise
         except Exception as error:
             raise ExportError(f"{fmt} export failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}") \
                 from error
-        finally:
-            tmp.unlink(missing_ok=True)
         written[fmt] = path.name
     reference = reference_batch(lrp, source, config)
     record = {"artifacts": written, "metadata": meta, "config": asdict(config), "verification": None,
@@ -217,9 +206,7 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
 
         record["verification"] = verify_artifacts(reference, out_dir, written)
     sidecar = out_dir / SIDECAR
-    tmp = _temporary(sidecar)
-    tmp.write_text(json.dumps(record, indent=2, default=_json_default))
-    _commit(tmp, sidecar)
+    write_text_atomic(sidecar, json.dumps(record, indent=2, default=_json_default))
     failed = [r for r in (record["verification"] or {}).values() if not r["ok"]]
     if failed:
         raise VerificationError("verification failed: " + "; ".join(r["message"] for r in failed))

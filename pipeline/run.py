@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lrp_module.files import atomic, sha256_file as sha256, temporary_name
 from lrp_module.zoo import WeightsError, build_model, default_weights, weights_file
 
 from .artifact_trust import record_trust, untrusted_reason
@@ -26,10 +27,10 @@ from .classes import check_classes
 from .config import RunConfig
 from .datasets import DatasetFiles, load_dataset
 from .datasets.records import ImageRecord
-from .layout import RunLayout, temporary_name
+from .layout import RunLayout
 from .output_checks import check_free_space, check_out_placement, check_writable
 from .ray_session import start_ray
-from .writers import FAILURE_SCHEMA, atomic, sha256, write_failed_shard, write_virtual_dataset
+from .writers import FAILURE_SCHEMA, write_failed_shard, write_virtual_dataset
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")
@@ -62,7 +63,7 @@ def cache_key(config: RunConfig, weights: str) -> str:
     escape a folder of the cache."""
     source = weights_file(config.model, weights)
     if source is not None:  # a state-dict file: keyed by content, so a replaced file is never served stale
-        from lrp_module.zoo import sha256_file
+        from lrp_module.files import sha256_file
 
         weights_id = {"sha256": sha256_file(source)}
     else:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrp_module.files import OutputError, atomic
+
 from . import stats as statistics
 from .datasets.records import ImageRecord
 from .faithfulness import FLIP_COLUMNS, flip_statistics
@@ -25,8 +27,7 @@ from .faults import inject_fault
 from .gpu_decode import DeviceDecoder
 from .preprocess import DecodeError, Preprocessing, load
 from .layout import RunLayout
-from .writers import (FAILURE_SCHEMA, STATS_SCHEMA, OutputError, atomic, compress_map, write_parquet,
-                      write_relevance)
+from .writers import FAILURE_SCHEMA, STATS_SCHEMA, compress_map, write_parquet, write_relevance
 
 PROBE_IMAGES = 8  # the precision probe: shard 0's first batch, at most this many images, recomputed in float64
 

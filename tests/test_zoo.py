@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 from lrp_module import zoo
+from lrp_module.files import sha256_file
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def test_state_dict_file_round_trip(tmp_path):
     path = tmp_path / "vgg11.pt"
     torch.save(source.state_dict(), path)
     model, info = zoo.build_vgg("vgg11", path)
-    assert info.kind == "file" and info.sha256 == zoo.sha256_file(path) and not info.is_random
+    assert info.kind == "file" and info.sha256 == sha256_file(path) and not info.is_random
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
     assert model.classifier[-1].out_features == 7 and not model.training
@@ -67,7 +68,7 @@ def test_imagenet_weights_from_hub_cache(offline_hub, monkeypatch):
     with pytest.raises(zoo.WeightsError, match="corrupt"):  # our random file fails the hash in the name
         zoo.build_vgg("vgg11", "imagenet")
     # the same file under the name torchvision would give a checkpoint with its hash
-    digest = zoo.sha256_file(path)
+    digest = sha256_file(path)
     real = zoo.imagenet_weights("vgg11")
     url = real.url.replace(path.name, f"vgg11-{digest[:8]}.pth")
     path.rename(path.with_name(f"vgg11-{digest[:8]}.pth"))
