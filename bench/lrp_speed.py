@@ -31,7 +31,7 @@ import torchvision
 from torch import nn
 
 import lrp_module as lrp
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from bench import write_results
 
 COMPOSITES = ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",

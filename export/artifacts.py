@@ -19,7 +19,8 @@ from torch import nn
 from lrp_module import LRPModel
 from lrp_module.files import atomic, temporary_path, write_text_atomic
 from lrp_module.oracle import Float64Oracle, probe_record
-from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD, get_composite
+from lrp_module.composites import get_composite
+from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
 
 from .runner import METADATA_KEY

@@ -45,7 +45,7 @@ class ShardExplainer:
             torch.set_num_threads(max(1, int(settings.get("threads", 1))))
         self.module = torch.jit.load(artifact, map_location=self.device)
         size = int(settings["size"])
-        self.preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size)  # the 256/224 recipe
+        self.preprocessing = Preprocessing.for_size(size)  # the weights' 256/224 recipe
         self.decoders = ThreadPoolExecutor(max_workers=max(1, int(settings.get("decode_threads", 2))))
         # JPEGs decoded and preprocessed on the GPU where there is one (gpu_decode: false keeps Pillow)
         self.device_decoder = DeviceDecoder(self.preprocessing, self.device, int(settings["batch_size"]),

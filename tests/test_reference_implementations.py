@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lrp_module as lrp
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 from .helpers import make_vgg, relative_error
 
