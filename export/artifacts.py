@@ -24,6 +24,7 @@ from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
 
 from .runner import METADATA_KEY
+from .verify import Reference, verify_artifacts
 
 FILENAMES = {"torchscript": "lrp.torchscript.pt", "onnx": "lrp.onnx", "torch.export": "lrp.pt2"}
 SIDECAR = "lrp.json"
@@ -162,10 +163,8 @@ def export_artifacts(config: ExportConfig, out_dir: str | os.PathLike, verify: b
     return write_artifacts(lrp, info, config, out_dir, verify, source=model)
 
 
-def reference_batch(lrp: LRPModel, source: nn.Module, config: ExportConfig):
+def reference_batch(lrp: LRPModel, source: nn.Module, config: ExportConfig) -> Reference:
     """The verification batch (another size than the export's) with its float64 and eager float32 outputs."""
-    from .verify import Reference
-
     x, target = example_inputs(config, batch=config.example_batch + 1, seed=1)
     outputs = {}
     for kind, (logits, relevance) in (("float64", Float64Oracle.like(source, lrp).explain(x, target)),
@@ -203,8 +202,6 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
               "precision": probe_record(reference.eager["relevance"], reference.float64["relevance"],
                                         lrp.steps[0].weight.device)}
     if verify:
-        from .verify import verify_artifacts
-
         record["verification"] = verify_artifacts(reference, out_dir, written)
     sidecar = out_dir / SIDECAR
     write_text_atomic(sidecar, json.dumps(record, indent=2, default=_json_default))
