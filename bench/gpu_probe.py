@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lrp_module import LRPModel
-from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD
+from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.oracle import Float64Oracle, probe_record
 from lrp_module.zoo import build_model
 from bench import write_results

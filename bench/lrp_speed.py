@@ -31,8 +31,9 @@ import torchvision
 from torch import nn
 
 import lrp_module as lrp
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from bench import write_results
+from bench.blog_lrp import BlogLRP  # the blog's algorithm, as the tests run it
 
 COMPOSITES = ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
               "epsilon_alpha2_beta1_flat", "montavon", "seed"]
@@ -149,8 +150,6 @@ def captum_lrp(model: nn.Module) -> Callable[[torch.Tensor], object]:
 def blog_code(model: nn.Module) -> Callable[[torch.Tensor], object]:
     if not isinstance(model, torchvision.models.VGG):
         raise ImportError("the blog's code is a VGG layer list")
-    from tests.test_reference_implementations import BlogLRP  # the blog's algorithm, as the tests run it
-
     return BlogLRP(model)
 
 

@@ -71,7 +71,7 @@ def _preprocessed(dataset: Path, size: int, limit: int | None = None) -> torch.T
     from pipeline.datasets import load_records
     from pipeline.preprocess import Preprocessing, load
 
-    prep = Preprocessing(resize=round(size * 256 / 224), crop=size)
+    prep = Preprocessing.for_size(size)
     return torch.stack([load(r, prep)[0] for r in load_records(dataset)[:limit]])
 
 
@@ -111,7 +111,7 @@ def stage_breakdown(dataset: Path, model: str, size: int, batch: int, device: st
     from pipeline.writers import write_relevance
 
     records = load_records(dataset)[:limit]
-    prep = Preprocessing(resize=round(size * 256 / 224), crop=size)
+    prep = Preprocessing.for_size(size)
 
     def pillow(at, record):
         try:

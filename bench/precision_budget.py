@@ -42,7 +42,7 @@ def _zennit(model, composite: str, x: torch.Tensor) -> torch.Tensor | None:
         from zennit.torchvision import VGGCanonizer
     except ImportError:
         return None
-    from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+    from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
     canonizers = [VGGCanonizer()]
     low, high = (torch.tensor(v)[None, :, None, None] for v in (IMAGENET_LOW, IMAGENET_HIGH))

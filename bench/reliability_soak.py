@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tests.fault_tools import actor_processes, make_images, read_run
 from bench import write_results
+from bench.fault_tools import actor_processes, make_images, read_run
 
 DEFAULT_OUT = Path("bench/results/reliability.json")
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from lrp_module import demo_model
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
-from lrp_module.zoo import sha256_file
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.files import sha256_file
 from pipeline.preprocess import Preprocessing, decode, preprocess
 
 from . import shapes, shapes_hans
@@ -61,7 +61,7 @@ RECIPES = {
 
 def pipeline_preprocessing(size: int = shapes.IMAGE_SIZE) -> Preprocessing:
     """The pipeline's preprocessing at `size` (pipeline/worker.py: resize to size*256/224, crop size)."""
-    return Preprocessing(resize=round(size * 256 / 224), crop=size)
+    return Preprocessing.for_size(size)
 
 
 def tensors(seed: int, per_class: int, make_sample: Callable[[int, int], shapes.ShapeSample] = shapes.make_sample

@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 from lrp_module import LRPModel
+from lrp_module.files import atomic, temporary_path, write_text_atomic
 from lrp_module.oracle import Float64Oracle, probe_record
-from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD, get_composite
+from lrp_module.composites import get_composite
+from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
 
 from .runner import METADATA_KEY
+from .verify import Reference, verify_artifacts
 
 FILENAMES = {"torchscript": "lrp.torchscript.pt", "onnx": "lrp.onnx", "torch.export": "lrp.pt2"}
 SIDECAR = "lrp.json"
@@ -103,20 +106,11 @@ def example_inputs(config: ExportConfig, batch: int | None = None, seed: int = 0
     return x, target
 
 
-def _temporary(path: Path) -> Path:
-    """A hidden name in the same directory, keeping the suffix (torch.export insists on .pt2)."""
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-
-
 def prepare_output(out_dir: Path) -> None:
     """Create the directory and prove it is writable before any work is done."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = _temporary(out_dir / "write-probe")
+        probe = temporary_path(out_dir / "write-probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -169,10 +163,8 @@ def export_artifacts(config: ExportConfig, out_dir: str | os.PathLike, verify: b
     return write_artifacts(lrp, info, config, out_dir, verify, source=model)
 
 
-def reference_batch(lrp: LRPModel, source: nn.Module, config: ExportConfig):
+def reference_batch(lrp: LRPModel, source: nn.Module, config: ExportConfig) -> Reference:
     """The verification batch (another size than the export's) with its float64 and eager float32 outputs."""
-    from .verify import Reference
-
     x, target = example_inputs(config, batch=config.example_batch + 1, seed=1)
     outputs = {}
     for kind, (logits, relevance) in (("float64", Float64Oracle.like(source, lrp).explain(x, target)),
@@ -196,30 +188,23 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
     written: dict[str, str] = {}
     for fmt in config.formats:
         path = out_dir / FILENAMES[fmt]
-        tmp = _temporary(path)
         try:
-            EXPORTERS[fmt](module, inputs, meta_json, tmp)
-            _commit(tmp, path)
+            with atomic(path) as tmp:
+                EXPORTERS[fmt](module, inputs, meta_json, tmp)
         except ExportError:
             raise
         except Exception as error:
             raise ExportError(f"{fmt} export failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}") \
                 from error
-        finally:
-            tmp.unlink(missing_ok=True)
         written[fmt] = path.name
     reference = reference_batch(lrp, source, config)
     record = {"artifacts": written, "metadata": meta, "config": asdict(config), "verification": None,
               "precision": probe_record(reference.eager["relevance"], reference.float64["relevance"],
                                         lrp.steps[0].weight.device)}
     if verify:
-        from .verify import verify_artifacts
-
         record["verification"] = verify_artifacts(reference, out_dir, written)
     sidecar = out_dir / SIDECAR
-    tmp = _temporary(sidecar)
-    tmp.write_text(json.dumps(record, indent=2, default=_json_default))
-    _commit(tmp, sidecar)
+    write_text_atomic(sidecar, json.dumps(record, indent=2, default=_json_default))
     failed = [r for r in (record["verification"] or {}).values() if not r["ok"]]
     if failed:
         raise VerificationError("verification failed: " + "; ".join(r["message"] for r in failed))

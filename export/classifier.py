@@ -3,12 +3,12 @@ passes per image; the LRP module would compute a relevance map on each, the trac
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from lrp_module.files import atomic
 from lrp_module.zoo import build_model
 
 from .artifacts import ExportError
@@ -41,10 +41,6 @@ def export_classifier(model: str, weights: str, size: int, path: Path, lrp_artif
     meta = {"model": model, "weights": info.to_dict(), "input": ["N", 3, size, size], "output": "logits (N, classes)",
             "checks": checks, "tolerance": TOLERANCE}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic(path) as tmp:
         torch.jit.save(traced, str(tmp), _extra_files={"classifier_metadata.json": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return meta

@@ -3,6 +3,7 @@
 Each artifact's outputs are compared with eager LRP recomputed in float64 on the CPU (`lrp_module.oracle`), and
 must be no further from it than `oracle.bound` of eager float32's own distance on the same batch: float32 LRP is
 ill-conditioned on random weights, so a fixed bound between two float32 implementations holds on one CPU only.
+Imports nothing of export/artifacts.py (which calls it): the dependency runs one way, artifacts -> verify -> runner.
 """
 from __future__ import annotations
 

@@ -20,11 +20,7 @@ from torch import nn
 
 from .graph import Sum
 from .rules import AlphaBeta, AvgPoolRule, Epsilon, Flat, Gamma, Norm, PoolRule, Rule, WinnerTakesAll, ZBox, ZPlus
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_LOW = tuple((0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-IMAGENET_HIGH = tuple((1.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+from .weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 AnyRule = Union[Rule, PoolRule]
 STARTS = ("logit", "softmax")

@@ -5,7 +5,6 @@ random weights are never a silent fallback.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ import torchvision
 from torch import nn
 
 from . import demo_model
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ class WeightsInfo:
         record = asdict(self)
         record.pop("categories")
         return record
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:

@@ -14,11 +14,11 @@ from typing import NamedTuple
 
 from export.artifacts import ExportConfig, export_artifacts
 from export.classifier import CLASSIFIER_FILE, export_classifier
-from lrp_module.zoo import WeightsError, build_model, default_weights, sha256_file, weights_file
+from lrp_module.files import sha256_file, temporary_name
+from lrp_module.zoo import WeightsError, build_model, default_weights, weights_file
 
 from .artifact_trust import record_trust, untrusted_reason
 from .config import RunConfig
-from .layout import temporary_name
 
 RANDOM_WARNING = ("NO IMAGENET WEIGHTS: this run uses RANDOM weights; its maps say nothing about a trained "
                   "model. Put the torchvision checkpoint in the torch hub cache, or pass WEIGHTS=<file>.")

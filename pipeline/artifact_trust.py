@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .writers import atomic, sha256
+from lrp_module.files import atomic, sha256_file
 
 TRUST_FILE = "lrp.sha256"
 
@@ -17,7 +17,7 @@ def record_trust(files: list[Path], record: str = TRUST_FILE) -> None:
     """Record the hashes of files this project has just built (in `record`, beside the first one)."""
     trust = files[0].parent / record
     with atomic(trust) as tmp:
-        tmp.write_text("".join(f"{sha256(path)}  {path.name}\n" for path in files))
+        tmp.write_text("".join(f"{sha256_file(path)}  {path.name}\n" for path in files))
 
 
 def untrusted_reason(files: list[Path], record: str = TRUST_FILE) -> str | None:
@@ -37,6 +37,6 @@ def untrusted_reason(files: list[Path], record: str = TRUST_FILE) -> str | None:
     lines = [line.split("  ", 1) for line in trust.read_text().splitlines() if "  " in line]
     recorded = {name: digest for digest, name in lines}
     for path in files:
-        if recorded.get(path.name) != sha256(path):
+        if recorded.get(path.name) != sha256_file(path):
             return f"{path.name} differs from what was built (sha256 mismatch)"
     return None

@@ -6,6 +6,7 @@ import sys
 import traceback
 
 from export.artifacts import ExportError
+from lrp_module.files import OutputError
 from lrp_module.zoo import WeightsError
 
 from .config import ConfigError, load_config
@@ -15,7 +16,6 @@ from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
 from .errors import RunError, StrictStop
 from .run import explain
 from .spray.cli import add_spray_command, run_spray_command
-from .writers import OutputError
 
 EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be explained (listed in "
               "failures.parquet; with --strict, the first one stops the run); 2 the run could not start or "

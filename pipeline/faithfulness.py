@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 ORDERS = ("morf", "random")
 

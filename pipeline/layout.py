@@ -3,28 +3,24 @@ temporary files are named and swept. `--overwrite` deletes only the run's own fi
 there) and removes a folder only when that leaves it empty."""
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from lrp_module.files import TEMPORARY_PREFIX
+
 SHARD_DIGITS = 5
-TEMPORARY = re.compile(r"^\.tmp-\d+-.+$")  # writers.temporary(): .tmp-<pid>-<final name>
+TEMPORARY = re.compile(rf"^{re.escape(TEMPORARY_PREFIX)}\d+-.+$")  # lrp_module.files.temporary_name()
 SHARD_FILE = re.compile(rf"^shard-\d{{{SHARD_DIGITS}}}\.(h5|parquet)$")
 REPORT_IMAGE = re.compile(r"^[A-Za-z0-9._-]+\.(png|jpg)$")  # tiles, plots, colour bar (pipeline/report)
 HEATMAP_FILE = re.compile(r"^[A-Za-z0-9._-]+-(heatmap|image|overlay)\.png$")
 # pipeline/spray's outputs (outputs.py, virelay.py): the strategies of a run are its own files too
 SPRAY_FILE = re.compile(r"^(clusters\.parquet|summary\.json|cluster_means\.h5|project\.yaml|label-map\.json|"
-                        r"attribution\.h5|dataset\.h5|analysis\.h5|\.tmp-\d+-.+)$")
+                        r"attribution\.h5|dataset\.h5|analysis\.h5)$")
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:0{SHARD_DIGITS}d}"
-
-
-def temporary_name(name: str) -> str:
-    """The name a file is written under before it is renamed to `name` (complete files only hold final names)."""
-    return f".tmp-{os.getpid()}-{name}"
 
 
 class RunLayout:
@@ -33,6 +29,7 @@ class RunLayout:
     RELEVANCE, STATS, FAILURES, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY = (
         "relevance", "stats", "failures", "report", "report/img", "heatmaps", "spray")
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
+    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY)  # every folder a run's parts write to
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -113,9 +110,12 @@ class RunLayout:
 
     # ------------------------------------------------------------------------------------------ own files
     def own_files(self) -> Iterator[Path]:
-        """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
+        """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else; each once."""
+        return iter(dict.fromkeys(self._own_files()))
+
+    def _own_files(self) -> Iterator[Path]:
         for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
-                     self.report / "index.html", self.report / ".index.html.tmp"):
+                     self.report / "index.html"):
             if path.is_file() or path.is_symlink():
                 yield path
         yield from self.temporary_files()
@@ -125,8 +125,9 @@ class RunLayout:
             yield from self._matching(self.root / folder, pattern)
 
     def temporary_files(self) -> Iterator[Path]:
-        """Unfinished files a killed run or a dead actor left (only in the folders runs write to)."""
-        for folder in (self.root, *(self.root / sub for sub in self.SHARD_FOLDERS)):
+        """Unfinished files a killed run, a dead actor or an interrupted report / SpRAy left (only in the folders
+        they write to)."""
+        for folder in (self.root, *(self.root / sub for sub in self.WRITTEN_FOLDERS)):
             yield from self._matching(folder, TEMPORARY)
 
     @staticmethod

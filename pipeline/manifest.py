@@ -20,7 +20,9 @@ from .datasets.records import ImageRecord
 from .layout import RunLayout
 from .shard_runner import InvocationWork
 from .schema import FAILURE_SCHEMA
-from .writers import atomic, sha256, write_virtual_dataset
+from lrp_module.files import atomic, sha256_file
+
+from .writers import write_virtual_dataset
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ def _shard_entries(layout: RunLayout, shards: list[list[ImageRecord]], previous:
             explained = handle["relevance"].shape[0]
         failures.append(pq.read_table(failed))
         entry = {"shard": index, "images": len(shard), "explained": explained, "failed": failures[-1].num_rows,
-                 "relevance": layout.relative(h5), "relevance_sha256": sha256(h5), "stats": layout.relative(stats),
-                 "stats_sha256": sha256(stats), "worker": None, "invocation": None}
+                 "relevance": layout.relative(h5), "relevance_sha256": sha256_file(h5), "stats": layout.relative(stats),
+                 "stats_sha256": sha256_file(stats), "worker": None, "invocation": None}
         if index in work.workers:
             entry.update(worker=work.workers[index], invocation=invocation)
         elif (old := earlier.get(index)) and old.get("stats_sha256") == entry["stats_sha256"]:

@@ -2,9 +2,10 @@
 for what the run will write (an estimate), so that a bad OUT is one clear line, not a failure hours in."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
+
+from lrp_module.files import temporary_path
 
 STATS_BYTES_PER_IMAGE = 1024  # a Parquet row and its share of the failures / manifest files, generously
 FIXED_BYTES = 256 * 1024  # run.json, manifest, virtual dataset, failures
@@ -27,7 +28,7 @@ def check_writable(out: Path) -> None:
     run leaves nothing behind. Root ignores permission bits, so only a real write tells."""
     out = out.absolute()
     created: list[Path] = []
-    probe = out / f".tmp-{os.getpid()}-write-probe"
+    probe = temporary_path(out / "write-probe")
     try:
         missing = out
         while not missing.exists() and missing != missing.parent:

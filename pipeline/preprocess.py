@@ -19,7 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from lrp_module.composites import IMAGENET_MEAN, IMAGENET_STD
+from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_RECIPE, IMAGENET_STD, ImageRecipe
 
 from .datasets.records import Box, ImageRecord
 
@@ -35,10 +35,22 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grey PNGs
 
 @dataclass(frozen=True)
 class Preprocessing:
-    resize: int = 256
-    crop: int = 224
+    """One preprocessing setting (hashable: its transforms are built once); the defaults are the weights' recipe
+    at 224 px (lrp_module.weights_recipe)."""
+
+    resize: int = IMAGENET_RECIPE.resize
+    crop: int = IMAGENET_RECIPE.crop
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_recipe(cls, recipe: ImageRecipe) -> Preprocessing:
+        return cls(resize=recipe.resize, crop=recipe.crop, mean=recipe.mean, std=recipe.std)
+
+    @classmethod
+    def for_size(cls, size: int, recipe: ImageRecipe = IMAGENET_RECIPE) -> Preprocessing:
+        """The weights' recipe for a `size` x `size` input (resize round(size * 256 / 224), crop size)."""
+        return cls.from_recipe(recipe.at_crop(size))
 
     def transforms(self) -> v2.Compose:
         return _transforms(self)

@@ -11,7 +11,7 @@ from .config import RunConfig
 from .datasets.records import ImageRecord
 from .errors import RunError
 from .layout import RunLayout
-from .writers import atomic
+from lrp_module.files import atomic
 
 
 def shards_of(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:

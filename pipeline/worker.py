@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrp_module.files import OutputError, atomic
 from lrp_module.oracle import Float64Oracle, probe_record
 from lrp_module.zoo import build_model
 
@@ -31,7 +32,7 @@ from .gpu_decode import DeviceDecoder
 from .preprocess import DecodeError, Preprocessing, load
 from .layout import RunLayout
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns, stats_rows
-from .writers import OutputError, atomic, compress_map, write_parquet, write_relevance
+from .writers import compress_map, write_parquet, write_relevance
 
 PROBE_IMAGES = 8  # the precision probe: shard 0's first batch, at most this many images, recomputed in float64
 
@@ -48,8 +49,7 @@ class ShardExplainer:
         else:
             torch.set_num_threads(max(1, settings.threads))
         self.module = torch.jit.load(artifact, map_location=self.device)
-        size = settings.size
-        self.preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size)  # the 256/224 recipe
+        self.preprocessing = Preprocessing.for_size(settings.size)  # the weights' 256/224 recipe
         self.decoders = ThreadPoolExecutor(max_workers=settings.decode_threads)
         # JPEGs decoded and preprocessed on the GPU where there is one (gpu_decode: false keeps Pillow)
         self.device_decoder = DeviceDecoder(self.preprocessing, self.device, settings.batch_size,

@@ -2,13 +2,10 @@
 virtual dataset over all shards. Every file is written under a temporary name and renamed when complete."""
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -16,54 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lrp_module.files import atomic
 
 from .contracts import ShardResult, WorkerSettings
-from .layout import RunLayout, shard_name, temporary_name  # noqa: F401  (shard_name: re-exported)
+from .layout import RunLayout
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns
-
-
-def temporary(path: Path) -> Path:
-    return path.with_name(temporary_name(path.name))
-
-
-def commit(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-
-
-class OutputError(OSError):
-    """A run file cannot be written (disk full, read-only disk, ...): the run stops; the message names the file."""
-
-
-def _why(error: BaseException) -> str:
-    text = str(error)
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "errno = 28" in text:
-        return "no space left on device"
-    if getattr(error, "strerror", None):
-        return error.strerror
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-@contextmanager
-def atomic(path: Path) -> Iterator[Path]:
-    """A temporary name to write `path` under; renamed to `path` when the block completes, removed when it
-    fails, so that a final name only ever holds a complete file. Write errors become OutputError."""
-    tmp = temporary(path)
-    try:
-        yield tmp
-        commit(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, OutputError):
-            raise OutputError(f"cannot write {path}: {_why(error)}") from error
-        raise
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_parquet(rows: Sequence[dict], schema: pa.Schema, path: Path) -> None:

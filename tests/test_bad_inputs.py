@@ -107,7 +107,7 @@ def test_colour_modes_become_the_rgb_the_eye_sees():
 
 
 def test_exif_orientation_is_applied():
-    prep = Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE)
+    prep = Preprocessing.for_size(SIZE)
     rotated = decode(sample_files()["exif"])
     assert rotated.size == (WIDTH, HEIGHT)  # stored 30 wide, 40 high
     seen, _ = preprocess(rotated, (), prep)

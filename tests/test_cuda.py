@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import lrp_module as lrp
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from lrp_module import topk
 from lrp_module.oracle import Float64Oracle, bound
 from lrp_module.topk import relevance_filter
@@ -233,7 +233,7 @@ def test_shard_worker_on_device_writes_what_the_cpu_writes(shard_inputs, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vgg = build_vgg("vgg11", "random")[0]
-    x = torch.stack([load(r, Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE))[0] for r in records])
+    x = torch.stack([load(r, Preprocessing.for_size(SIZE))[0] for r in records])
     reference = Float64Oracle(vgg).explain(x)[1].sum(1)
     limit = bound(relative_error(cpu_maps.double(), reference).max())
     error = relative_error(maps.double(), reference)

@@ -7,8 +7,9 @@ import h5py
 import pyarrow.parquet as pq
 import pytest
 
-from .fault_tools import (assert_exactly_once, assert_same_outputs, cli, cli_env, committed_stats, kill_session,
-                          make_images, start, wait_for)
+from bench.fault_tools import cli, cli_env, committed_stats, kill_session, make_images, start, wait_for
+
+from .fault_tools import assert_exactly_once, assert_same_outputs
 
 pytestmark = pytest.mark.timeout(600)
 IMAGES, SHARDS = 40, 10

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bench.fault_tools import actor_processes, committed_stats, make_images, read_run, wait_for
 from pipeline.config import load_config
 from pipeline.faults import ENV
 from pipeline.run import explain
 
-from .fault_tools import (actor_processes, assert_exactly_once, assert_same_outputs, committed_stats, make_images,
-                          read_run, wait_for)
+from .fault_tools import assert_exactly_once, assert_same_outputs
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)

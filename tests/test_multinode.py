@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from .fault_tools import (_cmdline, actor_processes, assert_exactly_once, assert_same_outputs, cli, cli_env, committed_stats,
-                          kill_session, make_images, start, wait_for)
+from bench.fault_tools import (_cmdline, actor_processes, cli, cli_env, committed_stats, kill_session, make_images,
+                               start, wait_for)
+
+from .fault_tools import assert_exactly_once, assert_same_outputs
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
 IMAGES = 80

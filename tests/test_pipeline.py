@@ -70,7 +70,7 @@ def test_end_to_end(dataset, tmp_path, local_ray):
         vgg = build_vgg("vgg11", "random")[0]
     model = lrp.LRPModel(vgg, "epsilon_gamma_box")
     from pipeline.preprocess import Preprocessing
-    prep = Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE)
+    prep = Preprocessing.for_size(SIZE)
     x = torch.stack([load(r, prep)[0] for r in records])
     logits, expected = model.explain(x)
     expected = expected.sum(1)

@@ -31,7 +31,7 @@ STEPS, PATCH = 8, 8
 
 
 def _inputs(dataset, ids):  # noqa: F811  (the fixture name as a parameter)
-    prep = Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE)
+    prep = Preprocessing.for_size(SIZE)
     records = {r.image_id: r for r in load_records(dataset)}
     return torch.stack([load(records[i], prep)[0] for i in ids])
 

@@ -37,7 +37,7 @@ def test_resnet18_end_to_end(tmp_path, local_ray):
         model = lrp.LRPModel(build_model("resnet18", "random")[0], "epsilon_gamma_box")
     assert manifest["totals"] == {"images": 3, "explained": 3, "failed": 0}
     records = load_records(root)
-    prep = Preprocessing(resize=round(SIZE * 256 / 224), crop=SIZE)
+    prep = Preprocessing.for_size(SIZE)
     _, expected = model.explain(torch.stack([load(r, prep)[0] for r in records]))
     with h5py.File(tmp_path / "run" / "relevance.h5") as handle:
         maps = torch.from_numpy(handle["relevance"][:])

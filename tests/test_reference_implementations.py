@@ -1,6 +1,6 @@
-"""`seed` and `montavon` against independent, straightforward re-implementations written here: the original
-blog's and the LRP tutorial's algorithms, layer by layer with the autograd gradient trick
-(z = rho(layer)(a) + eps; s = R / z; (z * s).sum().backward(); R = a * a.grad)."""
+"""`seed` and `montavon` against independent, straightforward re-implementations: the original blog's algorithm
+(bench/blog_lrp.py, also a contender in bench/lrp_speed) and the LRP tutorial's (here), layer by layer with the
+autograd gradient trick (z = rho(layer)(a) + eps; s = R / z; (z * s).sum().backward(); R = a * a.grad)."""
 from __future__ import annotations
 
 import copy
@@ -10,69 +10,10 @@ import torch
 from torch import nn
 
 import lrp_module as lrp
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from bench.blog_lrp import blog_lrp, gradient_step, layer_list
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 from .helpers import make_vgg, relative_error
-
-
-def _layer_list(model: nn.Module) -> list[nn.Module]:
-    return list(model.features) + [model.avgpool, nn.Flatten(1)] + list(model.classifier)
-
-
-def _gradient_step(layer: nn.Module, a: torch.Tensor, relevance: torch.Tensor, incr) -> torch.Tensor:
-    a = a.detach().requires_grad_(True)
-    z = incr(layer(a))
-    s = (relevance / z).detach()
-    (z * s).sum().backward()
-    return (a * a.grad).detach()
-
-
-def blog_topk(r: torch.Tensor, top_k: float) -> torch.Tensor:
-    """The blog's filter: torch.topk, then scatter into zeros."""
-    flat = r.flatten(1)
-    k = max(1, int(top_k * flat.shape[-1]))
-    top = torch.topk(flat, k=k, dim=-1)
-    return torch.zeros_like(flat).scatter_(1, top.indices, top.values).view(r.shape)
-
-
-class BlogLRP:
-    """kaifishr/PyTorchRelevancePropagation's algorithm: z+ with zero bias everywhere, max pool as 2x2 average
-    pool, ones as the first layer's input, softmax start; channel-summed. Built once, like the blog's model."""
-
-    def __init__(self, model: nn.Module, eps: float = 1e-5) -> None:
-        self.layers = _layer_list(model)
-        self.lrp_layers = copy.deepcopy(self.layers)
-        for i, layer in enumerate(self.lrp_layers):
-            if isinstance(layer, nn.MaxPool2d):
-                self.lrp_layers[i] = nn.AvgPool2d(kernel_size=2)
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                layer.weight = nn.Parameter(layer.weight.clamp(min=0.0))
-                layer.bias = nn.Parameter(torch.zeros_like(layer.bias))
-        self.eps = eps
-
-    def __call__(self, x: torch.Tensor, top_k: float = 0.0) -> torch.Tensor:
-        activations = [torch.ones_like(x)]
-        with torch.no_grad():
-            h = x
-            for layer in self.layers:
-                h = layer(h.clone())
-                activations.append(h)
-        relevance = torch.softmax(activations.pop(), dim=-1)
-        for layer in reversed(self.lrp_layers):
-            a = activations.pop()
-            if isinstance(layer, (nn.ReLU, nn.Dropout)):
-                continue
-            if isinstance(layer, nn.Flatten):
-                relevance = relevance.view(a.shape)
-                continue
-            if top_k:
-                relevance = blog_topk(relevance, top_k)
-            relevance = _gradient_step(layer, a, relevance, lambda z: z + self.eps)
-        return relevance.sum(dim=1)
-
-
-def blog_lrp(model: nn.Module, x: torch.Tensor, top_k: float = 0.0) -> torch.Tensor:
-    return BlogLRP(model)(x, top_k)
 
 
 @pytest.mark.parametrize("arch,size", [("vgg11", (64, 64)), ("vgg11", (64, 96)), ("vgg16", (64, 64))])
@@ -98,7 +39,7 @@ def test_seed_with_top_k_matches_blog_filter(top_k):
 
 def tutorial_lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Montavon et al.'s LRP tutorial for VGG16 (their layer index ranges), batch-wise with a per-image rms."""
-    layers = _layer_list(model)
+    layers = layer_list(model)
     activations = [x]
     with torch.no_grad():
         for layer in layers:
@@ -132,7 +73,7 @@ def tutorial_lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tor
             incr = lambda z: z + 1e-9 + 0.25 * rms(z)  # noqa: E731
         else:  # adaptive pool and dense layers: LRP-0
             incr = lambda z: z + 1e-9  # noqa: E731
-        relevance = _gradient_step(layer, a, relevance, incr)
+        relevance = gradient_step(layer, a, relevance, incr)
     # first layer: z^B with the ImageNet box
     first = layers[0]
     a = x.detach().requires_grad_(True)

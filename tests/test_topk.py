@@ -7,7 +7,7 @@ import torch
 import lrp_module as lrp
 from lrp_module.topk import TopKFilter, relevance_filter
 
-from .test_reference_implementations import blog_topk
+from bench.blog_lrp import blog_topk
 
 
 @pytest.mark.parametrize("shape", [(4, 64, 14, 14), (3, 1000), (2, 3, 7, 5)])

@@ -15,7 +15,7 @@ from zennit.torchvision import VGGCanonizer
 from zennit.types import Activation, AvgPool, Convolution
 
 import lrp_module as lrp
-from lrp_module.composites import IMAGENET_HIGH, IMAGENET_LOW
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from lrp_module.oracle import Float64Oracle, bound
 
 from .helpers import make_vgg, relative_error

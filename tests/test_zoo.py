@@ -10,6 +10,9 @@ import torch
 import torchvision
 
 from lrp_module import zoo
+from lrp_module.files import sha256_file
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW, IMAGENET_RECIPE
+from pipeline.preprocess import Preprocessing
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def test_state_dict_file_round_trip(tmp_path):
     path = tmp_path / "vgg11.pt"
     torch.save(source.state_dict(), path)
     model, info = zoo.build_vgg("vgg11", path)
-    assert info.kind == "file" and info.sha256 == zoo.sha256_file(path) and not info.is_random
+    assert info.kind == "file" and info.sha256 == sha256_file(path) and not info.is_random
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
     assert model.classifier[-1].out_features == 7 and not model.training
@@ -67,7 +70,7 @@ def test_imagenet_weights_from_hub_cache(offline_hub, monkeypatch):
     with pytest.raises(zoo.WeightsError, match="corrupt"):  # our random file fails the hash in the name
         zoo.build_vgg("vgg11", "imagenet")
     # the same file under the name torchvision would give a checkpoint with its hash
-    digest = zoo.sha256_file(path)
+    digest = sha256_file(path)
     real = zoo.imagenet_weights("vgg11")
     url = real.url.replace(path.name, f"vgg11-{digest[:8]}.pth")
     path.rename(path.with_name(f"vgg11-{digest[:8]}.pth"))
@@ -91,3 +94,19 @@ def test_bad_names_and_missing_choice():
         zoo.build_vgg("vgg12", "random")
     with pytest.raises(zoo.WeightsError, match="no weights given"):
         zoo.build_vgg("vgg11", None)
+
+
+@pytest.mark.parametrize("name", [*zoo.VGG_NAMES, "resnet18", "resnet34"])
+def test_the_weights_recipe_is_torchvisions_for_these_weights(name):
+    expected = zoo.imagenet_weights(name).transforms()
+    assert [IMAGENET_RECIPE.resize] == expected.resize_size and [IMAGENET_RECIPE.crop] == expected.crop_size
+    assert list(IMAGENET_RECIPE.mean) == expected.mean and list(IMAGENET_RECIPE.std) == expected.std
+    assert expected.interpolation == torchvision.transforms.InterpolationMode.BILINEAR and expected.antialias
+
+
+def test_the_recipe_at_another_size_keeps_the_256_224_ratio_and_the_box_bounds_are_the_pixel_range():
+    assert Preprocessing.for_size(224) == Preprocessing() == Preprocessing(resize=256, crop=224)
+    assert Preprocessing.for_size(64) == Preprocessing(resize=73, crop=64)  # round(64 * 256 / 224) = round(73.14)
+    assert Preprocessing.for_size(32).resize == 37 and IMAGENET_RECIPE.at_crop(448).resize == 512
+    for bound, pixel in ((IMAGENET_LOW, 0.0), (IMAGENET_HIGH, 1.0)):
+        assert list(bound) == [(pixel - m) / s for m, s in zip(IMAGENET_RECIPE.mean, IMAGENET_RECIPE.std)]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from lrp_module.files import write_text_atomic
+
 from ..layout import RunLayout
 from . import html, selection, strategies as spray_section, tables
 from .files import inside
@@ -173,9 +175,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
         warnings.append("RANDOM weights: this run's maps say nothing about a trained model.")
     warning = " ".join(warnings) or None
     index = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"), encoding="utf-8")
-    os.replace(tmp, index)
+    write_text_atomic(index, html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"))
     lap("tables and page")
     timings["total"] = time.perf_counter() - started
     print(f"report: {len(files):,} images, {len(plot_files)} plots in {time.perf_counter() - started:.1f} s -> {index}")

@@ -26,7 +26,7 @@ class TileFiles:
 
 def preprocessing_for(size: int) -> Preprocessing:
     """The pipeline's 256/224 recipe at the run's crop size (as pipeline/worker.py builds it)."""
-    return Preprocessing(resize=round(size * 256 / 224), crop=size)
+    return Preprocessing.for_size(size)
 
 
 def display_crop(path: str, preprocessing: Preprocessing) -> np.ndarray:

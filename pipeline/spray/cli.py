@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..writers import OutputError
+from lrp_module.files import OutputError
+
 from .analyse import SprayParams
 from .features import VARIANTS
 from .inputs import BY, SprayRunError

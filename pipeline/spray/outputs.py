@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..writers import OutputError, atomic
+from lrp_module.files import OutputError, atomic
+
 from .inputs import RunIndex
 
 CLUSTERS_FILE = "clusters.parquet"

@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..writers import atomic
+from lrp_module.files import atomic
+
 from .inputs import RunIndex
 
 PROJECT_FILE = "project.yaml"
