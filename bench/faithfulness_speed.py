@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 import lrp_module as lrp
+from bench import write_results
 from bench.lrp_speed import best_seconds, build_model
 from pipeline.faithfulness import flip_statistics
-from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/faithfulness_speed.json")
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrp_module import LRPModel
-from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
-from lrp_module.oracle import Float64Oracle, probe_record
-from lrp_module.zoo import build_model
 from bench import write_results
+from lrp_module import LRPModel
+from lrp_module.oracle import Float64Oracle, probe_record
+from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
+from lrp_module.zoo import build_model
 
 DEFAULT_OUT = Path("bench/results/gpu_probe.json")
 CASES = [("vgg-shapes", "demo", 64), ("vgg16", "random", 224)]

@@ -31,9 +31,9 @@ import torchvision
 from torch import nn
 
 import lrp_module as lrp
-from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from bench import write_results
 from bench.blog_lrp import BlogLRP  # the blog's algorithm, as the tests run it
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 COMPOSITES = ["epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
               "epsilon_alpha2_beta1_flat", "montavon", "seed"]
@@ -246,7 +246,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     rows += [(f"ours:{c}", f"ours {c}") for c in composites]
     rows += [(f"ours:epsilon_gamma_box@{k}", f"ours epsilon_gamma_box top-k {k}") for k in TOP_K]
     if args.baseline:
-        rows += [(f"baseline:{c}", f"{args.baseline}'s lrp_module {c}") for c in ("epsilon_gamma_box", "epsilon_plus_flat")]
+        rows += [(f"baseline:{c}", f"{args.baseline}'s lrp_module {c}")
+                 for c in ("epsilon_gamma_box", "epsilon_plus_flat")]
     zennit = [c for c in composites if c.startswith("epsilon")]
     rows += [(f"zennit:{c}", f"zennit {c}") for c in zennit]
     rows += [("captum:", "captum LRP (default rules)"), ("blog:", "blog code (z+ everywhere)")]

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
 from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/pipeline_speed.json")
@@ -199,7 +200,7 @@ class UtilisationSampler:
                 return
             self.samples.append(value)
 
-    def __enter__(self) -> "UtilisationSampler":
+    def __enter__(self) -> UtilisationSampler:
         self._thread.start()
         return self
 

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+
 from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/precision_budget.json")

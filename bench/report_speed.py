@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench import write_results
 from bench.synthetic_run import stats_table, synthesise_run
 from pipeline.report import build_report, selection
-from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/report_speed.json")
 TARGET_SECONDS = 30.0

@@ -102,7 +102,8 @@ def child_agreement(n: int, threads: int) -> dict:
         started = time.perf_counter()
         timed[name] = graph.nearest_neighbours(vectors, 10, threads, large=large)
         timed[f"{name}_seconds"] = round(time.perf_counter() - started, 2)
-    out = {"maps": n, "threads": threads, "reduced_dims": graph.REDUCED_DIMS, "candidates_per_neighbour": graph.CANDIDATES,
+    out = {"maps": n, "threads": threads, "reduced_dims": graph.REDUCED_DIMS,
+           "candidates_per_neighbour": graph.CANDIDATES,
            "neighbour_recall": round(graph.neighbour_recall(timed["large_path"], timed["exact"]), 5),
            "neighbours_seconds": {"exact": timed["exact_seconds"], "large_path": timed["large_path_seconds"]}}
     params = dict(k_max=K_MAX, embedding=False)
@@ -113,10 +114,12 @@ def child_agreement(n: int, threads: int) -> dict:
         "k_chosen": {"exact": exact.k_chosen, "large_path": fast.k_chosen},
         "ari_kmeans_large_vs_exact": {k: ari(exact.kmeans[k], fast.kmeans[k]) for k in ks},
         "ari_ward_large_vs_exact": {k: ari(exact.agglomerative[k], fast.agglomerative[k]) for k in ks},
-        "ari_vs_truth_k4": {"exact_kmeans": ari(truth, exact.kmeans[GROUPS]), "large_kmeans": ari(truth, fast.kmeans[GROUPS]),
+        "ari_vs_truth_k4": {"exact_kmeans": ari(truth, exact.kmeans[GROUPS]),
+                            "large_kmeans": ari(truth, fast.kmeans[GROUPS]),
                             "exact_ward": ari(truth, exact.agglomerative[GROUPS]),
                             "large_ward": ari(truth, fast.agglomerative[GROUPS])},
-        "eigenvalues_max_difference_first_8": round(float(np.abs(exact.eigenvalues[:8] - fast.eigenvalues[:8]).max()), 5),
+        "eigenvalues_max_difference_first_8":
+            round(float(np.abs(exact.eigenvalues[:8] - fast.eigenvalues[:8]).max()), 5),
         "steps": {"exact": exact.seconds, "large_path": fast.seconds},
     })
     return out
@@ -178,9 +181,11 @@ def compare(n: int, corelay_python: Path, threads: int, picture: bool) -> dict:
             "ours": ours, "corelay": theirs,
             "ari_ours_vs_corelay_leading_k": {k: ari(a[f"k{k}"], b[f"leading{k}"]) for k in ks},
             "ari_ours_vs_corelay_all_32": {k: ari(a[f"k{k}"], b[f"k{k}"]) for k in ks},
-            "ari_vs_truth": {"ours": ari(truth, a[f"k{GROUPS}"]), "corelay_leading_k": ari(truth, b[f"leading{GROUPS}"]),
+            "ari_vs_truth": {"ours": ari(truth, a[f"k{GROUPS}"]),
+                             "corelay_leading_k": ari(truth, b[f"leading{GROUPS}"]),
                              "corelay_all_32": ari(truth, b[f"k{GROUPS}"])},
-            "eigenvalues_max_difference": float(np.abs(np.sort(a["eigenvalues"])[:8] - np.sort(b["eigenvalues"])[:8]).max()),
+            "eigenvalues_max_difference":
+                float(np.abs(np.sort(a["eigenvalues"])[:8] - np.sort(b["eigenvalues"])[:8]).max()),
             "speedup": round(theirs["seconds"] / ours["seconds"], 2),
             "peak_memory_ratio": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
             "added_memory_ratio": round(ours["added_peak_mb"] / max(theirs["added_peak_mb"], 1e-9), 3),
@@ -210,7 +215,8 @@ def table(report: dict) -> str:
         for name in ("ours", "corelay") if small else ():
             r = small[name]
             truth = small["ari_vs_truth"]
-            score = truth["ours"] if name == "ours" else f"{truth['corelay_leading_k']} (all 32: {truth['corelay_all_32']})"
+            score = truth["ours"] if name == "ours" else \
+                f"{truth['corelay_leading_k']} (all 32: {truth['corelay_all_32']})"
             lines.append(f"| {name}, {what} | {small['maps']:,} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['added_peak_mb']:.0f} | {score} |")
     big = report.get("large")
@@ -231,7 +237,8 @@ def table(report: dict) -> str:
         lines.append("")
         lines.append(f"{key}: speed-up {small['speedup']}x, peak memory {small['peak_memory_ratio']}x corelay's "
                      f"(added above the imports: {small['added_memory_ratio']}x); ARI ours vs corelay (k leading "
-                     "eigenvectors) by k: " + ", ".join(f"{k}: {v}" for k, v in small["ari_ours_vs_corelay_leading_k"].items()))
+                     "eigenvectors) by k: "
+                     + ", ".join(f"{k}: {v}" for k, v in small["ari_ours_vs_corelay_leading_k"].items()))
     return "\n".join(lines)
 
 

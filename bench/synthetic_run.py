@@ -38,7 +38,9 @@ def stats_table(n: int, classes: int, image_paths: Sequence[str], labelled: bool
     pred = np.where(correct, label, (label + rng.integers(1, max(classes, 2), n)) % max(classes, 2))
     probability = np.where(correct, rng.uniform(0.2, 1.0, n), rng.uniform(0.05, 0.9, n)).astype(np.float32)
     names = np.array([f"class {i}" for i in range(max(classes, 2))], dtype=object)
-    f32 = lambda low, high: rng.uniform(low, high, n).astype(np.float32)
+    def f32(low: float, high: float) -> np.ndarray:
+        return rng.uniform(low, high, n).astype(np.float32)
+
     none = [None] * n
     columns = {
         "image_id": [f"img{i:07d}" for i in range(n)],

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from bench import write_results
 from bench.lrp_speed import best_seconds, build_model
 from lrp_module import LRPModel
 from lrp_module.topk import kept_count, kth_largest
 from lrp_module.topk_select import kth_largest_radix
-from bench import write_results
 
 DEFAULT_OUT = Path("bench/results/topk_speed.json")
 CUDA_TARGET = 0.15  # the issue's: top-k 0.1 costs at most +15 % of the plain LRP on the GPU
@@ -42,8 +42,9 @@ def selection_rows(args: argparse.Namespace) -> list[dict]:
     for shape in vgg16_relevance_shapes(args.size):
         flat = relu_like(shape, args.batch, args.device)
         k = kept_count(0.1, flat.shape[1])
-        contenders = {"bracket": lambda: kth_largest(flat, k), "radix": lambda: kth_largest_radix(flat, k),
-                      "torch.topk": lambda: torch.topk(flat, k, dim=1, sorted=False).values.amin(1)}
+        contenders = {"bracket": lambda flat=flat, k=k: kth_largest(flat, k),
+                      "radix": lambda flat=flat, k=k: kth_largest_radix(flat, k),
+                      "torch.topk": lambda flat=flat, k=k: torch.topk(flat, k, dim=1, sorted=False).values.amin(1)}
         reference = torch.topk(flat, k, dim=1).values[:, -1:]
         assert torch.equal(kth_largest_radix(flat, k), reference), f"radix selection wrong at {shape}"
         seconds = {name: best_seconds(fn, args.repeats) for name, fn in contenders.items()}

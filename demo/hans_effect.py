@@ -11,15 +11,14 @@ import json
 import torch
 
 from lrp_module.zoo import build_vgg
-from pipeline.preprocess import decode, preprocess
+from pipeline.preprocess import Preprocessing, decode, preprocess
 
 from . import shapes, shapes_hans
-from .train import pipeline_preprocessing
 
 
 def _images(seed: int, indices: list[int], tag: bool | None) -> torch.Tensor:
     """Images `indices` of the split as the pipeline sees them, tagged as planted (None), always or never."""
-    steps = pipeline_preprocessing()
+    steps = Preprocessing.for_size(shapes.IMAGE_SIZE)
     return torch.stack([preprocess(decode(shapes.jpeg_bytes(shapes_hans.make_sample(seed, i, tag).image)), (),
                                    steps)[0] for i in indices])
 

@@ -7,8 +7,8 @@ know nothing of the image (random Gaussian maps, a uniform map) and LRP of the s
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,6 @@ from pipeline.preprocess import Preprocessing, load
 from pipeline.stats import localisation
 
 from . import shapes
-from .train import pipeline_preprocessing
 
 COMPOSITES = ("epsilon_gamma_box", "epsilon_plus_flat")
 
@@ -49,7 +48,7 @@ def mask_view(mask: np.ndarray, preprocessing: Preprocessing) -> torch.Tensor:
 
 def validation_set(root: str | Path) -> ValidationSet:
     root = Path(root)
-    preprocessing = pipeline_preprocessing()
+    preprocessing = Preprocessing.for_size(shapes.IMAGE_SIZE)
     masks = shapes.read_masks(root)
     images, labels, boxes, views = [], [], [], []
     for record in load_records(root, "imagenet_val"):

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.shapes_hans", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--per-class", type=int, default=VAL_PER_CLASS, help="images per class")
-    parser.add_argument("--seed", type=int, default=shapes.VAL_SEED, help=f"split seed (training uses {shapes.TRAIN_SEED})")
+    parser.add_argument("--seed", type=int, default=shapes.VAL_SEED,
+                        help=f"split seed (training uses {shapes.TRAIN_SEED})")
     args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error(f"--per-class must be positive, got {args.per_class}")

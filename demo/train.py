@@ -23,16 +23,18 @@ import torch
 import torch.nn.functional as F
 
 from lrp_module import demo_model
-from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from lrp_module.files import sha256_file
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from pipeline.preprocess import Preprocessing, decode, preprocess
 
 from . import shapes, shapes_hans
+from .hans_effect import measure
 
 TRAIN_PER_CLASS = 1000
 EPOCHS = 20
 BATCH = 32
 LEARNING_RATE = 3e-3
+PRINT = partial(print, flush=True)  # training's default log: lines appear as they are written
 SEED = 0
 
 
@@ -59,15 +61,10 @@ RECIPES = {
 }
 
 
-def pipeline_preprocessing(size: int = shapes.IMAGE_SIZE) -> Preprocessing:
-    """The pipeline's preprocessing at `size` (pipeline/worker.py: resize to size*256/224, crop size)."""
-    return Preprocessing.for_size(size)
-
-
 def tensors(seed: int, per_class: int, make_sample: Callable[[int, int], shapes.ShapeSample] = shapes.make_sample
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generated images as the pipeline sees them (N, 3, 64, 64) and their labels (N,)."""
-    steps = pipeline_preprocessing()
+    steps = Preprocessing.for_size(shapes.IMAGE_SIZE)  # the pipeline's own
     images, labels = [], []
     for index in range(per_class * len(shapes.CLASSES)):
         sample = make_sample(seed, index)
@@ -103,7 +100,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 def train(per_class: int = TRAIN_PER_CLASS, epochs: int = EPOCHS, seed: int = SEED, threads: int = 2,
           val_per_class: int = shapes.VAL_PER_CLASS, cfg: list | None = None, batch_norm: bool = demo_model.BATCH_NORM,
-          learning_rate: float = LEARNING_RATE, log=partial(print, flush=True),
+          learning_rate: float = LEARNING_RATE, log=PRINT,
           make_sample: Callable[[int, int], shapes.ShapeSample] = shapes.make_sample, flips: bool = True,
           noise: bool = True) -> tuple[torch.nn.Module, dict]:
     """The trained model and what its record says of the training."""
@@ -179,7 +176,7 @@ def save(model: torch.nn.Module, facts: dict, out_dir: Path, name: str = demo_mo
         "cfg": facts.pop("cfg"), "batch_norm": facts.pop("batch_norm"), "pool": demo_model.POOL,
         "hidden": demo_model.HIDDEN,
         "training": facts, "torch": torch.__version__,
-        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": RECIPES[name].command if name in RECIPES else "demo.train.train",
         **(extra or {}),
     }
@@ -209,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                          make_sample=recipe.make_sample, flips=recipe.flips, noise=recipe.noise)
     extra = None
     if args.model == demo_model.HANS_NAME:
-        from .hans_effect import measure  # the tag's effect on the validation split, recorded with the weights
-        extra = {"dataset": "shapes-hans", "hans": measure(model)}
+        extra = {"dataset": "shapes-hans", "hans": measure(model)}  # the tag's effect, recorded with the weights
         print(json.dumps(extra["hans"], indent=2))
     record = save(model, facts, Path(args.out), args.model, extra)
     print(f"validation accuracy {facts['val_accuracy']:.3f} after {facts['epochs']} epochs "

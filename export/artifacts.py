@@ -1,4 +1,5 @@
-"""Write the LRP-augmented model (any VGG or ResNet) as TorchScript, ONNX and torch.export artifacts plus a metadata sidecar.
+"""Write the LRP-augmented model (any VGG or ResNet) as TorchScript, ONNX and torch.export artifacts plus a metadata
+sidecar.
 
 Every file is written under a temporary name in the output directory and renamed when complete, so an
 interrupted or failed export never leaves a file that looks finished.
@@ -17,9 +18,9 @@ import torch
 from torch import nn
 
 from lrp_module import LRPModel
+from lrp_module.composites import get_composite
 from lrp_module.files import atomic, temporary_path, write_text_atomic
 from lrp_module.oracle import Float64Oracle, probe_record
-from lrp_module.composites import get_composite
 from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
 
@@ -93,7 +94,7 @@ def metadata(config: ExportConfig, lrp: LRPModel, info: WeightsInfo) -> dict:
                     else ["N", 3, config.height, config.width]},
         "class_names": info.categories,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -11,7 +11,6 @@ from lrp_module.zoo import MODEL_NAMES, WeightsError
 from .artifacts import FILENAMES, ExportConfig, ExportError, VerificationError, export_artifacts
 from .runner import ArtifactError
 
-
 EXIT_CODES = ("exit codes (as `python -m pipeline explain`): 0 written and verified; 1 written, but an artifact "
               "failed its check against eager LRP; 2 nothing could be exported (configuration, weights, OUT)")
 
@@ -27,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m export", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     p.add_argument("--model", default="vgg16", help=f"one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (torch hub cache or download), 'demo' (vgg-shapes' committed weights), a state-dict "
+                   help="'imagenet' (torch hub cache or download), 'demo' (vgg-shapes' committed weights), "
+                   "a state-dict "
                         "file, or 'random'")
     p.add_argument("--composite", default="epsilon_gamma_box", help=f"one of {', '.join(COMPOSITES)}")
     p.add_argument("--top-k", type=float, default=0.0, help="fraction of relevance kept per layer (0 = off)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -22,7 +22,7 @@ from .graph import Sum
 from .rules import AlphaBeta, AvgPoolRule, Epsilon, Flat, Gamma, Norm, PoolRule, Rule, WinnerTakesAll, ZBox, ZPlus
 from .weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
-AnyRule = Union[Rule, PoolRule]
+AnyRule = Rule | PoolRule
 STARTS = ("logit", "softmax")
 
 
@@ -181,7 +181,8 @@ def seed(stabilizer: float = 1e-5) -> Composite:
     layer, an all-ones input for the first layer, max pooling as 2x2 average pooling, softmax start."""
     zplus = ZPlus(stabilizer, zero_bias=True)
     return Composite(
-        {nn.Conv2d: zplus, nn.Linear: zplus, nn.MaxPool2d: AvgPoolRule(stabilizer), nn.AdaptiveAvgPool2d: Norm(stabilizer),
+        {nn.Conv2d: zplus, nn.Linear: zplus, nn.MaxPool2d: AvgPoolRule(stabilizer),
+         nn.AdaptiveAvgPool2d: Norm(stabilizer),
          nn.AvgPool2d: Norm(stabilizer), Sum: Norm(stabilizer)},
         first=ZPlus(stabilizer, zero_bias=True, ones_input=True),
         start="softmax",

@@ -332,7 +332,7 @@ class LRPModel(nn.Module):
             logits, relevance = self.propagate(x, target)
         return logits, relevance.contiguous()
 
-    def exportable(self, channel_sum: bool = True) -> "ExportableLRP":
+    def exportable(self, channel_sum: bool = True) -> ExportableLRP:
         """A module with forward(x, target) -> (logits, relevance) for tracing / exporting (no input checks)."""
         return ExportableLRP(self, channel_sum)
 

@@ -90,7 +90,7 @@ class Float64Oracle:
                             composite_params=composite_params)
 
     @classmethod
-    def like(cls, model: nn.Module, lrp: LRPModel) -> "Float64Oracle":
+    def like(cls, model: nn.Module, lrp: LRPModel) -> Float64Oracle:
         """The oracle of `lrp` (its composite and top-k filter), which was built from `model`."""
         return cls(model, lrp.composite, top_k=lrp.top_k.top_k, rescale_top_k=lrp.top_k.rescale)
 

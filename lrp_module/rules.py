@@ -59,7 +59,7 @@ def _divide(relevance: Tensor, denominator: Tensor, eps: float | Tensor) -> Tens
 class Rule:
     """A relevance rule for affine layers (conv2d, linear)."""
 
-    def bind(self, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext) -> "BoundRule":
+    def bind(self, op: AffineOp, weight: Tensor, bias: Tensor | None, ctx: LayerContext) -> BoundRule:
         raise NotImplementedError
 
     @property
@@ -445,7 +445,7 @@ class _BoundSquaredOrFlat(BoundRule):
 class PoolRule:
     """A relevance rule for pooling layers (and for the residual sum, zennit's `Sum` module: Norm)."""
 
-    def bind(self, pool: nn.Module, ctx: LayerContext | None = None) -> "BoundPoolRule":
+    def bind(self, pool: nn.Module, ctx: LayerContext | None = None) -> BoundPoolRule:
         raise NotImplementedError
 
     multiplies_input = True
@@ -475,7 +475,7 @@ class PoolGeometry:
     dilation: tuple[int, int]
 
     @classmethod
-    def of(cls, pool: nn.Module) -> "PoolGeometry":
+    def of(cls, pool: nn.Module) -> PoolGeometry:
         if getattr(pool, "ceil_mode", False):
             raise ValueError(f"pooling with ceil_mode=True is not supported, got {pool}")
         kernel = _pair(pool.kernel_size)

@@ -11,9 +11,9 @@ from lrp_module.zoo import WeightsError
 
 from .config import ConfigError, load_config
 from .datasets import DatasetError
+from .errors import RunError, StrictStop
 from .output_checks import OutputCheckError
 from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
-from .errors import RunError, StrictStop
 from .run import explain
 from .spray.cli import add_spray_command, run_spray_command
 
@@ -43,7 +43,8 @@ OPTIONS = [
     ("decode_threads", int, "decoding threads per actor"),
     ("device", str, "auto | cpu | cuda"),
     ("precision", str, "fp32 | tf32 (CUDA: TF32 matmuls and convolutions; no effect on a CPU)"),
-    ("shard_timeout_s", float, "seconds before a silent actor is killed and its shard retried (default 120 + 10/image)"),
+    ("shard_timeout_s", float,
+     "seconds before a silent actor is killed and its shard retried (default 120 + 10/image)"),
     ("shard_retries", int, "retries of a shard whose actor crashed or hung, before its images are isolated"),
     ("out", str, "run directory (default runs/<dataset>-<model>-<composite>)"),
     ("cache", str, "where traced LRP modules are kept"),

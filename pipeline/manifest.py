@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from lrp_module.files import atomic, sha256_file
+
 from .artifact_cache import ResolvedWeights
 from .config import RunConfig
 from .datasets.records import ImageRecord
 from .layout import RunLayout
-from .shard_runner import InvocationWork
 from .schema import FAILURE_SCHEMA
-from lrp_module.files import atomic, sha256_file
-
+from .shard_runner import InvocationWork
 from .writers import write_virtual_dataset
 
 

@@ -10,7 +10,6 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 from lrp_module import demo_model
 from lrp_module.zoo import weights_file

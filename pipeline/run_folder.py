@@ -7,11 +7,12 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lrp_module.files import atomic
+
 from .config import RunConfig
 from .datasets.records import ImageRecord
 from .errors import RunError
 from .layout import RunLayout
-from lrp_module.files import atomic
 
 
 def shards_of(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:

@@ -29,8 +29,8 @@ from .datasets.records import ImageRecord
 from .faithfulness import flip_statistics
 from .faults import inject_fault
 from .gpu_decode import DeviceDecoder
-from .preprocess import DecodeError, Preprocessing, load
 from .layout import RunLayout
+from .preprocess import DecodeError, Preprocessing, load
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns, stats_rows
 from .writers import compress_map, write_parquet, write_relevance
 

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 import lrp_module as lrp
-from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from lrp_module import topk
 from lrp_module.oracle import Float64Oracle, bound
 from lrp_module.topk import relevance_filter
 from lrp_module.topk_select import kth_largest_radix
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 from .bad_inputs import reference_rgb
 from .helpers import make_vgg, relative_error, worker_settings
@@ -182,9 +182,9 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def shard_inputs(tmp_path_factory):
     """Six small JPEGs in one ImageFolder class and the traced vgg11 artifact the pipeline builds for them."""
+    from pipeline.artifact_cache import cached_artifact
     from pipeline.config import load_config
     from pipeline.datasets import load_records
-    from pipeline.artifact_cache import cached_artifact
 
     base = tmp_path_factory.mktemp("cuda-shard")
     root = base / "images" / "n01440764"

@@ -60,7 +60,8 @@ def layouts(tmp_path_factory):
             wnid = CLASSES.wnids[cls]
             parts = [f"{wnid} {int(b[0])} {int(b[1])} {int(b[2])} {int(b[3])}" for b in boxes] or [f"{wnid} 0 0 1 1"]
             writer.writerow([_name(n), " ".join(parts)])
-    (kaggle / "LOC_synset_mapping.txt").write_text("".join(f"{w} {nm}\n" for w, nm in zip(CLASSES.wnids, CLASSES.names)))
+    (kaggle / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{w} {nm}\n" for w, nm in zip(CLASSES.wnids, CLASSES.names)))
     # ImageNet val, devkit flavour: ILSVRC IDs in another order than the sorted wnids, boxes as VOC XML
     devkit = root / "devkit"
     (devkit / "bbox").mkdir(parents=True)

@@ -20,7 +20,7 @@ from pipeline.datasets.records import ImageRecord
 from pipeline.gpu_decode import DeviceDecoder, route
 from pipeline.preprocess import DecodeError, Preprocessing, load
 
-from .bad_inputs import encode, reference_rgb, sample_files
+from .bad_inputs import encode, sample_files
 from .helpers import worker_settings
 
 pytestmark = pytest.mark.timeout(120)

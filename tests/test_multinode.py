@@ -16,8 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.fault_tools import (_cmdline, actor_processes, cli, cli_env, committed_stats, kill_session, make_images,
-                               start, wait_for)
+from bench.fault_tools import (
+    _cmdline,
+    actor_processes,
+    cli,
+    cli_env,
+    committed_stats,
+    kill_session,
+    make_images,
+    start,
+    wait_for,
+)
 
 from .fault_tools import assert_exactly_once, assert_same_outputs
 

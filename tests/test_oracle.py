@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lrp_module as lrp
-from lrp_module import oracle, ops, rules
+from lrp_module import ops, oracle, rules
 
 from .helpers import make_vgg
 

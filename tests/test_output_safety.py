@@ -24,15 +24,14 @@ import torch
 from PIL import Image
 
 from lrp_module import zoo
-from pipeline import writers
+from pipeline import artifact_cache, writers
+from pipeline.artifact_cache import cached_artifact, cached_classifier
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from pipeline.datasets import load_records
+from pipeline.errors import RunError
 from pipeline.output_checks import estimated_bytes
 from pipeline.preprocess import load
-from pipeline import artifact_cache
-from pipeline.artifact_cache import cached_artifact, cached_classifier
-from pipeline.errors import RunError
 from pipeline.shard_runner import stop_if_needed
 
 from .bad_inputs import make_imagenet_val, reference_rgb

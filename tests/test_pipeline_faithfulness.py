@@ -14,16 +14,16 @@ import torch
 
 from lrp_module.zoo import build_vgg
 from pipeline import worker
+from pipeline.artifact_cache import cached_artifact, cached_classifier
 from pipeline.config import ConfigError, load_config
+from pipeline.contracts import Flipping
 from pipeline.datasets import load_records
 from pipeline.faithfulness import aopc, region_perturbation, stable_seed
 from pipeline.preprocess import Preprocessing, load
-from pipeline.artifact_cache import cached_artifact, cached_classifier
-from pipeline.contracts import Flipping
 from pipeline.schema import FLIP_COLUMNS
 
-from .test_pipeline import SIZE, _config, _run, dataset  # noqa: F401  (the dataset fixture)
 from .helpers import worker_settings
+from .test_pipeline import SIZE, _config, _run, dataset  # noqa: F401  (the dataset fixture)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)

@@ -321,7 +321,8 @@ def test_histograms_have_integer_counts_and_tick_labels_that_do_not_overlap(tmp_
         figure.canvas.draw()
         assert all(float(t).is_integer() for t in axes.get_yticks()), axes.get_yticks()
         boxes = [label.get_window_extent() for label in axes.get_xticklabels() if label.get_text()]
-        assert boxes and all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [l.get_text() for l in axes.get_xticklabels()]
+        assert boxes and all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), \
+            [label.get_text() for label in axes.get_xticklabels()]
 
 
 def test_tiles_draw_the_box_where_the_image_has_one(tmp_path):

@@ -238,7 +238,8 @@ class _BranchOnData(nn.Module):
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding_mode="reflect", padding=1), nn.Flatten(), nn.Linear(4, 2)),
      r"^layer 0: only explicit zero padding"),
     (_BranchOnData, r"^cannot capture _BranchOnData with torch.fx"),
-    (lambda: torchvision.models.densenet121(), r"^(batch norm features.denseblock1.denselayer1.norm1 does not directly follow|cannot capture DenseNet)"),
+    (lambda: torchvision.models.densenet121(),
+     r"^(batch norm features.denseblock1.denselayer1.norm1 does not directly follow|cannot capture DenseNet)"),
 ])
 def test_unsupported_parts_fail_at_construction_in_one_line(build, match):
     with pytest.raises(ValueError, match=match) as error:

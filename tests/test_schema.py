@@ -13,8 +13,19 @@ import torch
 
 from pipeline import stats
 from pipeline.faithfulness import flip_statistics
-from pipeline.schema import (FAILURE_SCHEMA, FLIP_COLUMNS, GROUPS, STATS_COLUMNS, STATS_SCHEMA, SUPPLIED_GROUPS,
-                             columns_of, converter, failure_row, map_columns, stats_rows)
+from pipeline.schema import (
+    FAILURE_SCHEMA,
+    FLIP_COLUMNS,
+    GROUPS,
+    STATS_COLUMNS,
+    STATS_SCHEMA,
+    SUPPLIED_GROUPS,
+    columns_of,
+    converter,
+    failure_row,
+    map_columns,
+    stats_rows,
+)
 
 pytestmark = pytest.mark.timeout(60)
 N, SIZE, CLASSES = 3, 8, 6

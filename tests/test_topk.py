@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import lrp_module as lrp
-from lrp_module.topk import TopKFilter, relevance_filter
-
 from bench.blog_lrp import blog_topk
+from lrp_module.topk import TopKFilter, relevance_filter
 
 
 @pytest.mark.parametrize("shape", [(4, 64, 14, 14), (3, 1000), (2, 3, 7, 5)])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.blog_lrp import blog_topk
 from lrp_module import topk
 from lrp_module.topk import kept_count, relevance_filter
 from lrp_module.topk_select import kth_largest_radix, order_key
 
-from bench.blog_lrp import blog_topk
 from .test_topk import _rows
 
 N = 50_021  # prime: no alignment with the 16-bit digits or the bracket's sample stride

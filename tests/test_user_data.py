@@ -11,8 +11,8 @@ from PIL import Image
 from pipeline.layout import RunLayout
 
 from .bad_inputs import reference_rgb
-from .test_output_safety import SIZE, _args, _cli
 from .helpers import worker_settings
+from .test_output_safety import SIZE, _args, _cli
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -94,8 +94,8 @@ def test_run_layout_knows_its_own_files_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def artifact(artifact_cache):
-    from pipeline.config import load_config
     from pipeline.artifact_cache import cached_artifact
+    from pipeline.config import load_config
 
     config = load_config({"model": "vgg11", "weights": "random", "size": SIZE, "cache": str(artifact_cache)})
     with warnings.catch_warnings():

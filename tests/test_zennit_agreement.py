@@ -1,7 +1,8 @@
 """Maps equal zennit 1.0.0's for every composite both have, and for custom composites that drive the general
 (non-fast) rule paths. float64: ours and zennit's agree to 1e-9 (the same formulas). float32: float32 LRP on random
 weights is ill-conditioned and its rounding depends on the CPU's kernels, so ours and zennit's are each compared with
-the float64 oracle, each within `oracle.bound` of the other's distance (max |difference| / max |reference| per image)."""
+the float64 oracle, each within `oracle.bound` of the other's distance (max |difference| / max |reference| per
+image)."""
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,8 @@ from zennit.torchvision import VGGCanonizer
 from zennit.types import Activation, AvgPool, Convolution
 
 import lrp_module as lrp
-from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from lrp_module.oracle import Float64Oracle, bound
+from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 from .helpers import make_vgg, relative_error
 

@@ -14,7 +14,8 @@ from PIL import Image
 from lrp_module.files import write_text_atomic
 
 from ..layout import RunLayout
-from . import html, selection, strategies as spray_section, tables
+from . import html, selection, tables
+from . import strategies as spray_section
 from .files import inside
 from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
 from .plots import write_plots
@@ -92,7 +93,8 @@ def _failures_section(run: RunData) -> str:
         return '<p class="note">No failures.</p>'
     reasons = failures["reason"].astype(str).str.split(":").str[0].value_counts()
     shown = failures.head(200)
-    more = f'<p class="note">First 200 of {len(failures):,}; all in failures.parquet.</p>' if len(failures) > 200 else ""
+    more = f'<p class="note">First 200 of {len(failures):,}; all in failures.parquet.</p>' \
+        if len(failures) > 200 else ""
     return (html.table(["reason", "images"], [[r, f"{c:,}"] for r, c in reasons.items()]) + "<br>"
             + html.table(["image id", "path", "reason"],
                          [[str(r.image_id), str(r.path), str(r.reason)] for r in shown.itertuples()]) + more)

@@ -109,7 +109,8 @@ def precision_text(probe: dict) -> str:
             f"{corr['min']:.6f} (median {corr['median']:.6f}) on {probe['images']} images against "
             f"{probe['reference']}; {probe['device']}, {probe['dtype']}{', TF32' if probe.get('tf32') else ''}")
     if not corr["min"] >= CORRELATION_WARNING:
-        text += f"  — LOW CORRELATION (< {CORRELATION_WARNING}): these maps are not what float64 gives; do not trust them"
+        text += (f"  — LOW CORRELATION (< {CORRELATION_WARNING}): these maps are not what float64 gives; "
+                 "do not trust them")
     return text
 
 

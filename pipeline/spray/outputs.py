@@ -33,7 +33,8 @@ def clusters_schema(k_max: int) -> pa.Schema:
     outlier."""
     return pa.schema([
         _field("image_id", pa.string(), "image id, as in stats/ (join on it)"),
-        _field("class", pa.int64(), "the class the image was analysed under (predicted class, or label with --by label)"),
+        _field("class", pa.int64(),
+               "the class the image was analysed under (predicted class, or label with --by label)"),
         _field("k_chosen", pa.int64(), "the eigengap's number of clusters for that class"),
         _field("cluster", pa.int64(), "the image's k-means cluster under k_chosen (0 = the largest)"),
         *[_field(f"cluster_k{k}", pa.int64(), f"its k-means cluster for k = {k} (-1: the class has too few images "

@@ -62,7 +62,8 @@ def prediction_array(table: pd.DataFrame, classes: int) -> np.ndarray:
 
 
 def write_label_map(path: Path, index: RunIndex) -> None:
-    entries = [{"index": i, "word_net_id": w, "name": n} for i, (w, n) in enumerate(zip(index.wnids, index.class_names))]
+    entries = [{"index": i, "word_net_id": w, "name": n}
+               for i, (w, n) in enumerate(zip(index.wnids, index.class_names))]
     with atomic(path) as tmp:
         tmp.write_text(json.dumps(entries, indent=1) + "\n")
 
@@ -93,8 +94,8 @@ def write_attributions(path: Path, index: RunIndex) -> None:
 
 
 def _crop(path: str, size: int) -> np.ndarray | None:
-    from ..report.tiles import display_crop, preprocessing_for  # torch-based: imported only when images are wanted
     from ..preprocess import DecodeError
+    from ..report.tiles import display_crop, preprocessing_for  # torch-based: imported only when images are wanted
 
     try:
         crop = display_crop(path, preprocessing_for(size))
@@ -167,7 +168,8 @@ def write_project_file(path: Path, index: RunIndex, variant: str) -> None:
             "attribution_strategy": "true_label" if target == "label" else "predicted_label",
             "sources": [ATTRIBUTION_FILE],
         },
-        "analyses": [{"analysis_method": f"spray_{variant}", "sources": [ANALYSIS_FILE]}],  # no "-": the server maps it to "_"
+        # no "-" in the method's name: the server maps it to "_"
+        "analyses": [{"analysis_method": f"spray_{variant}", "sources": [ANALYSIS_FILE]}],
         "dataset": {"name": str(config.get("dataset", index.root.name)), "type": "hdf5", "path": DATASET_FILE,
                     "input_width": index.size, "input_height": index.size,
                     "up_sampling_method": "none", "down_sampling_method": "none"},
