@@ -284,6 +284,21 @@ def test_bad_input_is_one_line_error(tmp_path, photos, capsys, argv, culprit):
     assert not (run / "heatmaps").exists() and not (run / "report").exists()
 
 
+def test_a_report_that_cannot_be_written_is_one_line_error(tmp_path, photos, capsys, monkeypatch):
+    """The disk fills while index.html is written: one line naming the file, exit code 2, no traceback."""
+    from lrp_module.files import OutputError
+    from pipeline.report import build
+
+    def full_disk(path, text):
+        raise OutputError(f"cannot write {path}: no space left on device")
+
+    run = _run(tmp_path, photos, n=8)
+    monkeypatch.setattr(build, "write_text_atomic", full_disk)
+    assert cli_main(["report", str(run), "--gallery", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: cannot write {run / 'report' / 'index.html'}: no space left on device"
+
+
 def test_report_on_an_unfinished_run_says_so_and_counts_what_exists(tmp_path, photos):
     """11.12: no manifest (the run was stopped or is still running): the top of the page says the run is
     incomplete, the title comes from run.json, and the counts are those of the finished shards."""

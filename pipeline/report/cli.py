@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lrp_module.files import OutputError
+
 from .build import build_report, write_heatmaps
 from .heatmap import COLOUR_MAPS, DEFAULT_COLOUR_MAP, ColourMapError
 from .run_data import ReportError
@@ -35,7 +37,7 @@ def run_report_command(args: argparse.Namespace) -> int:
         else:
             written = write_heatmaps(args.run, args.ids.split(","), args.out, cmap=args.cmap)
             print(f"{len(written)} files -> {written[0].parent}")
-    except (ReportError, ColourMapError) as error:
+    except (ReportError, ColourMapError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
