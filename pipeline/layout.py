@@ -12,8 +12,10 @@ from lrp_module.files import TEMPORARY_PREFIX
 SHARD_DIGITS = 5
 TEMPORARY = re.compile(rf"^{re.escape(TEMPORARY_PREFIX)}\d+-.+$")  # lrp_module.files.temporary_name()
 SHARD_FILE = re.compile(rf"^shard-\d{{{SHARD_DIGITS}}}\.(h5|parquet)$")
-REPORT_IMAGE = re.compile(r"^[A-Za-z0-9._-]+\.(png|jpg)$")  # tiles, plots, colour bar (pipeline/report)
-HEATMAP_FILE = re.compile(r"^[A-Za-z0-9._-]+-(heatmap|image|overlay)\.png$")
+# tiles, plots, colour bar (pipeline/report; report.files.safe_name never starts with a dot, so a temporary file,
+# found by TEMPORARY, is never an image too)
+REPORT_IMAGE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\.(png|jpg)$")
+HEATMAP_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*-(heatmap|image|overlay)\.png$")
 # pipeline/spray's outputs (outputs.py, virelay.py): the strategies of a run are its own files too
 SPRAY_FILE = re.compile(r"^(clusters\.parquet|summary\.json|cluster_means\.h5|project\.yaml|label-map\.json|"
                         r"attribution\.h5|dataset\.h5|analysis\.h5)$")
@@ -110,10 +112,7 @@ class RunLayout:
 
     # ------------------------------------------------------------------------------------------ own files
     def own_files(self) -> Iterator[Path]:
-        """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else; each once."""
-        return iter(dict.fromkeys(self._own_files()))
-
-    def _own_files(self) -> Iterator[Path]:
+        """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
         for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
                      self.report / "index.html"):
             if path.is_file() or path.is_symlink():

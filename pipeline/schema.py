@@ -137,7 +137,8 @@ def stats_rows(columns: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
     for name, values in columns.items():
         if len(values) != count:
             raise ValueError(f"column {name} has {len(values)} values for {count} images")
-    present = [(field.name, converter(field.type), columns[field.name]) for field in STATS_SCHEMA
+    # each column as plain Python once (one tolist per tensor, not one tensor index per image and column)
+    present = [(field.name, converter(field.type), _as_list(columns[field.name])) for field in STATS_SCHEMA
                if field.name in columns]
     rows = []
     for i in range(count):
@@ -174,6 +175,10 @@ def _finite_or_none(value: Any) -> float | None:
 def _bool_or_none(value: Any) -> bool | None:
     number = _finite_or_none(value)  # a boolean statistic computed as 0. / 1. with NaN for "not defined"
     return None if number is None else bool(number)
+
+
+def _as_list(values: Any) -> Sequence[Any]:
+    return values.tolist() if hasattr(values, "tolist") else values
 
 
 def _plain(value: Any) -> Any:

@@ -44,7 +44,7 @@ class InvocationWork:
     workers: dict[int, Any] = field(default_factory=dict)  # shard -> the node / host / process that explained it
 
     def timings(self) -> dict[str, Any]:
-        if not self.workers and not self.images:
+        if not self.images:  # every shard was done already
             return {}
         return {"images_this_invocation": self.images, "explain_seconds": self.seconds,
                 "images_per_second": self.images / self.seconds if self.seconds else None,
