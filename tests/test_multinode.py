@@ -88,17 +88,21 @@ def _busy_actors(session: int) -> list[int]:
 
 
 def _commit_watcher(out: Path, pids: list[int]):
-    """A check, to be polled, of whether a shard written by one of `pids` is committed (the temporary names of
-    a shard's files carry the writer's pid)."""
-    seen: set[Path] = set()
+    """A check, to be polled, of whether the driver has received the result of a shard written by one of `pids`:
+    that shard is committed and the same actor has begun another one (an actor holds one shard at a time, so it
+    gets the next only once the driver has collected the last; a shard merely committed may still lose its
+    result with the node). Shards are told by their temporary files, which carry the writer's pid."""
+    seen: dict[int, set[Path]] = {pid: set() for pid in pids}
 
-    def committed() -> bool:
-        for pid in pids:
+    def delivered() -> bool:
+        for pid, shards in seen.items():
             for tmp in (out / "relevance").glob(f".tmp-{pid}-shard-*.h5"):
-                seen.add(out / "stats" / tmp.name.split(f".tmp-{pid}-", 1)[1].replace(".h5", ".parquet"))
-        return any(path.exists() for path in seen)
+                shards.add(out / "stats" / tmp.name.split(f".tmp-{pid}-", 1)[1].replace(".h5", ".parquet"))
+            if len(shards) >= 2 and any(path.exists() for path in shards):
+                return True
+        return False
 
-    return committed
+    return delivered
 
 
 def test_run_survives_a_worker_node_dying(cluster, tmp_path):
@@ -116,8 +120,9 @@ def test_run_survives_a_worker_node_dying(cluster, tmp_path):
     driver = start(cli(dataset, out, cache, "--actors", "2"), {**env, "RAY_ADDRESS": address},
                    tmp_path / "cluster.log")
     try:
-        # the second node's actor at work, a shard of its own committed (seen by its temporary files, named
-        # after its pid; or, if they were too quick to see, six more shards committed): then the node dies
+        # the second node's actor at work, a shard of its own committed and its result received (seen by its
+        # temporary files, named after its pid; or, if they were too quick to see, six more shards committed):
+        # then the node dies
         second_actors = wait_for(lambda: _busy_actors(second_node.pid), 300, "an actor at work on node 2")
         before = len(committed_stats(out))
         by_second = _commit_watcher(out, second_actors)
