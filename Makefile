@@ -11,31 +11,50 @@ MODEL ?= vgg16
 WEIGHTS ?= imagenet
 COMPOSITE ?= epsilon_gamma_box
 TOPK ?= 0.0
-OUT ?= artifacts/$(MODEL)-$(COMPOSITE)-k$(TOPK)
+OUT ?= artifacts/$(call text,MODEL)-$(call text,COMPOSITE)-k$(call text,TOPK)
 EXPORT_ARGS ?=
 
+# Values given to make are data, never code: make expands nothing in them (`$(value ...)`, and they are not
+# exported, which would expand them), the shell gets each as one single-quoted word, and the `*_ARGS` are split into
+# words by bin/make_job.py (shlex), never by a shell. A folder named `Bob's $(photos)` is just a folder.
+USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET RUN IDS DEVICE EXPLAIN_ARGS EXPORT_ARGS \
+	REPORT_ARGS SPRAY_ARGS HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS
+unexport $(USER_VARIABLES)
+quote = '$(subst ','\'',$(1))'
+# a variable's text: as given on the command line or in the environment (unexpanded), else the Makefile's default
+text = $(if $(filter command line environment,$(origin $(1))),$(value $(1)),$($(1)))
+# `python -m MODULE ARGS... $(NAME_ARGS)`, every word quoted, NAME_ARGS split by shlex
+job = $(PY) bin/make_job.py $(2) $(call quote,$(call text,$(2))) $(1)
 # `make explain` passes on only what you set (on the command line or in the environment); the rest comes
 # from configs/run.yaml.
-given = $(if $(filter command line environment,$(origin $(1))),--$(2) '$($(1))')
+given = $(if $(filter command line environment,$(origin $(1))),--$(2) $(call quote,$(value $(1))))
 
-EXPLAIN_PREREQUISITES = $(if $(filter shapes,$(DATASET)),shapes-data) $(if $(filter shapes-hans,$(DATASET)),shapes-hans-data)
-EXPLAIN_COMMAND = $(PY) -m pipeline explain $(call given,DATASET,dataset) $(call given,MODEL,model) \
+EXPLAIN_PREREQUISITES = $(if $(filter shapes,$(value DATASET)),shapes-data) \
+	$(if $(filter shapes-hans,$(value DATASET)),shapes-hans-data)
+EXPLAIN_COMMAND = $(call job,pipeline explain,EXPLAIN_ARGS) $(call given,DATASET,dataset) $(call given,MODEL,model) \
 	$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
-	$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(EXPLAIN_ARGS)
-EXPORT_COMMAND = $(PY) -m export --model $(MODEL) --weights $(WEIGHTS) --composite $(COMPOSITE) --top-k $(TOPK) \
-	--out $(OUT) $(EXPORT_ARGS)
+	$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target)
+EXPORT_COMMAND = $(call job,export,EXPORT_ARGS) --model $(call quote,$(call text,MODEL)) \
+	--weights $(call quote,$(call text,WEIGHTS)) --composite $(call quote,$(call text,COMPOSITE)) \
+	--top-k $(call quote,$(call text,TOPK)) --out $(call quote,$(call text,OUT))
 
 # `make explain` and `make export` exit with the program's own codes (0 done, 1 some images failed / an artifact
 # failed its check, 2 could not start or finish), which make alone cannot do: any failed recipe makes it exit 2.
 # So, as the only goal (and not a dry run), the job runs while this Makefile is read (prerequisites first, by a
-# sub-make), its output going to make's own stdout and stderr; status 1 then turns on make's question mode
-# (-q), whose exit status for a target that is not up to date is 1; 0 and 2 are the recipe's `exit`.
+# sub-make), its stderr going to make's own stderr as it comes and its stdout (the closing summary) to a temporary
+# file that make then prints on its own stdout (nothing is reopened, so `> run.log 2>&1` and `>> all.log` keep
+# every line, in place); status 1 then turns on make's question mode (-q), whose exit status for a target that is
+# not up to date is 1; 0 and 2 are the recipe's `exit`.
 JOB = $(if $(filter explain,$(MAKECMDGOALS)),EXPLAIN,EXPORT)
 ifneq ($(filter explain export,$(MAKECMDGOALS)),)
 ifeq ($(words $(MAKECMDGOALS)),1)
 ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+JOB_STDOUT := $(shell mktemp)
 JOB_STATUS := $(shell $(MAKE) --no-print-directory -s $(STAMP) $(if $(filter explain,$(MAKECMDGOALS)),$(EXPLAIN_PREREQUISITES)) >&2 \
-	&& { $($(JOB)_COMMAND); } >"$$( [ -w /proc/$$PPID/fd/1 ] && echo /proc/$$PPID/fd/1 || echo /dev/stderr )"; echo $$?)
+	&& { $($(JOB)_COMMAND); } >'$(JOB_STDOUT)'; echo $$?)
+JOB_SUMMARY := $(file <$(JOB_STDOUT))
+$(if $(JOB_SUMMARY),$(info $(JOB_SUMMARY)))
+$(shell rm -f '$(JOB_STDOUT)')
 ifeq ($(JOB_STATUS),1)
 MAKEFLAGS += -q
 endif
@@ -63,7 +82,7 @@ $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
 test: $(STAMP) $(CHROMIUM) lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(call job,pytest,PYTEST_ARGS) -q
 
 # ruff's configuration is pyproject.toml's [tool.ruff]; `make test` lints first.
 lint: $(STAMP)
@@ -76,26 +95,26 @@ PRECISION_PATHS := ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=SSE41 LRP_MKLDNN=0
 test-precision: $(STAMP)
 	@for path in $(PRECISION_PATHS); do \
 		echo "=== precision tests with $$path"; \
-		env $$path $(PY) -m pytest -q -m precision $(PYTEST_ARGS) || exit 1; \
+		env $$path $(call job,pytest,PYTEST_ARGS) -q -m precision || exit 1; \
 	done
 
 bench: bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
 
 bench-lrp: $(STAMP)
-	$(PY) -m bench.lrp_speed $(BENCH_ARGS)
+	$(call job,bench.lrp_speed,BENCH_ARGS)
 
 # the graph engine on a ResNet: resnet50 224x224 against its forward and zennit (ResNetCanonizer), side by side
 bench-lrp-resnet: $(STAMP)
-	$(PY) -m bench.lrp_speed --model resnet50 --out bench/results/lrp_speed_resnet50.json $(BENCH_ARGS)
+	$(call job,bench.lrp_speed,BENCH_ARGS) --model resnet50 --out bench/results/lrp_speed_resnet50.json
 
 bench-export: $(STAMP)
 	$(PY) -m bench.export_speed
 
 bench-pipeline: $(STAMP)  # DEVICE=cuda: on the GPU (GPU decoding, float32 and TF32); PIPELINE_ARGS=--quick: small
-	$(PY) -m bench.pipeline_speed $(if $(DEVICE),--device $(DEVICE)) $(PIPELINE_ARGS)
+	$(call job,bench.pipeline_speed,PIPELINE_ARGS) $(if $(value DEVICE),--device $(call quote,$(value DEVICE)))
 
 bench-topk: $(STAMP)  # DEVICE=cuda: the radix selection and the filter's cost on the GPU
-	$(PY) -m bench.topk_speed $(if $(DEVICE),--device $(DEVICE))
+	$(PY) -m bench.topk_speed $(if $(value DEVICE),--device $(call quote,$(value DEVICE)))
 
 bench-report: $(STAMP)
 	$(PY) -m bench.report_speed
@@ -117,7 +136,7 @@ $(CORELAY_VENV)/.installed:
 	touch $@
 
 bench-spray: $(STAMP) $(CORELAY_VENV)/.installed
-	$(PY) -m bench.spray_speed $(BENCH_ARGS)
+	$(call job,bench.spray_speed,BENCH_ARGS)
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)
@@ -129,12 +148,12 @@ explain: $(STAMP) $(EXPLAIN_PREREQUISITES)
 
 # e.g. make report RUN=runs/x (REPORT_ARGS='--per-class 2 --gallery 24'); opens from RUN/report/index.html
 report: $(STAMP)
-	$(PY) -m pipeline report '$(RUN)' $(REPORT_ARGS)
+	$(call job,pipeline report,REPORT_ARGS) $(call quote,$(value RUN))
 
 # e.g. make spray RUN=runs/x (SPRAY_ARGS='--by label --variant spectral --min-images 50'): per class, the strategies
 # (SpRAy clusters of the maps) -> RUN/spray/ (clusters.parquet, summary.json, a ViRelAy project); then `make report`
 spray: $(STAMP)
-	$(PY) -m pipeline spray '$(RUN)' $(SPRAY_ARGS)
+	$(call job,pipeline spray,SPRAY_ARGS) $(call quote,$(value RUN))
 
 # e.g. make virelay RUN=runs/x: ViRelAy 0.6.1 (AGPL; installed into its own .venv-virelay, never into the project's)
 # serving RUN/spray/project.yaml on http://localhost:8000
@@ -145,11 +164,12 @@ $(VIRELAY_VENV)/.installed:
 	touch $@
 
 virelay: $(VIRELAY_VENV)/.installed
-	$(VIRELAY_VENV)/bin/python -m virelay '$(RUN)/spray/project.yaml' $(VIRELAY_ARGS)
+	$(VIRELAY_VENV)/bin/python bin/make_job.py VIRELAY_ARGS $(call quote,$(value VIRELAY_ARGS)) virelay \
+		$(call quote,$(value RUN)/spray/project.yaml)
 
 # e.g. make heatmaps RUN=runs/x IDS=ILSVRC2012_val_00000001,ILSVRC2012_val_00000002 -> RUN/heatmaps/*.png
 heatmaps: $(STAMP)
-	$(PY) -m pipeline heatmaps '$(RUN)' --ids '$(IDS)' $(HEATMAP_ARGS)
+	$(call job,pipeline heatmaps,HEATMAP_ARGS) $(call quote,$(value RUN)) --ids $(call quote,$(value IDS))
 
 # The offline demo: the generated shapes' validation split (data/shapes/, not committed: made in a second) and
 # vgg-shapes trained on a training split (seeded, a few minutes on 2 cores; the result is committed).

@@ -3,6 +3,7 @@ artifact cache that user text cannot name or escape."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import warnings
 from pathlib import Path
@@ -44,19 +45,48 @@ def _make(*args: str, timeout: int = 560) -> subprocess.CompletedProcess:
 
 def test_make_explain_keeps_the_documented_exit_codes(folder, tmp_path, artifact_cache):
     """1 when some images failed (make alone would say 2), the summary on stdout, no Ray token banner on a local
-    run; 2 for a bad option, named in one line."""
-    out = tmp_path / "run"
+    run; 2 for a bad option, named in one line. Output redirected to a log keeps every line in place (`>` and `>>`),
+    and a folder named with an apostrophe and `$(...)` is a folder, never a command."""
+    out = tmp_path / "Bob's $(touch pwned) `touch pwned` run"
     common = [f"DATASET={folder}", "MODEL=vgg11", "WEIGHTS=random"]
-    result = _make("explain", *common, f"OUT={out}",
-                   f"EXPLAIN_ARGS=--size {SIZE} --cache {artifact_cache} --no-progress")
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1].startswith("2 explained, 1 failed: not an image")
-    assert "Token authentication" not in result.stderr and (out / "_SUCCESS").exists()
+    args = [*common, f"OUT={out}", f"EXPLAIN_ARGS=--size {SIZE} --cache '{artifact_cache}' --no-progress"]
+    log = tmp_path / "run.log"
+    result = _make_logged(log, ">", "explain", *args)
+    assert result.returncode == 1, log.read_text()[-2000:]
+    first = log.read_text()
+    assert first.startswith("vgg11 uses RANDOM weights"), first[:400]  # the banner: nothing overwrote it
+    assert first.strip().splitlines()[-1].startswith("2 explained, 1 failed: not an image")
+    assert "Token authentication" not in first and (out / "_SUCCESS").exists()
+    assert not list(REPO.glob("pwned")) and not list(tmp_path.glob("pwned"))
+    again = _make_logged(log, ">>", "explain", *args)  # done already: resumes nothing, appends its lines
+    assert again.returncode == 1 and log.read_text().startswith(first), log.read_text()[:400]
+    assert log.read_text().strip().splitlines()[-1].startswith("2 explained, 1 failed: not an image")
     bad = _make("explain", *common, "TOPK=abc", f"OUT={tmp_path / 'other'}")
     assert bad.returncode == 2
     ours = [line for line in bad.stderr.splitlines() if not line.startswith("make")]
     assert ours == ["error: argument --top-k: invalid float value: 'abc'"], bad.stderr
     assert not (tmp_path / "other").exists()
+
+
+def _make_logged(log: Path, redirect: str, *args: str) -> subprocess.CompletedProcess:
+    """`make ARGS {redirect} LOG 2>&1` through a shell, as a user logs a run."""
+    command = " ".join(shlex.quote(word) for word in ["make", "--no-print-directory", *args])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MAKEFLAGS", "MAKELEVEL")}
+    return subprocess.run(["bash", "-c", f"{command} {redirect} {shlex.quote(str(log))} 2>&1"], cwd=REPO, env=env,
+                          timeout=560, check=False)
+
+
+def test_make_variables_are_data_not_code(tmp_path):
+    """An apostrophe or `$(...)` in a make variable is part of a name; `*_ARGS` are split into words, not run."""
+    marker = tmp_path / "pwned"
+    run = tmp_path / f"x'; touch {marker}; echo '$(shell touch {marker})$$(touch {marker})"
+    result = _make("report", f"RUN={run}", f"REPORT_ARGS=--out 'a b' ; touch {marker}")
+    assert result.returncode == 2 and not marker.exists(), result.stderr
+    assert "unrecognized arguments: ; touch" in result.stderr
+    unbalanced = _make("report", f"RUN={run}", "REPORT_ARGS=--out 'a b")
+    assert unbalanced.returncode == 2 and "error: REPORT_ARGS: No closing quotation" in unbalanced.stderr
+    missing = _make("report", f"RUN={run}")
+    assert f"error: {run}: no such run directory" in missing.stderr and not marker.exists()
 
 
 def test_make_export_with_bad_weights_exits_2_and_leaves_no_out(tmp_path):
