@@ -37,10 +37,14 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
+def _make_env() -> dict[str, str]:
+    """This environment less what would tie the make under test to this run's Ray or make."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MAKEFLAGS", "MAKELEVEL")}
+
+
 def _make(*args: str, timeout: int = 560) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MAKEFLAGS", "MAKELEVEL")}
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=_make_env(),
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_make_explain_keeps_the_documented_exit_codes(folder, tmp_path, artifact_cache):
@@ -71,9 +75,8 @@ def test_make_explain_keeps_the_documented_exit_codes(folder, tmp_path, artifact
 def _make_logged(log: Path, redirect: str, *args: str) -> subprocess.CompletedProcess:
     """`make ARGS {redirect} LOG 2>&1` through a shell, as a user logs a run."""
     command = " ".join(shlex.quote(word) for word in ["make", "--no-print-directory", *args])
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MAKEFLAGS", "MAKELEVEL")}
-    return subprocess.run(["bash", "-c", f"{command} {redirect} {shlex.quote(str(log))} 2>&1"], cwd=REPO, env=env,
-                          timeout=560, check=False)
+    return subprocess.run(["bash", "-c", f"{command} {redirect} {shlex.quote(str(log))} 2>&1"], cwd=REPO,
+                          env=_make_env(), timeout=560, check=False)
 
 
 def test_make_variables_are_data_not_code(tmp_path):
