@@ -167,6 +167,29 @@ def test_bad_requests_fail_before_writing(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
+def test_failed_export_leaves_out_as_it_was(tmp_path, monkeypatch):
+    """A failed export removes the folders it created (parents too) and leaves an existing OUT untouched: a previous
+    set is not half-replaced, a user's file stays, no temporary file remains (issue 19.15)."""
+    import export.artifacts as artifacts
+
+    out = tmp_path / "new" / "out"
+    result = subprocess.run([sys.executable, "-m", "export", "--model", "vgg-shapes", "--weights", "demo",
+                             "--size", "8", "8", "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: torchscript export")
+    assert not (tmp_path / "new").exists()
+    previous = {"lrp.torchscript.pt": b"old set", "lrp.json": b"{}", "notes.txt": b"the user's"}
+    for name, content in previous.items():
+        (tmp_path / name).write_bytes(content)
+
+    def failing(module, inputs, meta, path):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setitem(artifacts.EXPORTERS, "onnx", failing)
+    with pytest.raises(ExportError, match="onnx export failed: RuntimeError: exporter broke"):
+        _export(tmp_path, formats=("torchscript", "onnx"), verify=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous
+
+
 def test_cli_one_line_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "export", "--model", "vgg11", "--weights", "random",
                              "--composite", "nope", "--out", str(tmp_path)], capture_output=True, text=True)
