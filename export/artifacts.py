@@ -134,10 +134,34 @@ def remove_created(created: list[Path]) -> None:
             return
 
 
+def _check_input_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Refuse an input of another size than the export's (scripted, so the check stays in the traced graph)."""
+    if x.dim() != 4 or x.size(2) != height or x.size(3) != width:
+        raise ValueError("this LRP artifact was exported for input size " + str(height) + "x" + str(width)
+                         + " (N, 3, " + str(height) + ", " + str(width) + "), got " + str(x.shape)
+                         + "; export again with --size H W")
+    return x
+
+
+class SizeChecked(nn.Module):
+    """The exportable module behind an input-size check, for TorchScript: a trace fixes every size-derived
+    number (the top-k kept count, pooling windows) at the traced size but would accept any other size, where
+    ONNX and torch.export refuse one; the traced artifact refuses it too."""
+
+    def __init__(self, module: nn.Module, height: int, width: int) -> None:
+        super().__init__()
+        self.module, self.height, self.width = module, height, width
+        self.check = torch.jit.script(_check_input_size)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module(self.check(x, self.height, self.width), target)
+
+
 def _export_torchscript(module, inputs, meta: str, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated (FutureWarning) and tracing warns on shapes
-        traced = torch.jit.trace(module, inputs, check_trace=False)
+        height, width = inputs[0].shape[2:]
+        traced = torch.jit.trace(SizeChecked(module, int(height), int(width)), inputs, check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": meta})
 
 
