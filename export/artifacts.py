@@ -1,14 +1,17 @@
 """Write the LRP-augmented model (any VGG or ResNet) as TorchScript, ONNX and torch.export artifacts plus a metadata
 sidecar.
 
-Every file is written under a temporary name in the output directory and renamed when complete, so an
-interrupted or failed export never leaves a file that looks finished.
+The whole set is written and verified in a temporary folder inside the output directory and moved into place
+when complete (artifacts, then the sidecar), so an interrupted or failed export leaves the output directory as it
+was: no half-written set, no replaced artifact, and no folder it created itself; it never deletes anything else.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from torch import nn
 
 from lrp_module import LRPModel
 from lrp_module.composites import get_composite
-from lrp_module.files import atomic, temporary_path, write_text_atomic
+from lrp_module.files import reason, temporary_name
 from lrp_module.oracle import Float64Oracle, probe_record
 from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
@@ -107,21 +110,58 @@ def example_inputs(config: ExportConfig, batch: int | None = None, seed: int = 0
     return x, target
 
 
-def prepare_output(out_dir: Path) -> None:
-    """Create the directory and prove it is writable before any work is done."""
+def prepare_output(out_dir: Path) -> tuple[Path, list[Path]]:
+    """Create the directory (and its missing parents) and the temporary folder the set is written in, before any
+    work is done: (that folder, the folders this created, deepest first)."""
+    created, folder = [], out_dir.absolute()
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = temporary_path(out_dir / "write-probe")
-        probe.write_bytes(b"")
-        probe.unlink()
+        return Path(tempfile.mkdtemp(prefix=temporary_name("export-"), dir=out_dir)), created
     except OSError as error:
+        remove_created(created)
         raise ExportError(f"output directory {out_dir} is not writable: {error.strerror or error}") from None
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders an export created, deepest first, while they are empty (never anything in them)."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _check_input_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Refuse an input of another size than the export's (scripted, so the check stays in the traced graph)."""
+    if x.dim() != 4 or x.size(2) != height or x.size(3) != width:
+        raise ValueError("this LRP artifact was exported for input size " + str(height) + "x" + str(width)
+                         + " (N, 3, " + str(height) + ", " + str(width) + "), got " + str(x.shape)
+                         + "; export again with --size H W")
+    return x
+
+
+class SizeChecked(nn.Module):
+    """The exportable module behind an input-size check, for TorchScript: a trace fixes every size-derived
+    number (the top-k kept count, pooling windows) at the traced size but would accept any other size, where
+    ONNX and torch.export refuse one; the traced artifact refuses it too."""
+
+    def __init__(self, module: nn.Module, height: int, width: int) -> None:
+        super().__init__()
+        self.module, self.height, self.width = module, height, width
+        self.check = torch.jit.script(_check_input_size)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module(self.check(x, self.height, self.width), target)
 
 
 def _export_torchscript(module, inputs, meta: str, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated (FutureWarning) and tracing warns on shapes
-        traced = torch.jit.trace(module, inputs, check_trace=False)
+        height, width = inputs[0].shape[2:]
+        traced = torch.jit.trace(SizeChecked(module, int(height), int(width)), inputs, check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": meta})
 
 
@@ -181,7 +221,27 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
     (eager float32 against float64 on the same batch) either way. Returns the sidecar record."""
     out_dir = Path(out_dir)
     config.validate()
-    prepare_output(out_dir)
+    staging, created = prepare_output(out_dir)
+    try:
+        record = _write_set(lrp, info, config, staging, verify, source)
+        for name in [*record["artifacts"].values(), SIDECAR]:  # the sidecar last: it describes the set
+            os.replace(staging / name, out_dir / name)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)  # the export's own temporary folder
+        remove_created(created)
+        if isinstance(error, OSError):  # disk full, permissions: one line, as any other failed export
+            raise ExportError(f"cannot write the artifacts in {out_dir}: {reason(error)}") from error
+        raise
+    staging.rmdir()
+    failed = [r for r in (record["verification"] or {}).values() if not r["ok"]]
+    if failed:
+        raise VerificationError("verification failed: " + "; ".join(r["message"] for r in failed))
+    return record
+
+
+def _write_set(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_dir: Path, verify: bool,
+               source: nn.Module) -> dict:
+    """Write and verify the artifacts and the sidecar into the (temporary) folder out_dir; the sidecar record."""
     meta = metadata(config, lrp, info)
     meta_json = json.dumps(meta)
     module = lrp.exportable(channel_sum=config.channel_sum).eval()
@@ -190,8 +250,7 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
     for fmt in config.formats:
         path = out_dir / FILENAMES[fmt]
         try:
-            with atomic(path) as tmp:
-                EXPORTERS[fmt](module, inputs, meta_json, tmp)
+            EXPORTERS[fmt](module, inputs, meta_json, path)
         except ExportError:
             raise
         except Exception as error:
@@ -204,11 +263,7 @@ def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_
                                         lrp.steps[0].weight.device)}
     if verify:
         record["verification"] = verify_artifacts(reference, out_dir, written)
-    sidecar = out_dir / SIDECAR
-    write_text_atomic(sidecar, json.dumps(record, indent=2, default=_json_default))
-    failed = [r for r in (record["verification"] or {}).values() if not r["ok"]]
-    if failed:
-        raise VerificationError("verification failed: " + "; ".join(r["message"] for r in failed))
+    (out_dir / SIDECAR).write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
     return record
 
 

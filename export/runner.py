@@ -24,7 +24,8 @@ METADATA_KEY = "lrp_metadata"
 
 
 class ArtifactError(RuntimeError):
-    """An artifact is missing, corrupt or of an unknown kind; the message names the file."""
+    """An artifact is missing, corrupt or of an unknown kind, or is given an input size it was not exported for;
+    the message names the file."""
 
 
 def artifact_format(path: str | Path) -> str:
@@ -35,20 +36,35 @@ def artifact_format(path: str | Path) -> str:
 
 
 def load_artifact(path: str | Path, device: str = "cpu") -> Callable[[np.ndarray, np.ndarray], tuple]:
-    """A function (x float32 (N,3,H,W), target int64 (N,)) -> (logits, relevance) as numpy arrays."""
+    """A function (x float32 (N,3,H,W), target int64 (N,)) -> (logits, relevance) as numpy arrays. Every format
+    runs at the exported input size only (the batch size is free); another size is an ArtifactError."""
     path = Path(path)
     kind = artifact_format(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such artifact file")
     try:
-        if kind == "onnx":
-            return _load_onnx(path, device)
-        return _load_torch(path, kind, device)
+        run = _load_onnx(path, device) if kind == "onnx" else _load_torch(path, kind, device)
     except ArtifactError:
         raise
     except Exception as error:  # corrupt or truncated files fail deep inside the loaders
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ArtifactError(f"{path}: cannot load {kind} artifact (corrupt or incomplete?): {detail}") from None
+    return _size_checked(path, run)
+
+
+def _size_checked(path: Path, run: Callable) -> Callable[[np.ndarray, np.ndarray], tuple]:
+    """`run`, refusing in one line an input of another size than the one in the artifact's metadata: the
+    exporters fix sizes (the top-k kept count among them) at the exported size."""
+    height, width = read_metadata(path)["input"]["shape"][2:]
+
+    def checked(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shape = tuple(np.shape(x))
+        if len(shape) != 4 or shape[2:] != (height, width):
+            size = " ".join(map(str, shape[2:])) if len(shape) == 4 else "H W"
+            raise ArtifactError(f"{path}: exported for input size {height}x{width} (N, 3, {height}, {width}), got x "
+                                f"of shape {shape}; export again with --size {size}")
+        return run(x, target)
+    return checked
 
 
 def read_metadata(path: str | Path) -> dict:

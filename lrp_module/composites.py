@@ -12,6 +12,7 @@ for a VGG `features..., avgpool, flatten, classifier...`; negative counts from t
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -139,8 +140,12 @@ def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -
     )
 
 
+RESNET_STAGE = re.compile(r"^layer(\d+)\.")  # torchvision ResNets' residual stages: layer1 ... layer4
+
+
 class _Montavon(Composite):
-    """The LRP tutorial's VGG16 recipe, generalised to every VGG by block (a block ends at a max pool)."""
+    """The LRP tutorial's VGG16 recipe, generalised to every VGG by block (a block ends at a max pool) and to
+    torchvision's ResNets by stage (the stem is block 0, layerN block N), so that no residual block is split."""
 
     def __init__(self, low, high, gamma: float, rms_scale: float, stabilizer: float, gamma_blocks: int) -> None:
         super().__init__(first=ZBox(low, high, stabilizer), name="montavon", params=dict(
@@ -154,8 +159,19 @@ class _Montavon(Composite):
         self._pool_high = AvgPoolRule(stabilizer, rms_scale=rms_scale)
         self._gamma_blocks = gamma_blocks
 
+    def _block(self, info: LayerInfo) -> int:
+        """A VGG's block; a ResNet's stage (every layer of a residual block gets its stage's rule)."""
+        stage = RESNET_STAGE.match(info.name)
+        if stage:
+            return int(stage.group(1))
+        if isinstance(info.module, Sum):
+            raise ValueError(f"montavon cuts gamma from epsilon by block, which could split the residual addition "
+                             f"{info.name} of this network: it is defined for VGGs and torchvision's ResNets "
+                             "(layer1-layer4) only; choose rules by name with your own Composite")
+        return 0 if info.name in ("conv1", "bn1", "relu", "maxpool") else info.block
+
     def rule_for(self, info: LayerInfo) -> AnyRule:
-        low_block = info.block < self._gamma_blocks
+        low_block = self._block(info) < self._gamma_blocks
         if isinstance(info.module, nn.Conv2d):
             if info.first_affine:
                 return self.first
@@ -172,7 +188,9 @@ class _Montavon(Composite):
 def montavon(low=IMAGENET_LOW, high=IMAGENET_HIGH, gamma: float = 0.25, rms_scale: float = 0.25,
              stabilizer: float = 1e-9, gamma_blocks: int = 3) -> Composite:
     """Montavon et al.'s tutorial: z^B first, gamma in blocks 1-3, epsilon = 0.25 * rms(z) in blocks 4-5,
-    LRP-0 on dense layers, max pooling as average pooling. The tutorial's 1e-9 is added sign-aware."""
+    LRP-0 on dense layers, max pooling as average pooling. The tutorial's 1e-9 is added sign-aware.
+    On a ResNet the five blocks are the stem and layer1-layer4 (gamma: stem, layer1, layer2; epsilon: layer3,
+    layer4), the cut between stages as Montavon et al. 2019 place it between lower and middle layers."""
     return _Montavon(low, high, gamma, rms_scale, stabilizer, gamma_blocks)
 
 

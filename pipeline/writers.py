@@ -61,7 +61,8 @@ def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence[st
 
 def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequence[int], height: int, width: int,
                           dtype: str) -> None:
-    """relevance.h5: one (N, H, W) dataset over all shards in dataset order (paths relative to the run)."""
+    """relevance.h5: one (N, H, W) dataset over all shards in dataset order (paths relative to the run); its
+    attributes `note` and `shards` say that it reads the shards and that a copy without them reads as NaN."""
     total = int(sum(rows))
     layout = h5py.VirtualLayout(shape=(total, height, width), dtype=dtype)
     start = 0
@@ -70,8 +71,13 @@ def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequenc
             source = h5py.VirtualSource(os.path.relpath(shard, path.parent), "relevance", shape=(count, height, width))
             layout[start:start + count] = source
         start += count
+    shards = f"{RunLayout.RELEVANCE}/shard-*.h5"
+    note = (f"a virtual dataset: it reads the shard files {shards} relative to this file; a copy without them "
+            "reads as fill values (NaN), so copy or move the run folder whole (or read the shards)")
     with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_virtual_dataset("relevance", layout, fillvalue=np.nan)
+        dataset = handle.create_virtual_dataset("relevance", layout, fillvalue=np.nan)
+        for node in (handle, dataset):  # HDF5 reads a missing source as fill values without a word
+            node.attrs["note"], node.attrs["shards"] = note, shards
 
 
 def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, settings: WorkerSettings

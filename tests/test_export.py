@@ -53,12 +53,22 @@ def _compare(path, model, vgg, batch, size, channel_sum=True):
 @pytest.mark.precision
 @pytest.mark.parametrize("top_k", [0.0, 0.1])
 def test_all_formats_round_trip_with_dynamic_batch(tmp_path, top_k):
-    """Exported at batch 2, run at 1 and 5, top-k on and off; the built-in fresh-process check passed."""
+    """Exported at batch 2, run at 1 and 5, top-k on and off; the built-in fresh-process check passed. Another
+    input size is refused in one line by every format (issue 19.4: a trace fixed top-k's kept count at the traced
+    size and returned wrong maps at another)."""
     model, record, vgg = _export(tmp_path, top_k=top_k, batch_norm=True)
     assert all(check["ok"] for check in record["verification"].values())
     for name in record["artifacts"].values():
         for batch in (1, 5):
             _compare(tmp_path / name, model, vgg, batch, (64, 64))
+        x, target = np.zeros((2, 3, 96, 96), np.float32), np.array([-1, 2])
+        with pytest.raises(ArtifactError, match=rf"{name}: exported for input size 64x64 \(N, 3, 64, 64\), got x of "
+                                                r"shape \(2, 3, 96, 96\); export again with --size 96 96$"):
+            load_artifact(tmp_path / name)(x, target)
+    with pytest.raises(Exception, match="exported for input size 64x64"):  # the TorchScript module itself
+        torch.jit.load(str(tmp_path / "lrp.torchscript.pt"))(torch.from_numpy(x), torch.from_numpy(target))
+    with pytest.raises(Exception, match=r"x.size\(\)\[2\] == 64"):  # as torch.export's own guard does
+        torch.export.load(str(tmp_path / "lrp.pt2")).module()(torch.from_numpy(x), torch.from_numpy(target))
 
 
 @pytest.mark.timeout(900)  # five exports, each checked against float64; loaded CI machines are slow
@@ -165,6 +175,29 @@ def test_bad_requests_fail_before_writing(tmp_path):
         export_artifacts(ExportConfig(model="vgg11", weights="random"), blocker / "out")
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_failed_export_leaves_out_as_it_was(tmp_path, monkeypatch):
+    """A failed export removes the folders it created (parents too) and leaves an existing OUT untouched: a previous
+    set is not half-replaced, a user's file stays, no temporary file remains (issue 19.15)."""
+    import export.artifacts as artifacts
+
+    out = tmp_path / "new" / "out"
+    result = subprocess.run([sys.executable, "-m", "export", "--model", "vgg-shapes", "--weights", "demo",
+                             "--size", "8", "8", "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: torchscript export")
+    assert not (tmp_path / "new").exists()
+    previous = {"lrp.torchscript.pt": b"old set", "lrp.json": b"{}", "notes.txt": b"the user's"}
+    for name, content in previous.items():
+        (tmp_path / name).write_bytes(content)
+
+    def failing(module, inputs, meta, path):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setitem(artifacts.EXPORTERS, "onnx", failing)
+    with pytest.raises(ExportError, match="onnx export failed: RuntimeError: exporter broke"):
+        _export(tmp_path, formats=("torchscript", "onnx"), verify=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous
 
 
 def test_cli_one_line_errors(tmp_path):

@@ -313,3 +313,31 @@ def test_grouped_convolutions_match_zennit_in_float64(name, stride):
                           nn.Linear(32, 5))
     assert_agree(randomize(model).double(), name, ZENNIT[name](None),
                  torch.randn(2, 3, 12, 12, dtype=torch.float64))
+
+
+def test_montavon_cuts_resnets_between_stages():
+    """montavon's gamma / epsilon cut falls between stages (stem, layer1, layer2 gamma; layer3, layer4 epsilon),
+    never inside a residual block (issue 19.15); a residual network of other names is refused in one line."""
+    for arch in ("resnet18", "resnet50"):
+        table = lrp.LRPModel(make_resnet(arch, dtype=torch.float32), "montavon").rule_table()
+        convs = {name: rule for name, rule in table if "conv" in name or "downsample" in name}
+        for name, rule in convs.items():
+            if name == "conv1":
+                assert rule.startswith("ZBox"), rule
+                continue
+            stage = int(name.split(".")[0].removeprefix("layer"))
+            assert rule.startswith("Gamma" if stage <= 2 else "Epsilon"), (arch, name, rule)
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.body = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            x = torch.relu(self.body(x) + x)
+            return self.head(torch.flatten(self.pool(x), 1))
+
+    with pytest.raises(ValueError, match=r"^montavon .* split the residual addition "):
+        lrp.LRPModel(Residual(), "montavon")
