@@ -132,6 +132,8 @@ class DeviceDecoder:
                 else:
                     try:
                         item = transform(image, record.boxes, self.preprocessing)
+                    except DecodeError as error:  # the CPU path's own check (aspect ratio): the same reason
+                        item = error
                     except Exception as error:  # noqa: BLE001  (one image must not stop the shard)
                         item = DecodeError(f"preprocessing failed: {type(error).__name__}: {error}")
             if isinstance(item, tuple) and item[0].device != self.device:
