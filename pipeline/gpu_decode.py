@@ -4,7 +4,8 @@ with the CPU path's own transforms (`preprocess.transform`: same resize, crop, n
 Only what the device decoder reads as Pillow would goes to it: a baseline JPEG, RGB or grey, with no EXIF
 rotation (nvJPEG ignores EXIF), an end marker (a truncated file must fail, never be padded) and a header Pillow
 accepts (pixel limit). Everything else, and any image the device decoder refuses, is decoded by the CPU path
-(`fallback`), so failure reasons are the CPU path's. Reading files, routing and the fallback run in a thread
+(`fallback`), so failure reasons are the CPU path's; `transform`'s own checks (the aspect-ratio bound) give the
+device path's images the same reasons. Reading files, routing and the fallback run in a thread
 pool; batches are decoded in one background thread (on CUDA in its own stream), so the caller's LRP overlaps
 with the next batch's decoding; fallback images reach the device through pinned memory.
 """
