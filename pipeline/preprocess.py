@@ -192,6 +192,7 @@ def decode_oriented(data: bytes) -> tuple[Image.Image, int, tuple[int, int]]:
     try:
         image = _open(data)
         sixteen_bit = _check_mode(image)  # from the header, before anything is decoded
+        check_aspect_ratio(*image.size)  # (transform checks again: the device path's images come there directly)
         image.load()
         stored_size = image.size
         orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)

@@ -20,7 +20,7 @@ from pipeline.preprocess import MAX_ASPECT_RATIO, DecodeError, Preprocessing, de
 from pipeline.shard_runner import plan_actors
 
 from .bad_inputs import bomb_png, encode, reference_rgb
-from .test_output_safety import SIZE, _args, _cli
+from .test_output_safety import _args, _cli
 
 pytestmark = pytest.mark.timeout(300)
 PREP = Preprocessing.for_size(32)
@@ -124,6 +124,13 @@ def test_device_path_gives_the_same_aspect_ratio_failure(tmp_path):
     assert isinstance(items[1], tuple) and items[1][0].shape == (3, 32, 32)
 
 
+def test_extreme_aspect_ratio_is_refused_from_the_header():
+    """decode refuses a 60000x1 PNG before decoding it (the same reason as the resize check)."""
+    wide = encode(Image.fromarray(np.zeros((1, 60000), np.uint8)), "PNG")
+    with pytest.raises(DecodeError, match=r"^aspect ratio too extreme: 60000:1 "):
+        decode(wide)
+
+
 def test_huge_header_is_a_failure_not_a_crash():
     """20000 x 20000 pixels declared in a few bytes: refused from the header (Pillow's limit), one line."""
     with pytest.raises(DecodeError, match=r"^decompression bomb: 400000000 pixels > limit"):
@@ -211,4 +218,3 @@ def test_size_bound_on_the_command_line_is_one_line(capsys, tmp_path):
     assert _cli(["explain", "--dataset", str(root), "--size", "100000", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "size must be at most" in err, err
-    assert SIZE < MAX_SIZE
