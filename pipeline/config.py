@@ -77,6 +77,10 @@ KEYS = {f.name for f in fields(RunConfig)}
 # fp32: exact float32 everywhere; tf32: CUDA may round matmul / convolution inputs to TF32 (no effect on a CPU).
 # bf16 is not offered: its probe correlation on vgg-shapes has not been measured on a GPU yet.
 PRECISIONS = ("fp32", "tf32")
+# LRP's memory grows with the crop's pixels: VGG16 needs about 150 MB per image at 224 px (README, Speed: 4,993 MB
+# for a batch of 32 on a GPU), so about 50 GB per image at 4096 px: one image still fits an 80 GB GPU; at 8192
+# (200 GB) none would. Larger sizes are refused in one line instead of failing deep inside the trace.
+MAX_SIZE = 4096
 # a dataset of small images (the shapes) sets its own crop size and pixel-flipping regions
 DATASET_KEYS = {"root", "layout", "size", "flip_patch", "flip_steps", "labels", "boxes", "synsets"}
 PATH_KEYS = ("root", "labels", "boxes", "synsets")
@@ -186,6 +190,9 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
     positive_int("limit", allow_none=True)
     if config.size < 32:
         fail("size", f"must be at least 32 (VGG's five poolings), got {config.size}")
+    if config.size > MAX_SIZE:
+        fail("size", f"must be at most {MAX_SIZE} (LRP needs about 50 GB per image at {MAX_SIZE} px), "
+                     f"got {config.size}")
     if config.map_dtype not in ("float16", "float32"):
         fail("map_dtype", f"must be float16 or float32, got {config.map_dtype!r}")
     if isinstance(config.compression, bool) or not isinstance(config.compression, int) or \

@@ -4,7 +4,8 @@ with the CPU path's own transforms (`preprocess.transform`: same resize, crop, n
 Only what the device decoder reads as Pillow would goes to it: a baseline JPEG, RGB or grey, with no EXIF
 rotation (nvJPEG ignores EXIF), an end marker (a truncated file must fail, never be padded) and a header Pillow
 accepts (pixel limit). Everything else, and any image the device decoder refuses, is decoded by the CPU path
-(`fallback`), so failure reasons are the CPU path's. Reading files, routing and the fallback run in a thread
+(`fallback`), so failure reasons are the CPU path's; `transform`'s own checks (the aspect-ratio bound) give the
+device path's images the same reasons. Reading files, routing and the fallback run in a thread
 pool; batches are decoded in one background thread (on CUDA in its own stream), so the caller's LRP overlaps
 with the next batch's decoding; fallback images reach the device through pinned memory.
 """
@@ -132,6 +133,8 @@ class DeviceDecoder:
                 else:
                     try:
                         item = transform(image, record.boxes, self.preprocessing)
+                    except DecodeError as error:  # the CPU path's own check (aspect ratio): the same reason
+                        item = error
                     except Exception as error:  # noqa: BLE001  (one image must not stop the shard)
                         item = DecodeError(f"preprocessing failed: {type(error).__name__}: {error}")
             if isinstance(item, tuple) and item[0].device != self.device:

@@ -30,7 +30,19 @@ class DecodeError(ValueError):
 
 # Oversized images are refused by `decode` itself (a failure row); Pillow's own warning would only add noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grey PNGs open in one of these
+# Unsigned 16-bit grey (PNG, TIFF, PGM, ...): scaled by the type's range, 65535 -> 255 (as torchvision's
+# ToDtype(scale=True) does for 16-bit PNGs). Pillow opens some of them in mode I (32-bit): those are 16-bit
+# when their format holds at most 16 bits per sample or their raw mode is one of these.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+SIXTEEN_BIT_FORMATS = ("PNG", "PPM")  # mode I from these is 16-bit (PGM with a maxval < 65535 is scaled by Pillow)
+# 32-bit float and integer samples have no defined range (0..1? 0..255? Hounsfield units?): rescaling them per
+# image would silently change what the model sees, so they are failure rows (convert them to 8 or 16 bits)
+NO_RANGE_MODES = {"F": "32-bit float", "I": "32-bit integer"}
+# The resize makes the short side 256/224 of the crop before the centre crop: a 4000x1 image would become
+# 256 x 1,024,000 (0.8 GB) at 224 px. Beyond this ratio of long to short side an image is a failure row;
+# up to it the resized image stays under 50 x 1.3 x crop^2 pixels (10 MB at 224 px, a fraction of LRP's own
+# memory per image at any crop size) and is resized exactly as always.
+MAX_ASPECT_RATIO = 50
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,34 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
+def _is_sixteen_bit(image: Image.Image) -> bool:
+    """Whether the image's samples are unsigned 16-bit: mode I;16*, or mode I from a 16-bit source (its format,
+    or the raw mode of its tiles, read from the header: Pillow forgets them once the image is loaded)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return True
+    raw_modes = {tile.args[0] if isinstance(tile.args, tuple) else str(tile.args) for tile in image.tile
+                 if tile.args}
+    return image.mode == "I" and (image.format in SIXTEEN_BIT_FORMATS
+                                  or bool(raw_modes) and raw_modes <= set(SIXTEEN_BIT_MODES))
+
+
+def _check_mode(image: Image.Image) -> bool:
+    """Whether the opened (not yet loaded) image is 16-bit; refuses modes without a defined range (32-bit float
+    or integer) before they are decoded."""
+    sixteen_bit = _is_sixteen_bit(image)
+    if image.mode in NO_RANGE_MODES and not sixteen_bit:
+        raise DecodeError(f"unsupported pixel mode {image.mode} ({NO_RANGE_MODES[image.mode]}): its values have "
+                          "no defined range to scale to 0-255; convert the image to 8 or 16 bits")
+    return sixteen_bit
+
+
+def check_aspect_ratio(width: int, height: int) -> None:
+    """Refuses an image whose resize (short side to 256/224 of the crop) would be huge: see MAX_ASPECT_RATIO."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DecodeError(f"aspect ratio too extreme: {width}:{height} (limit {MAX_ASPECT_RATIO}:1): resizing its "
+                          "short side to the recipe's size would make it too large to preprocess")
+
+
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
     """16-bit grey scaled to 8 bits (65535 -> 255); Pillow's own convert would clip everything above 255."""
     array = np.asarray(image, dtype=np.float64)
@@ -151,11 +191,13 @@ def decode_oriented(data: bytes) -> tuple[Image.Image, int, tuple[int, int]]:
         raise DecodeError("refused: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set, truncated images would pass")
     try:
         image = _open(data)
+        sixteen_bit = _check_mode(image)  # from the header, before anything is decoded
+        check_aspect_ratio(*image.size)  # (transform checks again: the device path's images come there directly)
         image.load()
         stored_size = image.size
         orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
         image = ImageOps.exif_transpose(image)
-        if image.mode in SIXTEEN_BIT_MODES:
+        if sixteen_bit:
             return _sixteen_bit_to_rgb(image), orientation, stored_size
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGB", image.size, (255, 255, 255))  # alpha composited on white
@@ -182,8 +224,10 @@ def preprocess(image: Image.Image, boxes: tuple[Box, ...], preprocessing: Prepro
 
 def transform(pixels: torch.Tensor, boxes: tuple[Box, ...], preprocessing: Preprocessing = Preprocessing()
               ) -> tuple[torch.Tensor, list[Box]]:
-    """preprocess for a (3, H, W) uint8 tensor on any device (the GPU decoder's output too): same transforms."""
+    """preprocess for a (3, H, W) uint8 tensor on any device (the GPU decoder's output too): same transforms.
+    An extreme aspect ratio is a DecodeError before anything is resized."""
     height, width = pixels.shape[-2:]
+    check_aspect_ratio(int(width), int(height))
     box_tensor = tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                                           format="XYXY", canvas_size=(height, width))
     out, out_boxes = preprocessing.transforms()(tv_tensors.Image(pixels), box_tensor)

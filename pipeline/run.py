@@ -24,7 +24,7 @@ from .errors import RunError, StrictStop
 from .layout import RunLayout
 from .manifest import RunPlan, finish
 from .output_checks import check_free_space, check_out_placement, check_writable
-from .shard_runner import InvocationWork, run_shards
+from .shard_runner import InvocationWork, check_device, run_shards
 
 __all__ = ["RunError", "StrictStop", "explain"]
 
@@ -35,6 +35,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     before writing when the configuration cannot work, OutputError when a write fails (the run stops)."""
     started = time.time()
     layout = RunLayout(config.out)
+    check_device(config)  # --device cuda without CUDA: one line before any work, never a silent CPU run
     _check_target(config, _known_class_count(config))  # before any work, where the count is known by name
     check_out_placement(layout.root, config.root, layout.is_run())  # before anything is read or written
     replace = run_folder.replaces_previous_run(layout, config, overwrite)  # before the (minute-long) artifact build

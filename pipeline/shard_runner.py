@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from .config import RunConfig
@@ -51,10 +52,21 @@ class InvocationWork:
                 "actor_peak_rss_mb": self.actor_peak_rss_mb}
 
 
+def check_device(config: RunConfig) -> None:
+    """`device: cuda` never runs silently on the CPU: without RAY_ADDRESS (a local Ray) this machine must have
+    CUDA, checked before any work; on a cluster `plan_actors` checks the cluster's GPUs once connected."""
+    if config.device == "cuda" and not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+        raise RunError("device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False: "
+                       "no GPU or driver visible, or a CPU-only torch); use --device cpu or auto")
+
+
 def plan_actors(ray, config: RunConfig) -> ActorPlan:
     """One actor per GPU (pinned), else CPU actors holding half a CPU each: an actor holding whole CPUs starves
-    Ray's other tasks on small machines."""
+    Ray's other tasks on small machines. `device: cuda` on a cluster without GPUs is a RunError."""
     gpus = int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
+    if config.device == "cuda" and not gpus:
+        raise RunError("device cuda: the Ray cluster has no GPU (ray.cluster_resources() lists none); "
+                       "use --device cpu or auto")
     count = config.actors if config.actors != "auto" else (gpus or 1)
     if gpus:
         return ActorPlan(count, {"num_gpus": 1, "num_cpus": 1}, "cuda", 1)
