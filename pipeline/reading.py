@@ -16,6 +16,7 @@ import lzma
 import os
 import tarfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from .datasets.records import TarMember
@@ -23,6 +24,7 @@ from .datasets.records import TarMember
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024  # configs/run.yaml max_image_bytes
 BLOCK = tarfile.BLOCKSIZE  # a member's header is the 512-byte block before its data
 OPENERS = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+RECENT_BYTES = 64 * 1024 * 1024  # members of a compressed shard kept after their read (a second read: no rewind)
 
 
 class DecodeError(ValueError):
@@ -74,6 +76,8 @@ class _Stream:
         self.handle = None
         self.expected: set[tuple[int, int]] = set()
         self.kept: dict[tuple[int, int], bytes] = {}
+        self.recent: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # the GPU path's CPU fallback, a probe
+        self.recent_bytes = 0
         self.opened = 0  # decompression passes begun (benchmarks, tests)
 
     def expect(self, members: Iterable[TarMember]) -> None:
@@ -85,13 +89,22 @@ class _Stream:
         key = (member.offset, member.size)
         with self.lock:
             if key in self.kept:
-                return self.kept.pop(key)
+                return self._remember(key, self.kept.pop(key))
+            if key in self.recent:
+                return self.recent[key]
             if self.handle is None or self.handle.tell() > member.offset - BLOCK:
                 self._reopen()
             for offset, size in sorted(k for k in self.expected - self.kept.keys()
                                        if self.handle.tell() <= k[0] - BLOCK < member.offset - BLOCK):
                 self.kept[(offset, size)] = self._at(offset, size)
-            return self._at(member.offset, member.size)
+            return self._remember(key, self._at(member.offset, member.size))
+
+    def _remember(self, key: tuple[int, int], data: bytes) -> bytes:
+        self.recent[key] = data
+        self.recent_bytes += len(data)
+        while self.recent_bytes > RECENT_BYTES and len(self.recent) > 1:
+            self.recent_bytes -= len(self.recent.popitem(last=False)[1])
+        return data
 
     def _at(self, offset: int, size: int) -> bytes:
         self.handle.seek(offset - BLOCK)  # forward: decompresses what lies between
@@ -107,7 +120,7 @@ class _Stream:
         with self.lock:
             if self.handle is not None:
                 self.handle.close()
-            self.handle, self.kept = None, {}
+            self.handle, self.kept, self.recent, self.recent_bytes = None, {}, OrderedDict(), 0
 
 
 _streams: dict[str, _Stream] = {}

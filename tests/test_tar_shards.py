@@ -195,6 +195,7 @@ def test_a_compressed_shard_is_decompressed_once_for_reads_out_of_order(tmp_path
         shuffled = random.Random(start).sample(chunk, len(chunk))
         assert {r.member.name: read_bytes(r.path, r.member) for r in shuffled} == \
             {r.member.name: payloads[r.member.name] for r in chunk}
+    assert read_bytes(records[3].path, records[3].member) == payloads[records[3].member.name]  # read again
     assert reading.stream(str(path), "gz").opened == 1
     assert reading.stream(str(path), "gz").kept == {}
 
