@@ -212,7 +212,7 @@ def test_a_folder_of_compressed_shards_is_a_webdataset(tmp_path):
 def test_explain_a_shard_with_odd_members_lists_every_one(tmp_path, artifact_cache, local_ray, capsys):
     """End to end (Ray, the CLI): every member that looks like an image is explained or a failure row."""
     pytest.importorskip("ray")
-    from .test_output_safety import _args, _cli
+    from .test_output_safety import SIZE, _args, _cli
 
     root = tmp_path / "shards"
     root.mkdir()
@@ -226,3 +226,7 @@ def test_explain_a_shard_with_odd_members_lists_every_one(tmp_path, artifact_cac
     assert set(stats["path"]) == set(failures["path"]) == {str(root / "shard-000000.tar.gz")}
     assert dict(zip(stats["image_id"], stats["member"]))["d"] == "sub/d.jpg"
     assert dict(zip(failures["image_id"], failures["member"]))["k#1"] == "k.jpg"
+    from pipeline.report.tiles import display_crop, members, preprocessing_for  # the report reads (path, member)
+
+    crops = [display_crop(path, preprocessing_for(SIZE), member) for path, member in zip(stats["path"], members(stats))]
+    assert all(crop.shape == (SIZE, SIZE, 3) for crop in crops)
