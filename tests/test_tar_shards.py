@@ -230,3 +230,35 @@ def test_explain_a_shard_with_odd_members_lists_every_one(tmp_path, artifact_cac
 
     crops = [display_crop(path, preprocessing_for(SIZE), member) for path, member in zip(stats["path"], members(stats))]
     assert all(crop.shape == (SIZE, SIZE, 3) for crop in crops)
+
+
+@pytest.mark.parametrize("mode", SUFFIXES)
+def test_the_device_decoder_path_reads_tar_members_with_the_byte_limit(tmp_path, mode):
+    """pipeline/gpu_decode.py (run here on the CPU) reads members as the Pillow path does, limit included."""
+    from pipeline.gpu_decode import DeviceDecoder
+    from pipeline.preprocess import Preprocessing
+
+    prep = Preprocessing.for_size(32)
+    with tarfile.open(tmp_path / f"s{SUFFIXES[mode]}", mode) as archive:
+        for n in range(6):
+            _add(archive, f"{n}.jpg", _jpeg(20 * n, side=40 + 8 * n))
+    records = load_records(tmp_path / f"s{SUFFIXES[mode]}")
+    limit = sorted(r.member.size for r in records)[3]  # the two biggest are over it
+    reading._streams.clear()
+
+    def pillow(at, record):
+        try:
+            return load(record, prep, limit)
+        except DecodeError as error:
+            return error
+
+    decoder = DeviceDecoder(prep, "cpu", batch_size=4, threads=2, max_bytes=limit)
+    try:
+        got = list(decoder.iterate(records, pillow))
+    finally:
+        decoder.close()
+    too_large = [str(item) for item in got if isinstance(item, Exception)]
+    assert len(too_large) == 2 and all(reason.startswith("file too large") for reason in too_large)
+    for record, item in zip(records, got):
+        if not isinstance(item, Exception):
+            assert np.array_equal(item[0], load(record, prep)[0]), record.image_id
