@@ -262,3 +262,21 @@ def test_the_device_decoder_path_reads_tar_members_with_the_byte_limit(tmp_path,
     for record, item in zip(records, got):
         if not isinstance(item, Exception):
             assert np.array_equal(item[0], load(record, prep)[0]), record.image_id
+
+
+def test_virelay_dataset_crops_tar_members_from_the_member_column(tmp_path):
+    """SpRAy's ViRelAy dataset.h5 decodes each image again: a tar member from (path, member), not black."""
+    import h5py
+    import pandas as pd
+
+    from pipeline.spray.inputs import RunIndex
+    from pipeline.spray.virelay import write_dataset
+
+    with tarfile.open(tmp_path / "s.tar", "w") as archive:
+        _add(archive, "a.jpg", _jpeg(200))
+    (record,) = load_records(tmp_path / "s.tar")
+    table = pd.DataFrame({"path": [record.path], "member": [record.member.name], "label": [3]})
+    index = RunIndex(tmp_path, {"config": {"size": 32}}, table, ["c"] * 10, ["w"] * 10)
+    assert write_dataset(tmp_path / "dataset.h5", index, threads=1) == 0  # none unreadable
+    with h5py.File(tmp_path / "dataset.h5") as handle:
+        assert handle["data"][0].mean() > 150
