@@ -2,10 +2,12 @@
 bare LRPModel on the same preprocessed images on the same device; where an image's time goes (read + decode +
 preprocess, host-device copies, LRP, statistics, writing; each stage timed alone, in process); on CUDA the GPU
 utilisation during the run and a TF32 run side by side with float32 against the card's peak FLOP rate; on the
-CPU driver and actor peak memory at two dataset sizes; stored bytes per map. Prints a table and writes JSON.
+CPU driver and actor peak memory at two dataset sizes; stored bytes per map; WebDataset reading cost per image at
+two shard sizes, .tar and .tar.gz (bench/tar_reading.py). Prints a table and writes JSON.
 
     python -m bench.pipeline_speed [--device cpu|cuda] [--images N] [--quick] [--no-tf32] [--no-memory]
-                                   [--flat-small 256] [--flat-large 4096] [--out PATH]
+                                   [--flat-small 256] [--flat-large 4096] [--tar-members 500 5000] [--no-tar]
+                                   [--out PATH]
 
 --device cuda defaults to a few thousand ImageNet-sized (500x375) JPEGs, batch 32, GPU decoding on; --quick is
 a small CPU-sized run (vgg11 at 32x32, 24 images) that checks the script works.
@@ -29,6 +31,7 @@ import torch
 from PIL import Image
 
 from bench import write_results
+from bench.tar_reading import print_table, tar_reading
 
 DEFAULT_OUT = Path("bench/results/pipeline_speed.json")
 LRP_FORWARDS = 3  # LRP costs about three forward passes (README, Speed: 3.1x on an H200)
@@ -269,7 +272,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes (always skipped on CUDA)")
     parser.add_argument("--flat-small", type=int, default=256)
     parser.add_argument("--flat-large", type=int, default=4096)
-    parser.add_argument("--quick", action="store_true", help="vgg11 at 32x32, 24 small images, no memory probes")
+    parser.add_argument("--tar-members", type=int, nargs="+", default=None,
+                        help="WebDataset shard sizes whose reading cost is measured (default 500 5000)")
+    parser.add_argument("--no-tar", action="store_true", help="skip the WebDataset reading table")
+    parser.add_argument("--quick", action="store_true", help="vgg11 at 32x32, 24 small images, no memory probes, "
+                        "shards of 100 and 1000 members")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -280,6 +287,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.image_size = args.image_size or [64, 48]
         args.batch = args.batch or 4
         args.breakdown_images = min(args.breakdown_images, args.images)
+        args.tar_members = args.tar_members or [100, 1000]
+    args.tar_members = args.tar_members or [500, 5000]
     args.images = args.images or (3000 if cuda else 256)
     args.image_size = tuple(args.image_size or ((500, 375) if cuda else (320, 240)))
     args.batch = args.batch or (32 if cuda else 8)
@@ -339,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         report["stored_bytes_per_map"] = stored
         report["breakdown"] = stage_breakdown(data, args.model, args.size, args.batch, args.device,
                                               min(args.breakdown_images, args.images))
+        if not args.no_tar:
+            report["tar_reading"] = tar_reading(scratch, tuple(args.tar_members))
         if not args.no_memory:
             for count in (args.flat_small, args.flat_large):
                 folder = make_images(scratch / f"flat{count}", count, (48, 48))
@@ -377,6 +388,14 @@ def _targets(args: argparse.Namespace, report: dict, memory: dict, stored: float
              "met": large["actor_peak_mb"] <= 1.1 * small["actor_peak_mb"]}]
     targets.append({"target": "stored size per map <= 60 KB", "value": round(stored / 1024, 1),
                     "met": stored <= 60 * 1024})
+    for kind in (".tar", ".tar.gz"):
+        rows = sorted((row for row in report.get("tar_reading", []) if row["kind"] == kind),
+                      key=lambda row: row["members"])
+        if len(rows) >= 2:
+            ratio = rows[-1]["read_ms_per_image"] / rows[0]["read_ms_per_image"]
+            targets.append({"target": f"{kind} reading per image, {rows[-1]['members']} vs {rows[0]['members']} "
+                                      "members, within 2x (independent of the shard's size)",
+                            "value": round(ratio, 2), "met": ratio <= 2.0})
     return targets
 
 
@@ -401,6 +420,8 @@ def _print(args: argparse.Namespace, report: dict, device_name: str) -> None:
     print(f"  stages, each alone, {breakdown['images']} images (ms/image): " + ", ".join(
         f"{k} {1e3 * v:.2f}" for k, v in breakdown["seconds_per_image"].items()) + f"; routed {breakdown['routed']}")
     print(f"  stored per map {report['stored_bytes_per_map'] / 1024:.1f} KB")
+    if report.get("tar_reading"):
+        print_table(report["tar_reading"])
     for count, row in report.get("memory", {}).items():
         print(f"  vgg11 32x32, {count:>5d} images: driver peak {row['driver_peak_mb']:.0f} MB, "
               f"actor peak {row['actor_peak_mb']:.0f} MB")

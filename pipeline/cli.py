@@ -41,6 +41,8 @@ OPTIONS = [
     ("compression", int, "gzip level 0-9 of the maps"),
     ("actors", str, "auto (one per GPU, else one CPU actor) or a number"),
     ("decode_threads", int, "decoding threads per actor"),
+    ("max_image_bytes", int, "an image file or tar member bigger than this is a failure row, never read "
+                             "(default 268435456: 256 MiB)"),
     ("device", str, "auto | cpu | cuda"),
     ("precision", str, "fp32 | tf32 (CUDA: TF32 matmuls and convolutions; no effect on a CPU)"),
     ("shard_timeout_s", float,

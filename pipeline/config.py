@@ -44,6 +44,7 @@ class RunConfig:
     compression: int = 4
     actors: str | int = "auto"
     decode_threads: int = 2
+    max_image_bytes: int = 256 * 1024 * 1024  # an image file or tar member over this is a failure row, never read
     device: str = "auto"
     precision: str = "fp32"
     gpu_decode: bool = True
@@ -185,7 +186,7 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
             config.target = int(target)
         else:
             fail("target", f"must be predicted, label or a class index, got {target!r}")
-    for key in ("size", "batch_size", "shard_size", "decode_threads"):
+    for key in ("size", "batch_size", "shard_size", "decode_threads", "max_image_bytes"):
         positive_int(key)
     positive_int("limit", allow_none=True)
     if config.size < 32:

@@ -44,6 +44,7 @@ class WorkerSettings:
     decode_threads: int
     precision: str
     gpu_decode: bool
+    max_image_bytes: int  # an image file or tar member over this is a failure row, never read
     strict: bool = False  # stop a shard at its first failed image, writing nothing
     class_names: tuple[str, ...] = ()
     attributes: Mapping[str, Any] = field(default_factory=dict)  # written to every relevance shard (HDF5 attrs)
@@ -59,7 +60,8 @@ class WorkerSettings:
         the artifact's start, the probe, pixel flipping's classifier, device and threads)."""
         return cls(size=config.size, batch_size=config.batch_size, map_dtype=config.map_dtype,
                    compression=config.compression, target=config.target, decode_threads=config.decode_threads,
-                   precision=config.precision, gpu_decode=config.gpu_decode, **decided)
+                   precision=config.precision, gpu_decode=config.gpu_decode,
+                   max_image_bytes=config.max_image_bytes, **decided)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def fault_file(kind: str) -> bytes:
 
 def inject_fault(path: str) -> None:
     """Kill or hang this process if injection is on and the file asks for it; otherwise do nothing."""
-    if os.environ.get(ENV) != "1" or "::" in path:
+    if os.environ.get(ENV) != "1":
         return
     try:
         with open(path, "rb") as handle:

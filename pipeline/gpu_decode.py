@@ -22,6 +22,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from .datasets.records import ImageRecord
 from .faults import inject_fault
 from .preprocess import DecodeError, Preprocessing, _open, read_bytes, transform
+from .reading import DEFAULT_MAX_IMAGE_BYTES
 
 # torchvision 0.29 deprecates its image codecs for TorchCodec; they are what the pinned version has, so no noise
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -60,8 +61,10 @@ def route(data: bytes) -> str | None:
 class DeviceDecoder:
     """Turns a shard's records into the worker's items, in order, decoding JPEGs on `device` in batches."""
 
-    def __init__(self, preprocessing: Preprocessing, device: str, batch_size: int, threads: int = 2) -> None:
+    def __init__(self, preprocessing: Preprocessing, device: str, batch_size: int, threads: int = 2,
+                 max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
         self.preprocessing, self.device, self.batch_size = preprocessing, torch.device(device), max(1, batch_size)
+        self.max_bytes = max_bytes  # per image, checked before reading (pipeline/reading.py)
         self.readers = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read")
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-decode")
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -98,7 +101,7 @@ class DeviceDecoder:
             return fallback(at, record)
         inject_fault(record.path)  # off unless LRP_FAULT_INJECT=1, as on the CPU path
         try:
-            data = read_bytes(record.path)
+            data = read_bytes(record.path, record.member, self.max_bytes)
         except DecodeError:
             return fallback(at, record)  # it reads again and records the reason
         if route(data) is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import io
 import re
-import tarfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,11 +21,7 @@ from torchvision.transforms import v2
 from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_RECIPE, IMAGENET_STD, ImageRecipe
 
 from .datasets.records import Box, ImageRecord
-
-
-class DecodeError(ValueError):
-    """An image cannot be read; the message is the reason recorded in failures.parquet."""
-
+from .reading import DEFAULT_MAX_IMAGE_BYTES, DecodeError, read_bytes
 
 # Oversized images are refused by `decode` itself (a failure row); Pillow's own warning would only add noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -85,25 +80,6 @@ def _transforms(preprocessing: Preprocessing) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(p.mean, p.std),
     ])
-
-
-def read_bytes(path: str) -> bytes:
-    """File contents, or a member of a WebDataset shard given as '<shard.tar>::<member>'."""
-    try:
-        if "::" in path:
-            shard, member = path.split("::", 1)
-            with tarfile.open(shard) as archive:
-                return archive.extractfile(member).read()
-        with open(path, "rb") as handle:
-            return handle.read()
-    except PermissionError:
-        raise DecodeError("permission denied") from None
-    except FileNotFoundError:
-        raise DecodeError("missing file (deleted, or a dangling link)") from None
-    except IsADirectoryError:
-        raise DecodeError("not a file (a directory)") from None
-    except (OSError, KeyError, tarfile.TarError, AttributeError) as error:
-        raise DecodeError(f"unreadable: {type(error).__name__}: {error}") from None
 
 
 def _open(data: bytes) -> Image.Image:
@@ -235,7 +211,9 @@ def transform(pixels: torch.Tensor, boxes: tuple[Box, ...], preprocessing: Prepr
     return out.as_subclass(torch.Tensor), kept
 
 
-def load(record: ImageRecord, preprocessing: Preprocessing = Preprocessing()) -> tuple[torch.Tensor, list[Box]]:
-    """Read, decode and preprocess one record; its boxes follow the EXIF orientation and the resize and crop."""
-    image, orientation, stored_size = decode_oriented(read_bytes(record.path))
+def load(record: ImageRecord, preprocessing: Preprocessing = Preprocessing(),
+         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[torch.Tensor, list[Box]]:
+    """Read (pipeline/reading.py: at most `max_bytes`), decode and preprocess one record; its boxes follow the EXIF
+    orientation and the resize and crop."""
+    image, orientation, stored_size = decode_oriented(read_bytes(record.path, record.member, max_bytes))
     return preprocess(image, orient_boxes(record.boxes, orientation, stored_size), preprocessing)

@@ -37,11 +37,13 @@ def read_json(path: Path, error: type[Exception]) -> dict:
 
 
 def read_stats(layout: RunLayout, error: type[Exception], columns: Sequence[str] | None = None,
-               leave_out: Sequence[str] = ()) -> pa.Table:
-    """The statistics of every shard, only `columns` (all when None) less `leave_out`."""
+               leave_out: Sequence[str] = (), optional: Sequence[str] = ()) -> pa.Table:
+    """The statistics of every shard, only `columns` (all when None) less `leave_out`; `optional` columns are read
+    where the run has them (a run made before a column was added lacks it)."""
     try:
         dataset = ds.dataset([str(p) for p in layout.stats_shards()], format="parquet")
         names = list(columns) if columns is not None else [f.name for f in dataset.schema]
+        names += [name for name in optional if name in dataset.schema.names and name not in names]
         return dataset.to_table(columns=[name for name in names if name not in leave_out])
     except (pa.ArrowInvalid, OSError, KeyError) as problem:
         raise error(f"{layout.root / RunLayout.STATS}: unreadable statistics ({problem})") from None

@@ -35,7 +35,9 @@ class Column:
 
 STATS_COLUMNS = (
     Column("image_id", pa.string(), "image id (file stem), unique in the dataset", "record", False),
-    Column("path", pa.string(), "image file, or <shard.tar>::<member>", "record", False),
+    Column("path", pa.string(), "image file (for WebDataset: the tar shard holding `member`)", "record", False),
+    Column("member", pa.string(), "the image's member name in the tar shard `path` (null: `path` is the image)",
+           "record"),
     Column("wnid", pa.string(), "WordNet id of the label", "record"),
     Column("label", pa.int64(), "ILSVRC class index of the label (torchvision's)", "record"),
     Column("label_name", pa.string(), "class name of the label", "record"),
@@ -87,7 +89,9 @@ STATS_COLUMNS = (
 
 FAILURE_COLUMNS = (
     Column("image_id", pa.string(), "image id", "record", False),
-    Column("path", pa.string(), "image file", "record", False),
+    Column("path", pa.string(), "image file (for WebDataset: the tar shard holding `member`)", "record", False),
+    Column("member", pa.string(), "the image's member name in the tar shard `path` (null: `path` is the image)",
+           "record"),
     Column("reason", pa.string(), "why it could not be read or explained", "bookkeeping", False),
     Column("shard", pa.int64(), "shard index", "bookkeeping", False),
 )
@@ -121,9 +125,9 @@ def map_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list | np.ndarra
     return out
 
 
-def failure_row(image_id: str, path: str, reason: str, shard: int) -> dict[str, Any]:
+def failure_row(image_id: str, path: str, reason: str, shard: int, member: str | None = None) -> dict[str, Any]:
     """One row of FAILURE_SCHEMA: an image that could not be read or explained, and why."""
-    return {"image_id": image_id, "path": path, "reason": reason, "shard": shard}
+    return {"image_id": image_id, "path": path, "member": member, "reason": reason, "shard": shard}
 
 
 def stats_rows(columns: Mapping[str, Any], count: int) -> list[dict[str, Any]]:

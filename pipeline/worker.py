@@ -31,6 +31,7 @@ from .faults import inject_fault
 from .gpu_decode import DeviceDecoder
 from .layout import RunLayout
 from .preprocess import DecodeError, Preprocessing, load
+from .reading import expect
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns, stats_rows
 from .writers import compress_map, write_parquet, write_relevance
 
@@ -53,7 +54,7 @@ class ShardExplainer:
         self.decoders = ThreadPoolExecutor(max_workers=settings.decode_threads)
         # JPEGs decoded and preprocessed on the GPU where there is one (gpu_decode: false keeps Pillow)
         self.device_decoder = DeviceDecoder(self.preprocessing, self.device, settings.batch_size,
-                                            settings.decode_threads) \
+                                            settings.decode_threads, settings.max_image_bytes) \
             if self.device == "cuda" and settings.gpu_decode else None
         self.compressors = ThreadPoolExecutor(max_workers=2, thread_name_prefix="compress")  # while the model runs
         # pixel flipping needs plain forward passes: the traced classifier
@@ -70,7 +71,7 @@ class ShardExplainer:
             return DecodeError(record.problem)
         inject_fault(record.path)  # off unless LRP_FAULT_INJECT=1 (tests and the soak benchmark)
         try:
-            return load(record, self.preprocessing)
+            return load(record, self.preprocessing, self.settings.max_image_bytes)
         except DecodeError as error:
             return error
         except Exception as error:  # anything else one image can trigger must not stop the shard
@@ -99,6 +100,7 @@ class ShardExplainer:
         started = time.perf_counter()
         strict = self.settings.strict
         skip = skip or {}
+        expect_members(records, self.settings.max_image_bytes)
         # every decode is submitted now and runs in the pool's threads while earlier batches are explained
         decode = lambda at, record: RuntimeError(skip[at]) if at in skip else self._decode(record)  # noqa: E731
         decoded = self.device_decoder.iterate(records, decode, skip) if self.device_decoder else \
@@ -113,7 +115,7 @@ class ShardExplainer:
             for record in records:
                 item = next(decoded)
                 if isinstance(item, Exception):
-                    failures.append(failure_row(record.image_id, record.path, str(item), index))
+                    failures.append(failure_row(record.image_id, record.path, str(item), index, record.member_name))
                 else:
                     pending.append((record, item))
                 if strict and failures:
@@ -124,7 +126,8 @@ class ShardExplainer:
                         for map_, row in zip(maps_chunk, rows_chunk):
                             empty = _empty_map_reason(row)
                             if empty:  # an all-zero or non-finite map explains nothing: a failure saying why
-                                failures.append(failure_row(row["image_id"], row["path"], empty, index))
+                                failures.append(failure_row(row["image_id"], row["path"], empty, index,
+                                                            row["member"]))
                                 continue
                             row["row"] = len(maps)
                             maps.append(map_)
@@ -136,7 +139,7 @@ class ShardExplainer:
                         if strict and failures:
                             return self._stopped(index, failures[0], started)
                     except Exception as error:  # an image that breaks the model: record it, go on
-                        failures += [failure_row(r.image_id, r.path, f"explain failed: {error}", index)
+                        failures += [failure_row(r.image_id, r.path, f"explain failed: {error}", index, r.member_name)
                                      for r, _ in pending]
                         if strict:
                             return self._stopped(index, failures[0], started)
@@ -193,6 +196,7 @@ class ShardExplainer:
         records = [record for record, _ in chunk]
         values.update(statistics.correctness(values["pred"], [record.label for record in records]))
         supplied = {"image_id": [r.image_id for r in records], "path": [r.path for r in records],
+                    "member": [r.member_name for r in records],
                     "wnid": [r.wnid for r in records], "label": [r.label for r in records],
                     "label_name": [r.label_name for r in records],
                     "pred_name": [self._name(int(pred)) for pred in values["pred"]],
@@ -234,6 +238,16 @@ def _empty_map_reason(row: dict) -> str | None:
         return (f"all-zero relevance map (target {row['target']}, logit {row['target_logit']:.4g}): no relevance "
                 "reached the input")
     return None
+
+
+def expect_members(records: list[ImageRecord], max_bytes: int) -> None:
+    """Name the compressed-shard members this run shard reads, so that one forward pass serves them (reading.py)."""
+    by_shard: dict[str, list] = {}
+    for record in records:
+        if record.member is not None and record.member.compression and not record.problem:
+            by_shard.setdefault(record.path, []).append(record.member)
+    for path, members in by_shard.items():
+        expect(path, members, max_bytes)
 
 
 def _result(index: int, started: float, **outcome) -> ShardResult:

@@ -88,7 +88,7 @@ def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, se
     size = settings.size
     write_relevance(layout.relevance_shard(index), np.zeros((0, size, size), np.float32), map_columns([]),
                     settings.attributes, dtype=settings.map_dtype)
-    failures = [failure_row(r.image_id, r.path, reason, index) for r in records]
+    failures = [failure_row(r.image_id, r.path, reason, index, r.member_name) for r in records]
     write_parquet(failures, FAILURE_SCHEMA, layout.failure_shard(index))
     write_parquet([], STATS_SCHEMA, layout.stats_shard(index))
     return ShardResult(shard=index, explained=0, failed=len(failures), reasons=(reason,) * len(failures))

@@ -38,6 +38,18 @@ def test_options_per_device():
     assert (cpu.images, cpu.image_size, cpu.batch, cpu.no_memory) == (256, (320, 240), 8, False)
     assert (cuda.images, cuda.image_size, cuda.batch, cuda.no_memory) == (3000, (500, 375), 32, True)
     assert (quick.model, quick.size, quick.images, quick.no_memory) == ("vgg11", 32, 24, True)
+    assert (cpu.tar_members, quick.tar_members) == ([500, 5000], [100, 1000])
+
+
+def test_tar_reading_table_reads_every_member_and_a_compressed_shard_in_one_pass(tmp_path):
+    from bench.tar_reading import tar_reading
+
+    rows = tar_reading(tmp_path, (20, 70), searched=2)
+    assert [(row["members"], row["kind"]) for row in rows] == [(20, ".tar"), (20, ".tar.gz"), (70, ".tar"),
+                                                                (70, ".tar.gz")]
+    assert [row["decompression_passes"] for row in rows] == [0, 1, 0, 1]
+    assert all(row["read_ms_per_image"] > 0 and row["search_by_name_ms_per_image"] > 0 for row in rows)
+    assert list(tmp_path.iterdir()) == []  # the shards are removed
 
 
 def test_utilisation_without_a_gpu_is_reported_missing_not_zero(monkeypatch):

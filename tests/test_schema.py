@@ -52,7 +52,7 @@ def _computed() -> dict[str, torch.Tensor]:
 
 def _supplied() -> dict[str, list]:
     """The columns the worker fills in from the records and the batch (record and bookkeeping groups)."""
-    return {"image_id": ["a", "b", "c"], "path": ["/d/a.jpg", "/d/b.jpg", "/d/c.jpg"],
+    return {"image_id": ["a", "b", "c"], "path": ["/d/a.jpg", "/d/b.jpg", "/d/s.tar"], "member": [None, None, "c.jpg"],
             "wnid": ["n01440764", None, "n02123045"], "label": [0, None, 281], "label_name": ["tench", None, "tabby"],
             "pred_name": ["class 1", None, "class 5"], "boxes": [[[0.0, 0.0, 4.0, 4.0]], None, [(6.0, 6.0, 8.0, 8.0)]],
             "shard": ["relevance/shard-00000.h5"] * N, "row": range(N), "seconds": [0.25] * N}

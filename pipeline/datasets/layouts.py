@@ -6,7 +6,7 @@
   box XMLs in bbox/ or val/) or Kaggle's LOC_val_solution.csv (+ LOC_synset_mapping.txt), boxes kept. A
   LOC_synset_mapping.txt naming other classes than ImageNet's (e.g. the generated shapes) defines the class
   indices (its line order) and names; one naming only ImageNet wnids keeps ImageNet's indices and names;
-- `webdataset`: *.tar shards with <key>.jpg and <key>.cls (class index) members;
+- `webdataset`: *.tar (.tar.gz, .tgz) shards with <key>.jpg and <key>.cls (class index) members (tar_shards.py);
 - `plain`: any folder of images, unlabelled.
 
 A record that cannot be explained for a reason the listing already shows (a link leading outside the dataset
@@ -25,11 +25,12 @@ import tarfile
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..classes import ClassList, imagenet_classes
-from .records import Box, DatasetError, ImageRecord
+from .records import Box, DatasetError, ImageRecord, TarMember
+from .tar_shards import Entry, list_shard
 
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 DEVKIT_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
@@ -336,16 +337,76 @@ def imagenet_val(root: Path, files: DatasetFiles = DatasetFiles()) -> Dataset:
 
 
 WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # the webdataset library's base_plus_ext
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # compressed shards are read in one sequential pass per actor
+
+
+def _shards(root: Path | str) -> list[str]:
+    """The shard files of a folder (.tar, .tar.gz, .tgz) or of a glob."""
+    if Path(root).is_dir():
+        return sorted({str(p) for suffix in SHARD_SUFFIXES for p in Path(root).glob(f"*{suffix}")})
+    return sorted(glob.glob(str(root)))
+
+
+def _sample_part(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a member that is an image or a label, else None."""
+    found = WDS_KEY.match(name)
+    if found and (found.group(2) == "cls" or looks_like_image(f"x.{found.group(2)}")):
+        return found.group(1), found.group(2)
+    return None
+
+
+def _label(entry: Entry | None, classes: ClassList) -> tuple[int | None, str | None]:
+    """(class index, problem) of a sample's .cls member (None, None without one)."""
+    if entry is None:
+        return None, None
+    if entry.member is None or entry.small is None:
+        return None, f"unreadable label {entry.name}: {entry.problem or 'over 256 bytes'}"
+    text = entry.small.decode(errors="replace").strip()
+    label = int(text) if re.fullmatch(r"-?\d+", text) else None
+    if label is None or not 0 <= label < len(classes.wnids):
+        return None, f"unknown class index: {text[:20]!r} in {entry.name}"
+    return label, None
+
+
+def _shard_records(shard: str, classes: ClassList) -> list[ImageRecord]:
+    """The records of one shard, in shard order (see tar_shards: links, duplicates and odd members)."""
+    samples: dict[str, dict[str, Entry]] = {}
+    earlier: list[tuple[str, str, Entry]] = []  # duplicates: each a failure row of its own
+    for entry in list_shard(shard, lambda name: _sample_part(name) is not None):
+        key, ext = _sample_part(entry.name)
+        if entry.duplicate:
+            earlier.append((key, ext, entry))
+        else:
+            samples.setdefault(key, {})[ext] = entry
+    records = []
+    for key, members in samples.items():
+        images = sorted(ext for ext in members if ext != "cls")
+        label, problem = _label(members.get("cls"), classes) if images else (None, None)
+        wnid = classes.wnids[label] if label is not None else None
+        for ext in images:
+            entry = members[ext]
+            image_id = Path(key).name if len(images) == 1 else f"{Path(key).name}.{ext}"
+            # members are read from inside the shard only, so a name like ../x cannot reach outside
+            record = _labelled(image_id, shard, wnid, problem=entry.problem or problem)
+            records.append((entry.position, replace(record, member=entry.member or TarMember(entry.name, -1, -1))))
+    for key, ext, entry in earlier:
+        image_id = Path(key).name if len([e for e in samples.get(key, {}) if e != "cls"]) <= 1 else \
+            f"{Path(key).name}.{ext}"
+        if ext != "cls":
+            records.append((entry.position, ImageRecord(f"{image_id}#{entry.duplicate}", shard, problem=entry.problem,
+                                                        member=TarMember(entry.name, -1, -1))))
+    return [record for _, record in sorted(records, key=lambda pair: pair[0])]
 
 
 def webdataset(root: Path | str, files: DatasetFiles = DatasetFiles()) -> Dataset:
-    """Tar shards of samples: a sample's key is its member name up to the first dot of the file name (as in the
-    webdataset library: 000012.input.jpg and 000012.cls are one sample); its image is any member Pillow reads
-    (.jpg, .png, .webp, ...), its label <key>.cls (a class index). A sample with several images gives one record
-    per image (<key>.<extension>)."""
-    shards = sorted(glob.glob(str(Path(root) / "*.tar"))) if Path(root).is_dir() else sorted(glob.glob(str(root)))
+    """Tar shards (.tar, .tar.gz, .tgz) of samples: a sample's key is its member name up to the first dot of the
+    file name (as in the webdataset library: 000012.input.jpg and 000012.cls are one sample); its image is any
+    member Pillow reads (.jpg, .png, .webp, ...), its label <key>.cls (a class index). A sample with several images
+    gives one record per image (<key>.<extension>). Records come in shard order (a compressed shard is then read
+    in one pass); each carries its member's offset (`TarMember`), so that workers never search a shard."""
+    shards = _shards(root)
     if not shards:
-        raise DatasetError(f"{root}: no .tar shards")
+        raise DatasetError(f"{root}: no .tar shards (.tar, .tar.gz, .tgz)")
     classes = imagenet_classes()
     records = []
     for shard in shards:
@@ -353,30 +414,10 @@ def webdataset(root: Path | str, files: DatasetFiles = DatasetFiles()) -> Datase
         if problem:
             raise DatasetError(f"{shard}: shard {problem}")
         try:
-            with tarfile.open(shard) as archive:
-                samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for member in archive.getmembers():
-                    found = WDS_KEY.match(member.name) if member.isfile() else None
-                    if found:
-                        samples.setdefault(found.group(1), {})[found.group(2)] = member
-                for key in sorted(samples):
-                    members = samples[key]
-                    images = sorted(ext for ext in members if looks_like_image(f"x.{ext}"))
-                    label, problem = None, None
-                    cls = members.get("cls")
-                    if cls is not None and images:
-                        text = archive.extractfile(cls).read().decode(errors="replace").strip()
-                        label = int(text) if re.fullmatch(r"-?\d+", text) else None
-                        if label is None or not 0 <= label < len(classes.wnids):
-                            problem = f"unknown class index: {text[:20]!r} in {cls.name}"
-                    wnid = classes.wnids[label] if label is not None and problem is None else None
-                    for ext in images:
-                        image_id = Path(key).name if len(images) == 1 else f"{Path(key).name}.{ext}"
-                        # members are read from inside the shard only, so a name like ../x cannot reach outside
-                        records.append(_labelled(image_id, f"{shard}::{members[ext].name}", wnid, problem=problem))
-        except tarfile.TarError as error:
+            records += _shard_records(shard, classes)
+        except (tarfile.TarError, EOFError, OSError) as error:
             raise DatasetError(f"{shard}: unreadable tar shard ({error})") from None
-    return Dataset(records, "webdataset", str(root), {"shards": f"{len(shards)} .tar files"})
+    return Dataset(records, "webdataset", str(root), {"shards": f"{len(shards)} tar files"})
 
 
 def plain(root: Path, files: DatasetFiles = DatasetFiles()) -> Dataset:
@@ -400,7 +441,7 @@ def detect_layout(root: str | Path, files: DatasetFiles = DatasetFiles()) -> str
     never vanish silently. Subfolders all named by wnids are an ImageFolder; other subfolders are a plain folder
     (their names are not classes unless --layout imagefolder says so)."""
     text = str(root)
-    if any(ch in text for ch in "*?[") or text.endswith(".tar"):
+    if any(ch in text for ch in "*?[") or text.endswith(SHARD_SUFFIXES):
         return "webdataset"
     root = Path(root)
     if root.is_file():
@@ -408,7 +449,7 @@ def detect_layout(root: str | Path, files: DatasetFiles = DatasetFiles()) -> str
         raise DatasetError(f"{root}: {kind}, not a dataset folder (give the folder that holds the images)")
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset directory")
-    if any(root.glob("*.tar")):
+    if _shards(root):
         return "webdataset"
     if files.labels or any(VAL_NAME.match(p.stem) for p in _images(validation_images(root))):
         return "imagenet_val"

@@ -20,7 +20,7 @@ from .files import inside
 from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
 from .plots import write_plots
 from .run_data import ReportError, RunData, open_run, read_maps
-from .tiles import TileFiles, render
+from .tiles import TileFiles, members, render
 
 IMAGE_FOLDER = "img"
 
@@ -35,8 +35,10 @@ def _render_all(rows: pd.DataFrame, maps: dict, folder: Path, cmap: str) -> dict
     unique = rows.drop_duplicates("image_id")
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         boxes = unique["boxes"] if "boxes" in unique else [None] * len(unique)
-        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap, boxes=image_boxes)
-                   for image_id, path, image_boxes in zip(unique["image_id"], unique["path"], boxes)}
+        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap, boxes=image_boxes,
+                                         member=member)
+                   for image_id, path, image_boxes, member in zip(unique["image_id"], unique["path"], boxes,
+                                                                  members(unique))}
         return {image_id: future.result() for image_id, future in futures.items()}
 
 
@@ -205,8 +207,8 @@ def write_heatmaps(run_dir: str | Path, ids: list[str], out: str | Path | None =
         raise ReportError(f"{folder}: cannot write ({error.strerror or error})") from None
     maps = read_maps(run.root, rows)
     written = []
-    for image_id, path in zip(rows["image_id"], rows["path"]):
-        files = render(image_id, path, maps[image_id], folder, cmap, photo_format="png")
+    for image_id, path, member in zip(rows["image_id"], rows["path"], members(rows)):
+        files = render(image_id, path, maps[image_id], folder, cmap, photo_format="png", member=member)
         written += [inside(folder, name) for name in (files.heatmap, files.image, files.overlay) if name]
         if files.problem:
             print(f"{image_id}: {files.problem}: heat map only")

@@ -20,7 +20,7 @@ from . import html
 from .heatmap import heatmap_image
 from .plots import _figure, _save
 from .run_data import ReportError, RunData, read_maps
-from .tiles import render
+from .tiles import members, render
 
 SPRAY_FOLDER = "spray"
 CLASSES_SHOWN = 6  # classes with pictures; the table lists every analysed class
@@ -125,8 +125,8 @@ def _class_block(run: RunData, strategies: Strategies, entry: dict, images: Path
     shown = pd.concat([_typical(rows, c, TILES_PER_CLUSTER) for c in range(entry["k_chosen"])])
     stats = run.stats.set_index("image_id").loc[shown["image_id"]].reset_index()
     maps = read_maps(run.root, stats)
-    paths = dict(zip(stats["image_id"], stats["path"]))
-    files = {i: render(i, paths[i], maps[i], images, cmap) for i in shown["image_id"]}
+    paths = dict(zip(stats["image_id"], zip(stats["path"], members(stats))))
+    files = {i: render(i, paths[i][0], maps[i], images, cmap, member=paths[i][1]) for i in shown["image_id"]}
     parts = [f'<h3 id="{slug}">{entry["rank"]}. {escape(entry["name"])} (class {cls}): eigengap '
              f'{entry["eigengap"]:.3f}, k = {entry["k_chosen"]}, {entry["images"]:,} images'
              + (' <span class="wrong">Clever-Hans candidate</span>' if entry["candidate"] else "") + "</h3>",

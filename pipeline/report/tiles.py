@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
@@ -29,13 +30,22 @@ def preprocessing_for(size: int) -> Preprocessing:
     return Preprocessing.for_size(size)
 
 
-def display_crop(path: str, preprocessing: Preprocessing) -> np.ndarray:
-    """(crop, crop, 3) uint8: the image as the model saw it, before normalisation (the same uint8 tensor
-    resize and crop as pipeline.preprocess, so the map's pixels line up exactly). Raises DecodeError."""
-    image = torch.from_numpy(np.asarray(decode(read_bytes(path))).copy()).permute(2, 0, 1)  # as preprocess() does
+def display_crop(path: str, preprocessing: Preprocessing, member: str | None = None) -> np.ndarray:
+    """(crop, crop, 3) uint8: the image (`member` of the tar shard `path`, when given) as the model saw it, before
+    normalisation (the same uint8 tensor resize and crop as pipeline.preprocess, so the map's pixels line up
+    exactly). Raises DecodeError."""
+    data = read_bytes(path, member)
+    image = torch.from_numpy(np.asarray(decode(data)).copy()).permute(2, 0, 1)  # as preprocess() does
     for transform in geometry(preprocessing):
         image = transform(image)
     return image.permute(1, 2, 0).numpy()
+
+
+def members(rows: pd.DataFrame) -> list[str | None]:
+    """Each statistics row's tar member name: None for a plain image file (and in runs made before the column)."""
+    if "member" not in rows:
+        return [None] * len(rows)
+    return [member if isinstance(member, str) else None for member in rows["member"]]
 
 
 BOX_COLOUR = (0, 255, 0)
@@ -54,15 +64,15 @@ def draw_boxes(picture: np.ndarray, boxes) -> np.ndarray:
 
 
 def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: str, photo_format: str = "jpg",
-           boxes=None) -> TileFiles:
+           boxes=None, member: str | None = None) -> TileFiles:
     """Write <name>-heatmap.png, and <name>-image.<photo_format> / <name>-overlay.<photo_format> when the image
-    can be read, the label boxes outlined on both. PNG keeps the heat map's colours exact; JPEG keeps the report's
-    photographs small and fast."""
+    can be read (`member` of the tar shard `path`, when given), the label boxes outlined on both. PNG keeps the heat
+    map's colours exact; JPEG keeps the report's photographs small and fast."""
     stem = safe_name(image_id)
     heat_name = f"{stem}-heatmap.png"
     heatmap_image(relevance, cmap).save(inside(folder, heat_name), compress_level=1)
     try:
-        crop = display_crop(path, preprocessing_for(relevance.shape[0]))
+        crop = display_crop(path, preprocessing_for(relevance.shape[0]), member)
     except DecodeError as error:
         return TileFiles(heat_name, None, None, f"image not available ({error})")
     if crop.shape[:2] != relevance.shape:  # a non-square map: fit the crop to it rather than fail

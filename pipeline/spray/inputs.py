@@ -71,7 +71,7 @@ def open_run_index(root: str | Path) -> RunIndex:
     """Read the run's statistics (the columns above) and manifest; SprayRunError when it is not a run."""
     layout = open_run_folder(root, SprayRunError)
     manifest = read_json(layout.manifest, SprayRunError)
-    table = read_stats(layout, SprayRunError, COLUMNS).to_pandas()
+    table = read_stats(layout, SprayRunError, COLUMNS, optional=("member",)).to_pandas()
     if table.empty:
         raise SprayRunError(f"{root}: the run explained no image")
     table = table.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)

@@ -93,12 +93,12 @@ def write_attributions(path: Path, index: RunIndex) -> None:
         handle.attrs["source"] = "view of the run's relevance/shard-*.h5 (HDF5 virtual dataset)"
 
 
-def _crop(path: str, size: int) -> np.ndarray | None:
+def _crop(path: str, size: int, member: str | None = None) -> np.ndarray | None:
     from ..preprocess import DecodeError
     from ..report.tiles import display_crop, preprocessing_for  # torch-based: imported only when images are wanted
 
     try:
-        crop = display_crop(path, preprocessing_for(size))
+        crop = display_crop(path, preprocessing_for(size), member)
     except DecodeError:
         return None
     return crop if crop.shape[:2] == (size, size) else None
@@ -113,9 +113,11 @@ def write_dataset(path: Path, index: RunIndex, decode: bool = True, chunk: int =
     with atomic(path) as tmp, h5py.File(tmp, "w") as handle, ThreadPoolExecutor(max_workers=threads) as pool:
         data = handle.create_dataset("data", shape=(len(table), size, size, 3), dtype=np.uint8,
                                      chunks=(1, size, size, 3), compression="gzip", compression_opts=4)
-        paths = table["path"].tolist() if decode else []
+        names = table["member"] if "member" in table else [None] * len(table)  # tar members (runs since then)
+        members = [name if isinstance(name, str) else None for name in names]
+        paths = list(zip(table["path"], members)) if decode else []
         for start in range(0, len(paths), chunk):
-            crops = list(pool.map(lambda p: _crop(p, size), paths[start:start + chunk]))
+            crops = list(pool.map(lambda p: _crop(p[0], size, p[1]), paths[start:start + chunk]))
             block = np.zeros((len(crops), size, size, 3), dtype=np.uint8)
             for i, crop in enumerate(crops):
                 if crop is None:
