@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from lrp_module.composites import COMPOSITES
+from lrp_module.files import sha256_file
 from lrp_module.topk import validate_top_k
 from lrp_module.zoo import MODEL_NAMES
 
@@ -70,6 +71,8 @@ class RunConfig:
         for key in ("labels", "boxes", "synsets", "classes"):
             if identity[key] is None:
                 del identity[key]
+        if self.classes is not None and Path(self.classes).is_file():  # an edited list must not mix names in a run
+            identity["classes"] = {"file": self.classes, "sha256": sha256_file(self.classes)}
         return identity
 
     def digest(self) -> str:

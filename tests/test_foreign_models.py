@@ -207,3 +207,18 @@ def test_label_map_of_an_imagenet_model_has_its_1000_classes_whatever_was_predic
     names, wnids = _class_table(manifest, table)
     imagenet = imagenet_classes()
     assert names == list(imagenet.names) and wnids == list(imagenet.wnids)
+
+
+def test_an_edited_classes_file_is_another_configuration(foreign_runs, artifact_cache, ten_class_weights, capsys):
+    """The same --classes path with other names is not the same run: resuming would mix names across shards."""
+    named = foreign_runs["named"]
+    names = named.parent / "classes.txt"
+    before = names.read_text()
+    args = _args(named.parent / "pets", named, artifact_cache, "--weights", str(ten_class_weights), "--layout",
+                 "imagefolder", "--classes", str(names))
+    try:
+        names.write_text(before.replace("bird", "sparrow"))
+        _one_line_refusal(capsys, args, "differs in classes")
+    finally:
+        names.write_text(before)
+    assert _cli(args) == 0  # the same file again: the same run, nothing to redo
