@@ -210,6 +210,20 @@ def _classes_in(name: str, state: dict) -> int | None:
     return None if head is None else head.shape[0]
 
 
+def head_classes(name: str, path: Path) -> int | None:
+    """The number of classes a state-dict file was trained for, read without loading its tensors (memory-mapped),
+    so a run can check its dataset's labels before building anything; None when the file does not say."""
+    if name in demo_model.NAMES:
+        return len(demo_model.class_names(name))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a plain state dict (or not a zip file): building the model says why, in one line
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return _classes_in(name, state) if isinstance(state, dict) else None
+
+
 def build_model(name: str, weights: str | os.PathLike | None, num_classes: int | None = None,
                 seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
     """A torchvision VGG / ResNet (or vgg-shapes) in eval mode and where its weights came from.

@@ -33,7 +33,10 @@ OPTIONS = [
     ("weights", str, "auto | imagenet | demo | random | path to a state-dict file"),
     ("composite", str, "epsilon_gamma_box, epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, ..."),
     ("top_k", float, "relevance filter: fraction kept per layer (0 = off)"),
-    ("target", str, "predicted | label | a class index"),
+    ("target", str, "predicted | label (unlabelled images are failure rows) | a class index"),
+    ("classes", str, "the model's class names: a file, one name per line, or index<TAB>wnid<TAB>name lines as "
+                     "configs/imagenet_classes.tsv (default: the model's own; none for a state dict whose head "
+                     "is not ImageNet's)"),
     ("size", int, "centre-crop size (default 224)"),
     ("batch_size", int, "images per forward pass"),
     ("shard_size", int, "images per shard"),

@@ -13,9 +13,11 @@ from typing import Any
 import yaml
 
 from lrp_module.composites import COMPOSITES
+from lrp_module.files import sha256_file
 from lrp_module.topk import validate_top_k
 from lrp_module.zoo import MODEL_NAMES
 
+from .classes import ClassesError, read_classes_file
 from .datasets.layouts import LAYOUTS
 from .faithfulness import region_count
 
@@ -58,16 +60,20 @@ class RunConfig:
     labels: str | None = None  # label file (Kaggle CSV or devkit ground truth), else searched for
     boxes: str | None = None  # folder of VOC box XMLs, else searched for
     synsets: str | None = None  # meta.mat or LOC_synset_mapping.txt, else searched for
+    classes: str | None = None  # the model's class names (one per line, or index<TAB>wnid<TAB>name), else its own
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs produce the same outputs (not how fast or where they run)."""
         keys = ("root", "layout", "limit", "model", "weights", "composite", "top_k", "target", "size",
-                "shard_size", "map_dtype", "compression", "labels", "boxes", "synsets")
+                "shard_size", "map_dtype", "compression", "labels", "boxes", "synsets", "classes")
         identity = {k: getattr(self, k) for k in keys}
         identity["faithfulness"] = self.faithfulness and {"steps": self.flip_steps, "patch": self.flip_patch}
-        for key in ("labels", "boxes", "synsets"):  # absent unless named: runs made before these keys still match
+        # absent unless named: runs made before these keys still match
+        for key in ("labels", "boxes", "synsets", "classes"):
             if identity[key] is None:
                 del identity[key]
+        if self.classes is not None and Path(self.classes).is_file():  # an edited list must not mix names in a run
+            identity["classes"] = {"file": self.classes, "sha256": sha256_file(self.classes)}
         return identity
 
     def digest(self) -> str:
@@ -147,7 +153,7 @@ def load_config(overrides: dict[str, Any] | None = None, config_dir: Path = CONF
     values.update(overrides)
     sources.update({k: "command line" for k in overrides})
     values["dataset"] = dataset
-    for key in PATH_KEYS:
+    for key in (*PATH_KEYS, "classes"):
         if isinstance(values.get(key), str) and values[key]:
             values[key] = normal_path(values[key])
     config = RunConfig(**values)
@@ -216,6 +222,13 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         fail("shard_retries", f"must be an integer 0-10, got {retries!r}")
     _validate_faithfulness(config, fail, positive_int)
+    if config.classes is not None:
+        if not isinstance(config.classes, str) or not config.classes:
+            fail("classes", f"must be a file of class names or null, got {config.classes!r}")
+        try:
+            read_classes_file(config.classes)  # its count is checked against the model's logits later
+        except ClassesError as error:
+            fail("classes", f"is not a usable class list: {error}")
 
 
 def _validate_faithfulness(config: RunConfig, fail, positive_int) -> None:

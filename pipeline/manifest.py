@@ -36,6 +36,7 @@ class RunPlan:
     artifact: dict[str, Any]  # the artifact's sidecar metadata (lrp.json "metadata")
     dataset: dict[str, Any]  # how the dataset was read (layout, label and box sources)
     started: float
+    classes: dict[str, Any] | None = None  # the model's classes (classes.ModelClasses.record())
 
 
 def finish(plan: RunPlan, work: InvocationWork) -> dict:
@@ -59,7 +60,7 @@ def finish(plan: RunPlan, work: InvocationWork) -> dict:
     manifest = {
         "config": asdict(plan.config), "digest": plan.config.digest(),
         "weights": artifact["weights"], "random_weights": plan.weights.choice == "random",
-        "weights_warning": plan.weights.warning, "artifact": artifact,
+        "weights_warning": plan.weights.warning, "artifact": artifact, "classes": plan.classes,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, **artifact["versions"]},
         "dataset": plan.dataset,
         "totals": {"images": sum(len(s) for s in shards), "explained": sum(e["explained"] for e in entries),

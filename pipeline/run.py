@@ -12,11 +12,11 @@ import time
 from dataclasses import asdict
 
 from lrp_module import demo_model
-from lrp_module.zoo import weights_file
+from lrp_module.zoo import head_classes, weights_file
 
 from . import run_folder
 from .artifact_cache import cached_artifact, cached_classifier, resolve_weights
-from .classes import check_classes, imagenet_classes
+from .classes import ClassesError, ModelClasses, check_classes, model_classes
 from .config import RunConfig
 from .contracts import Flipping, ProbeModel, WorkerSettings
 from .datasets import DatasetFiles, load_dataset
@@ -36,7 +36,7 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     started = time.time()
     layout = RunLayout(config.out)
     check_device(config)  # --device cuda without CUDA: one line before any work, never a silent CPU run
-    _check_target(config, _known_class_count(config))  # before any work, where the count is known by name
+    _check_target(config, _known_class_count(config))  # before any work, where the count is known without a build
     check_out_placement(layout.root, config.root, layout.is_run())  # before anything is read or written
     replace = run_folder.replaces_previous_run(layout, config, overwrite)  # before the (minute-long) artifact build
     dataset = load_dataset(config.root, config.layout,
@@ -44,6 +44,12 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     records = dataset.records[:config.limit] if config.limit else dataset.records
     if not records:
         raise RunError(f"{config.root}: no images to explain")
+    if config.target == "label" and all(record.label is None for record in records):
+        raise RunError(f"{config.root}: --target label, but the dataset has no labels ({dataset.layout} layout): "
+                       "use --target predicted or a class index")
+    expected = _known_classes(config)
+    if expected is not None:  # before the (minute-long) artifact build, where the classes are known without it
+        check_classes(records, expected, config.model, config.root)
     check_writable(layout.root)  # before anything is written, the artifact cache included
     shards = run_folder.shards_of(records, config.shard_size)
     if check_space:
@@ -54,30 +60,53 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
         print(f"\n{'!' * 100}\n{weights.warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     artifact, sidecar = cached_artifact(config, weights.choice)  # missing weights fail here, before the run dir
     metadata = sidecar["metadata"]
-    _check_target(config, metadata["outputs"]["logits"][1])
-    class_names = metadata.get("class_names") or list(imagenet_classes().names)
-    check_classes(records, class_names, config.model, config.root)
+    classes = _classes(config, metadata["outputs"]["logits"][1], metadata)  # the count: the artifact's logits
+    _check_target(config, classes.count)
+    check_classes(records, classes, config.model, config.root)
     classifier = cached_classifier(config, weights.choice, artifact) if config.faithfulness else None
     run_folder.prepare(layout, config, replace)
     print(dataset.describe(), file=sys.stderr, flush=True)  # once the run starts: a refused one is one line
     todo = run_folder.unfinished(layout, shards)
     settings = WorkerSettings.from_config(
-        config, strict=strict, class_names=tuple(class_names),
+        config, strict=strict, class_names=classes.names or (),
         attributes={"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
         start=metadata["composite"].get("start", "logit"),
         # the precision probe: the actor explaining shard 0 recomputes its first batch in float64
         probe=ProbeModel(config.model, weights.choice, config.composite, config.top_k),
         flipping=Flipping(str(classifier.resolve()), config.flip_steps, config.flip_patch) if classifier else None)
     work = run_shards(config, artifact, settings, shards, todo, progress) if todo else InvocationWork()
-    return finish(RunPlan(config, layout, shards, weights, metadata, dataset.manifest(), started), work)
+    return finish(RunPlan(config, layout, shards, weights, metadata, dataset.manifest(), started, classes.record()),
+                  work)
 
 
 def _known_class_count(config: RunConfig) -> int | None:
-    """The model's number of classes where its name and weights choice tell (not for a weights file)."""
+    """The model's number of classes where its name, weights choice or state-dict file's head tell."""
     if config.model in demo_model.NAMES:
         record = demo_model.record_file(config.model)
         return len(json.loads(record.read_text())["classes"]) if record.is_file() else None
-    return 1000 if weights_file(config.model, config.weights) is None else None
+    source = weights_file(config.model, config.weights)
+    return 1000 if source is None else head_classes(config.model, source)
+
+
+def _classes(config: RunConfig, count: int, metadata: dict | None) -> ModelClasses:
+    """The model's classes (pipeline/classes.py); a --classes file that does not fit is a RunError (exit 2)."""
+    kind = (metadata or {}).get("weights", {}).get("kind")
+    imagenet_head = config.model not in demo_model.NAMES and kind in (None, "random", "file")
+    try:
+        return model_classes(count, config.model, (metadata or {}).get("class_names"), config.classes,
+                             imagenet_head)
+    except ClassesError as error:
+        raise RunError(str(error)) from None
+
+
+def _known_classes(config: RunConfig) -> ModelClasses | None:
+    """The model's classes before its artifact is built, where they are known without it (as the artifact will
+    have them: the demo models' names, ImageNet's for a 1000-class head, a --classes file), else None."""
+    count = _known_class_count(config)
+    if count is None:
+        return None
+    names = demo_model.class_names(config.model) if config.model in demo_model.NAMES else None
+    return _classes(config, count, {"class_names": names})
 
 
 def _check_target(config: RunConfig, classes: int | None) -> None:

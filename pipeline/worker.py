@@ -38,6 +38,9 @@ from .writers import compress_map, write_parquet, write_relevance
 PROBE_IMAGES = 8  # the precision probe: shard 0's first batch, at most this many images, recomputed in float64
 
 
+NO_LABEL = "no label: --target label explains each image's labelled class, and this image has none"
+
+
 class ShardExplainer:
     """Holds the traced module (loaded once) and explains shards."""
 
@@ -69,6 +72,8 @@ class ShardExplainer:
         """The preprocessed image and boxes, or the exception that becomes this image's failure reason."""
         if record.problem:  # known from the listing (outside the root, missing, unknown label): never opened
             return DecodeError(record.problem)
+        if self.settings.target == "label" and record.label is None:  # never the prediction in its place
+            return DecodeError(NO_LABEL)
         inject_fault(record.path)  # off unless LRP_FAULT_INJECT=1 (tests and the soak benchmark)
         try:
             return load(record, self.preprocessing, self.settings.max_image_bytes)

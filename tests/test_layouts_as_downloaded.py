@@ -184,10 +184,10 @@ def test_class_folders_not_named_by_wnid_are_classes_in_sorted_order(tmp_path):
     assert labels == {"bird1": (0, "bird"), "cat1": (1, "cat"), "dog1": (2, "dog")}  # torchvision's order
     loose = [r.problem for r in dataset.records if r.image_id == "loose"]
     assert loose == ["not in a class folder (ImageFolder layout)"]
-    from pipeline.classes import check_classes
+    from pipeline.classes import ModelClasses, check_classes
 
     with pytest.raises(DatasetError, match="class 0 is 'bird'.*model vgg16's is 'tench'"):
-        check_classes(dataset.records, list(CLASSES.names), "vgg16", str(tmp_path))
+        check_classes(dataset.records, ModelClasses(1000, CLASSES.names, CLASSES.wnids), "vgg16", str(tmp_path))
 
 
 def _tar(path, members: dict[str, bytes]):

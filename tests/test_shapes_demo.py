@@ -22,7 +22,7 @@ from demo.train import save, train
 from lrp_module import LRPModel, demo_model
 from lrp_module.zoo import WeightsError, build_vgg
 from pipeline import stats
-from pipeline.classes import check_classes, imagenet_classes
+from pipeline.classes import ModelClasses, check_classes, imagenet_classes
 from pipeline.config import load_config
 from pipeline.datasets import DatasetError, load_records
 from pipeline.faithfulness import aopc, region_perturbation
@@ -171,12 +171,14 @@ def test_pipeline_explains_shapes_with_their_class_names(tmp_path, local_ray):
 
 def test_an_imagenet_model_on_shapes_is_one_clear_error(tmp_path):
     records = load_records(shapes.write_split(tmp_path / "shapes", per_class=1))
-    imagenet = list(imagenet_classes().names)
+    classes = imagenet_classes()
+    imagenet = ModelClasses(1000, classes.names, classes.wnids)
+    shape_classes = ModelClasses(6, tuple(shapes.CLASS_NAMES))
     with pytest.raises(DatasetError, match="class 0 is 'circle' .* but model vgg11's is 'tench'"):
         check_classes(records, imagenet, "vgg11", "data/shapes")
-    with pytest.raises(DatasetError, match=r"model vgg-shapes's is no class \d+ \(6 classes\)"):
-        check_classes(load_records(SAMPLE), list(shapes.CLASS_NAMES), "vgg-shapes", "data/sample")
-    check_classes(records, list(shapes.CLASS_NAMES), "vgg-shapes", "data/shapes")
+    with pytest.raises(DatasetError, match=r"class \d+ is .* but model vgg-shapes has 6 classes \(0-5\)"):
+        check_classes(load_records(SAMPLE), shape_classes, "vgg-shapes", "data/sample")
+    check_classes(records, shape_classes, "vgg-shapes", "data/shapes")
     check_classes(load_records(SAMPLE), imagenet, "vgg16", "data/sample")  # the sample keeps ImageNet's
 
 

@@ -41,29 +41,27 @@ class RunIndex:
 
 
 def _class_table(manifest: dict, table: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Class names (the artifact's, else the names seen in the statistics) and ids: the dataset's wnids where a
-    label shows them, ImageNet's for a 1000-class model, else 'c' + the zero-padded index."""
-    names = list((manifest.get("artifact") or {}).get("class_names") or [])
-    seen = max(int(table["pred"].max()) if len(table) else -1, int(table["label"].max()) if table["label"].notna().any()
-               else -1) + 1
-    count = max(len(names), seen)
-    for column, name_column in (("label", "label_name"), ("pred", "pred_name")):
-        if len(names) < count:
-            names += [""] * (count - len(names))
-        known = table[[column, name_column]].dropna().drop_duplicates(column)
-        for index, name in zip(known[column].astype(int), known[name_column]):
-            if not names[index]:
-                names[index] = str(name)
-    wnids = [""] * count
-    if count == 1000:
-        from ..classes import imagenet_classes
+    """Exactly the model's classes: their names and ids as the run recorded them (manifest "classes"; for a run
+    made before that, rebuilt from its artifact by the same rule). The id is the class's WordNet id where the
+    model's classes have them (ImageNet's, a --classes TSV, the demos' own), else `class-<index>`; a class without
+    a name is called `class <index>`: nothing is invented from the dataset or from ImageNet."""
+    from lrp_module.demo_model import NAMES as DEMO_MODELS
 
-        wnids = list(imagenet_classes().wnids)
-    labelled = table[["label", "wnid"]].dropna().drop_duplicates("label")
-    for index, wnid in zip(labelled["label"].astype(int), labelled["wnid"]):
-        wnids[index] = str(wnid)
-    wnids = [w or f"c{i:08d}" for i, w in enumerate(wnids)]
-    names = [n or wnids[i] for i, n in enumerate(names)]
+    from ..classes import ModelClasses, model_classes
+
+    if manifest.get("classes"):
+        classes = ModelClasses.from_record(manifest["classes"])
+    else:
+        artifact = manifest.get("artifact") or {}
+        seen = max(int(table["pred"].max()) if len(table) else -1,
+                   int(table["label"].max()) if table["label"].notna().any() else -1) + 1
+        count = int((artifact.get("outputs") or {}).get("logits", [None, seen])[1])
+        model = str(manifest.get("config", {}).get("model", ""))
+        kind = (artifact.get("weights") or {}).get("kind")
+        classes = model_classes(count, model, artifact.get("class_names"), None,
+                                model not in DEMO_MODELS and kind in (None, "random", "file"))
+    names = list(classes.names) if classes.names else [f"class {i}" for i in range(classes.count)]
+    wnids = list(classes.wnids) if classes.wnids else [f"class-{i}" for i in range(classes.count)]
     return names, wnids
 
 
