@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,7 +155,7 @@ class RunLock:
         """The current holder, None when there is no lock file."""
         try:
             text = self.path.read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no lock there (OUT missing, or under a file: said next)
             return None
         except OSError as error:
             raise RunLockError(f"{self.path}: cannot read the run's lock ({error.strerror or error})") from None
@@ -200,7 +200,8 @@ class RunLock:
             self._unwritable = True
             return False
         finally:
-            tmp.unlink(missing_ok=True)
+            with suppress(OSError):  # never made (an unwritable folder) or already gone
+                tmp.unlink()
         self.holder = holder
         self._fd = _open(self.path)
         _flock(self._fd)  # ours: the file was created just now, and only a recovering process takes its flock

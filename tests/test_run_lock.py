@@ -5,6 +5,7 @@ The holders are real second processes. They load only the lock's modules (a bare
 torch is not imported): a holder starts in a fraction of a second, even on a loaded machine."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -189,6 +190,28 @@ def test_the_lock_is_the_runs_own_file_which_overwrite_leaves_to_its_holder(tmp_
     dataset.mkdir()
     _write_lock(tmp_path)  # what a run killed before it wrote run.json leaves: not a folder of the user's
     check_out_placement(tmp_path, str(dataset), is_run=False)
+
+
+def test_a_reader_locks_only_runs_and_reads_one_it_cannot_write_unlocked_unless_it_is_in_use(tmp_path, monkeypatch):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    with hold_run(mine, "report", create=False) as lock:  # not a run (the reader refuses it): nothing written
+        assert lock.holder is None and _listing(mine) == []
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with _holder(run):
+        monkeypatch.setattr(os, "link", read_only)
+        with pytest.raises(RunLockError, match="is in use: explain by pid"):
+            with hold_run(run, "report", create=False):
+                pass
+    with hold_run(run, "report", create=False) as lock:  # read-only, the killed holder's lock stale: unlocked
+        assert lock.holder is None
+    assert _listing(run) == ["run.json"]  # the stale lock was removed (this test's os.link is all that fails)
 
 
 def _png_folder(folder: Path) -> Path:
