@@ -140,10 +140,11 @@ class RunLock:
                     return False
                 continue
             self._refuse_unless_stale(holder)
-            if self._remove_stale(holder):
+            outcome = self._remove_stale(holder)
+            if outcome == "removed":
                 print(f"note: removed the stale lock {self.path} of {holder.describe()} (no longer running)",
                       file=sys.stderr, flush=True)
-            else:
+            elif outcome == "busy":
                 stale = holder
                 time.sleep(RETRY_S)
         if stale is not None:
@@ -223,26 +224,27 @@ class RunLock:
                 continue
             self._created.insert(0, folder)
 
-    def _remove_stale(self, holder: Holder) -> bool:
+    def _remove_stale(self, holder: Holder) -> str:
         """Remove the lock file of a dead holder, under its flock (so that two recovering processes never
-        remove each other's fresh lock) and only if it is still the file that was judged. True when removed."""
+        remove each other's fresh lock) and only if it is still the file that was judged: "removed", "changed"
+        (another file is there now, or none) or "busy" (another process holds its flock)."""
         try:
             fd = _open(self.path)
         except FileNotFoundError:
-            return False
+            return "changed"
         try:
             if not _flock(fd):
-                return False  # another process is recovering it (or a child of the dead holder kept it)
+                return "busy"  # another process is recovering it (or a child of the dead holder kept it)
             if not _same_file(fd, self.path):
-                return False
+                return "changed"
             try:
                 current = Holder.parse(os.read(fd, 1 << 16).decode("utf-8", "replace"))
             except (ValueError, KeyError, TypeError):
-                return False
+                return "changed"
             if current.token != holder.token:
-                return False
+                return "changed"
             self.path.unlink()
-            return True
+            return "removed"
         finally:
             os.close(fd)
 

@@ -74,9 +74,12 @@ def _write_lock(folder: Path, **fields) -> Path:
     return lock
 
 
-def test_processes_racing_on_one_folder_one_holds_it_the_others_are_refused_naming_it(tmp_path):
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
+def test_processes_racing_on_one_folder_one_holds_it_the_others_are_refused_naming_it(tmp_path, stale):
     out = tmp_path / "run"
     go = tmp_path / "go"
+    if stale:  # all four find a killed process's lock and recover it at once: still only one holds the folder
+        _write_lock(out, start="1")
     racers = [_python(f"""
         print("ready", flush=True)
         while not Path({str(go)!r}).exists():
