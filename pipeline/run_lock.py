@@ -60,7 +60,7 @@ class Holder:
     def this_process(cls, purpose: str) -> Holder:
         return cls(host=socket.gethostname(), pid=os.getpid(), start=process_start(os.getpid()), boot=boot_id(),
                    since=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), purpose=purpose,
-                   command=" ".join(shlex.join(sys.argv).split()), token=secrets.token_hex(8))
+                   command=_command_line(), token=secrets.token_hex(8))
 
     @classmethod
     def parse(cls, text: str) -> Holder:
@@ -89,6 +89,14 @@ class Holder:
             return True  # no /proc: the pid exists, which is all this host can tell
         state, start = stat
         return state != "Z" and (self.start is None or start == self.start)
+
+
+def _command_line() -> str:
+    """This process's command on one line (`python -m pipeline ...` as typed, not its __main__.py path)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).parts[-2:] == ("pipeline", "__main__.py"):
+        return " ".join(["python -m pipeline", *(shlex.join(argv[1:]).split())])
+    return " ".join(shlex.join(argv).split())
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
