@@ -15,6 +15,7 @@ from .errors import RunError, StrictStop
 from .output_checks import OutputCheckError
 from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
 from .run import explain
+from .run_lock import RunLockError, hold_run
 from .spray.cli import add_spray_command, run_spray_command
 
 EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be explained (listed in "
@@ -90,12 +91,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_reader(args: argparse.Namespace) -> int:
+    """report, heatmaps and spray under the run's lock (pipeline/run_lock.py): none reads a run that an explain
+    is writing, nor writes beside another one's outputs."""
+    try:
+        with hold_run(args.run, args.command, create=False):
+            return run_report_command(args) if args.command in REPORT_COMMANDS else run_spray_command(args)
+    except RunLockError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in REPORT_COMMANDS:
-        return run_report_command(args)
-    if args.command == "spray":
-        return run_spray_command(args)
+    if args.command in (*REPORT_COMMANDS, "spray"):
+        return _run_reader(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["faithfulness"] = args.faithfulness
     try:

@@ -30,6 +30,7 @@ class RunLayout:
 
     RELEVANCE, STATS, FAILURES, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY = (
         "relevance", "stats", "failures", "report", "report/img", "heatmaps", "spray")
+    LOCK = "run.lock"
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
     WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY)  # every folder a run's parts write to
 
@@ -41,6 +42,12 @@ class RunLayout:
     def run_file(self) -> Path:
         """The configuration's identity, written when the run starts: what marks a folder as a run."""
         return self.root / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        """The lock of the process using the folder (pipeline/run_lock.py): present only while one is (or a
+        killed one left it); the run's own file, never user data, but --overwrite leaves it to its holder."""
+        return self.root / self.LOCK
 
     @property
     def manifest(self) -> Path:
@@ -114,7 +121,7 @@ class RunLayout:
     def own_files(self) -> Iterator[Path]:
         """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
         for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
-                     self.report / "index.html"):
+                     self.lock, self.report / "index.html"):
             if path.is_file() or path.is_symlink():
                 yield path
         yield from self.temporary_files()
@@ -142,9 +149,11 @@ class RunLayout:
             path.unlink(missing_ok=True)
 
     def remove_own(self) -> None:
-        """--overwrite: delete the run's own files, then each of its folders that this left empty."""
+        """--overwrite: delete the run's own files (but the lock, which its holder removes), then each of its
+        folders that this left empty."""
         for path in list(self.own_files()):
-            path.unlink(missing_ok=True)
+            if path != self.lock:
+                path.unlink(missing_ok=True)
         for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY, *self.SHARD_FOLDERS):
             folder = self.root / sub
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lrp_module.files import temporary_path
 
+from .layout import RunLayout
+
 STATS_BYTES_PER_IMAGE = 1024  # a Parquet row and its share of the failures / manifest files, generously
 FIXED_BYTES = 256 * 1024  # run.json, manifest, virtual dataset, failures
 COMPRESSED_SHARE = 0.25  # gzip+shuffle keeps 0.38 of a float16 VGG16 map (README); 0.25 errs on "enough"
@@ -79,7 +81,8 @@ def dataset_folder(root: str) -> Path:
 
 def check_out_placement(out: Path, root: str, is_run: bool) -> None:
     """Refuse an OUT that is the dataset, lies inside it or contains it (a run there, or its --overwrite, would
-    mix with or delete the user's images), and an existing non-empty folder that is not a run folder."""
+    mix with or delete the user's images), and an existing non-empty folder that is not a run folder (a lock that a
+    killed run left is the run's own file: run_lock recovers it)."""
     dataset = dataset_folder(root).resolve()
     target = out.resolve()
     if target == dataset:
@@ -88,7 +91,7 @@ def check_out_placement(out: Path, root: str, is_run: bool) -> None:
         raise OutputCheckError(f"--out {out} is inside the dataset ({root}): choose a run directory outside it")
     if dataset.is_relative_to(target):
         raise OutputCheckError(f"--out {out} contains the dataset ({root}): choose a run directory beside it")
-    if target.is_dir() and not is_run and any(target.iterdir()):
+    if target.is_dir() and not is_run and any(p.name != RunLayout.LOCK for p in target.iterdir()):
         raise OutputCheckError(f"--out {out} exists, is not empty and is not a run folder (no run.json): "
                                "choose a new or empty directory")
     if target.exists() and not target.is_dir():

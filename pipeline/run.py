@@ -2,7 +2,8 @@
 
 The driver never touches pixels; actors never decide what to do next. A shard is done when its statistics file
 exists (written last, atomically); running the same command again skips done shards and redoes the rest. Every
-check that can refuse a run comes before anything is written.
+check that can refuse a run comes before anything is written; OUT is locked (run_lock.py) from the first check that
+reads it, so a second driver is refused before it writes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .errors import RunError, StrictStop
 from .layout import RunLayout
 from .manifest import RunPlan, finish
 from .output_checks import check_free_space, check_out_placement, check_writable
+from .run_lock import hold_run
 from .shard_runner import InvocationWork, check_device, run_shards
 
 __all__ = ["RunError", "StrictStop", "explain"]
@@ -38,6 +40,13 @@ def explain(config: RunConfig, overwrite: bool = False, strict: bool = False, pr
     check_device(config)  # --device cuda without CUDA: one line before any work, never a silent CPU run
     _check_target(config, _known_class_count(config))  # before any work, where the count is known without a build
     check_out_placement(layout.root, config.root, layout.is_run())  # before anything is read or written
+    with hold_run(layout.root, "explain"):  # one driver per OUT, for the whole run; the checks below under it
+        return _explain(config, layout, started, overwrite, strict, progress, check_space)
+
+
+def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bool, strict: bool, progress: bool,
+             check_space: bool) -> dict:
+    """explain() under the run folder's lock: what may run in OUT is decided only by its holder."""
     replace = run_folder.replaces_previous_run(layout, config, overwrite)  # before the (minute-long) artifact build
     dataset = load_dataset(config.root, config.layout,
                            DatasetFiles(labels=config.labels, boxes=config.boxes, synsets=config.synsets))

@@ -55,9 +55,10 @@ def test_driver_killed_mid_run_resumes_to_identical_outputs(tmp_path):
     committed = len(committed_stats(out))
     assert 2 <= committed < SHARDS, f"the kill came too late ({committed} shards committed)"
     assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
+    assert (out / "run.lock").is_file()  # the killed driver's lock: stale, recovered by the same command
     _assert_complete_files(out)
 
     assert _run_to_end(command, tmp_path / "rerun.log") == 1  # one broken image
-    assert (out / "_SUCCESS").exists() and not list(out.rglob(".tmp-*"))
+    assert (out / "_SUCCESS").exists() and not list(out.rglob(".tmp-*")) and not (out / "run.lock").exists()
     assert_exactly_once(out, IMAGES)
     assert_same_outputs(out, reference)
