@@ -415,3 +415,41 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(small_run, tmpfs, capsys, lo
     assert "\n" not in error and error.startswith(f"error: cannot write {out}") and "no space left on device" in error
     assert "Traceback" not in captured.out + captured.err
     assert not list(tmpfs.iterdir())
+
+
+def test_hdf5_writes_on_a_full_disk_fail_cleanly_wherever_the_disk_fills(tmpfs):
+    """pipeline/h5_writing.py: at several disk sizes the disk fills in a different place (a chunk, a dataset freed
+    while the next is written, the close): always one OutputError, nothing left, no 'Exception ignored' noise from
+    h5py and no SIGSEGV of libhdf5 later in the process (a subprocess, so that a crash is seen)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import gc, subprocess, numpy as np
+        from pathlib import Path
+        from lrp_module.files import OutputError
+        from pipeline.h5_writing import h5_atomic
+        disk = Path({str(tmpfs)!r})
+        rng = np.random.default_rng(0)
+        for size in ("8k", "24k", "48k", "96k"):
+            subprocess.run(["mount", "-o", f"remount,size={{size}}", str(disk)], check=True)
+            try:
+                with h5_atomic(disk / "means.h5") as handle:
+                    for c in range(12):
+                        group = handle.create_group(str(c))
+                        for k in (2, 3):
+                            data = group.create_dataset(f"k{{k}}", data=rng.random((k, 32, 32)).astype("float32"),
+                                                        compression="gzip")
+                            data.attrs["images"] = np.arange(k)
+                raise SystemExit(f"{{size}}: the disk did not fill")
+            except OutputError as error:
+                assert str(error) == f"cannot write {{disk / 'means.h5'}}: no space left on device", error
+            gc.collect()
+            assert not list(disk.iterdir()), list(disk.iterdir())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
