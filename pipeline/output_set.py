@@ -26,6 +26,7 @@ def files_in(folder: Path) -> list[str]:
 
 def check_replaceable(out: Path, own: Owner, what: str) -> None:
     """OutputError unless `out` is missing, an empty folder, or holds only files `own` says the writer wrote."""
+    out = Path(os.path.abspath(out))  # "." or "x/.." have no name to put a sibling beside
     if not out.exists() and not out.is_symlink():
         return
     if out.is_symlink() or not out.is_dir():
@@ -92,7 +93,7 @@ def _swap(build: Path, out: Path, own: Owner) -> None:
 def replaced_as_set(out: Path, own: Owner, what: str) -> Iterator[Path]:
     """A fresh folder to write the whole set into; swapped in for `out` when the block completes, removed when it
     fails (the previous set stays as it was). `out` is checked first (check_replaceable)."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     check_replaceable(out, own, what)
     build = _building(out)
     try:
