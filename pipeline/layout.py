@@ -15,6 +15,7 @@ SHARD_FILE = re.compile(rf"^shard-\d{{{SHARD_DIGITS}}}\.(h5|parquet)$")
 # tiles, plots, colour bar (pipeline/report; report.files.safe_name never starts with a dot, so a temporary file,
 # found by TEMPORARY, is never an image too)
 REPORT_IMAGE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\.(png|jpg)$")
+REPORT_OWN_FILES = "report-files.json"  # the report folder's list of the files the report wrote (report/build.py)
 HEATMAP_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*-(heatmap|image|overlay)\.png$")
 # pipeline/spray's outputs (outputs.py, virelay.py): the strategies of a run are its own files too
 SPRAY_FILE = re.compile(r"^(clusters\.parquet|summary\.json|cluster_means\.h5|project\.yaml|label-map\.json|"
@@ -121,7 +122,7 @@ class RunLayout:
     def own_files(self) -> Iterator[Path]:
         """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
         for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
-                     self.lock, self.report / "index.html"):
+                     self.lock, self.report / "index.html", self.report / REPORT_OWN_FILES):
             if path.is_file() or path.is_symlink():
                 yield path
         yield from self.temporary_files()

@@ -36,6 +36,26 @@ def read_json(path: Path, error: type[Exception]) -> dict:
         raise error(f"{path}: not valid JSON ({problem})") from None
 
 
+def run_config(layout: RunLayout, manifest: dict, error: type[Exception]) -> dict:
+    """The run's configuration: the manifest's, or (an unfinished run: no manifest yet) the identity run.json
+    recorded when the run started."""
+    return manifest.get("config") or read_json(layout.run_file, error).get("identity") or {}
+
+
+def map_size(layout: RunLayout, config: dict, error: type[Exception]) -> int:
+    """The side of the run's (square) maps: the configuration's `size`, else the shape the shards store; never a
+    guess (a wrong size makes views of the shards unreadable)."""
+    if config.get("size"):
+        return int(config["size"])
+    for shard in sorted((layout.root / RunLayout.RELEVANCE).glob("shard-*.h5")):
+        try:
+            with h5py.File(shard, "r") as handle:
+                return int(handle["relevance"].shape[-1])
+        except (OSError, KeyError, IndexError):
+            continue
+    raise error(f"{layout.root}: no size in manifest.json or run.json and no readable relevance shard")
+
+
 def read_stats(layout: RunLayout, error: type[Exception], columns: Sequence[str] | None = None,
                leave_out: Sequence[str] = (), optional: Sequence[str] = ()) -> pa.Table:
     """The statistics of every shard, only `columns` (all when None) less `leave_out`; `optional` columns are read

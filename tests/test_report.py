@@ -299,6 +299,72 @@ def test_a_report_that_cannot_be_written_is_one_line_error(tmp_path, photos, cap
     assert error == f"error: cannot write {run / 'report' / 'index.html'}: no space left on device"
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_report_refuses_a_folder_it_did_not_write_and_changes_nothing(tmp_path, photos, capsys):
+    """Issue 19.1: --out pointed at a website folder (its own index.html and img/ tree): one line, exit 2, every file
+    as it was; a report folder a user added a file to is refused the same way."""
+    run = _run(tmp_path, photos, n=8)
+    site = tmp_path / "site"
+    (site / "img" / "team").mkdir(parents=True)
+    (site / "index.html").write_text("<p>my page</p>")
+    (site / "img" / "team" / "bob.jpg").write_bytes(b"bob")
+    (site / "img" / "logo.png").write_bytes(b"logo")
+    before = _tree(site)
+    assert cli_main(["report", str(run), "--out", str(site), "--gallery", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith(f"error: {site}: holds files the report did not write")
+    assert _tree(site) == before
+    ours = tmp_path / "ours"
+    assert cli_main(["report", str(run), "--out", str(ours), "--gallery", "1"]) == 0
+    (ours / "notes.txt").write_text("mine")
+    assert cli_main(["report", str(run), "--out", str(ours), "--gallery", "1"]) == 2
+    assert "notes.txt" in capsys.readouterr().err and (ours / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_rebuild_leaves_the_previous_report_whole(tmp_path, photos, capsys, monkeypatch):
+    """Issue 19.1: the disk fills half-way through a rebuild (after the tiles): one line, exit 2, and the previous
+    index.html with every picture it links to, unchanged; no half-built folder left. A folder a killed build left
+    beside it is swept by the next build."""
+    import errno
+
+    from pipeline.report import build
+
+    run = _run(tmp_path, photos)
+    report = run / "report"
+    assert cli_main(["report", str(run), "--out", str(report), "--gallery", "3"]) == 0
+    before = _tree(report)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build, "write_plots", full_disk)
+        assert cli_main(["report", str(run), "--gallery", "1"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write the report {report}: no space left on device"
+    assert _tree(report) == before
+    _assert_links_resolve(report / "index.html")
+    killed = run / ".tmp-999999999-report"
+    (killed / "img").mkdir(parents=True)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".tmp-")) == [killed.name]
+    assert cli_main(["report", str(run), "--gallery", "1"]) == 0
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+    _assert_links_resolve(report / "index.html")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, photos, tmpfs, capsys):
+    """Issue 19.1: a real 64 KiB disk fills while the report is written: one line, exit 2, no traceback."""
+    run = _run(tmp_path, photos)
+    out = tmpfs / "report"
+    assert cli_main(["report", str(run), "--out", str(out), "--gallery", "12", "--per-class", "5"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: cannot write the report {out}: no space left on device" or (
+        "\n" not in error and error.startswith("error: cannot write ") and "no space left on device" in error)
+    assert not list(tmpfs.iterdir())
+
+
 def test_report_on_an_unfinished_run_says_so_and_counts_what_exists(tmp_path, photos):
     """11.12: no manifest (the run was stopped or is still running): the top of the page says the run is
     incomplete, the title comes from run.json, and the counts are those of the finished shards."""

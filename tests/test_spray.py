@@ -190,9 +190,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no class has 20 or more images" in err
     assert cli_main(["spray", str(run), "--k-max", "40"]) == 2
-    assert "must exceed k_max" in capsys.readouterr().err
+    assert "--eigenvalues (32) must exceed --k-max (40)" in capsys.readouterr().err
     assert cli_main(["spray", str(run), "--large-class", "-1"]) == 2
-    assert "large_class must be >= 0, got -1" in capsys.readouterr().err
+    assert "--large-class must be >= 0, got -1" in capsys.readouterr().err
     assert not (run / "spray").exists()
     with pytest.raises(SystemExit):
         cli_main(["spray", str(run), "--variant", "nonsense"])
@@ -283,3 +283,173 @@ def test_sampled_ward_keeps_the_samples_labels_and_assigns_the_rest_to_the_neare
     centroids = np.stack([points[chosen][labels[3][chosen] == c].mean(0) for c in range(3)])
     nearest = np.linalg.norm(points[others][:, None] - centroids[None], axis=2).argmin(1)
     np.testing.assert_array_equal(labels[3][others], nearest)
+
+
+# --- issue 19: options checked up front, the output set, unfinished runs, small classes -----------------------------
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """Planted groups, two classes of 27-28 images and one of 5, at SIZE px."""
+    root, _ = _planted_run(tmp_path_factory.mktemp("spray-small") / "run", n=60, classes=2)
+    return root
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--large-class", "0"], "--large-class must be >= 64"),
+    (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
+    (["--grid", "1000"], "--grid 1000 is larger than the run's 32x32 maps"),
+    (["--neighbours", "100", "--min-images", "4"], "--neighbours 100 needs classes of at least 102 images"),
+])
+def test_options_are_checked_before_any_work_naming_the_option(small_run, capsys, monkeypatch, extra, culprit):
+    """Issue 19.15: each bad option is one line naming it, exit 2, before Ray starts and before anything is written."""
+    from pipeline.spray import run as spray_run
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the analysis started")
+
+    monkeypatch.setattr(spray_run, "_run_tasks", no_work)
+    assert cli_main(["spray", str(small_run), "--no-progress", *extra]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("error: ") and culprit in error
+    assert not (small_run / "spray").exists()
+
+
+def test_spray_replaces_its_outputs_as_a_set(small_run, tmp_path, capsys, monkeypatch, local_ray):
+    """Issue 19.7 and 19.15: `--out DIR` prints DIR; a second spray with other options leaves none of the first's
+    files; a spray that fails while writing (a full disk) is one line, exit 2, and leaves the previous set whole; a
+    folder holding other files is refused before any work."""
+    import errno
+
+    from pipeline.spray import outputs
+
+    out = tmp_path / "strategies"
+    common = ["spray", str(small_run), "--out", str(out), "--grid", "8", "--no-embedding", "--no-progress"]
+    assert cli_main([*common, "--no-virelay-images"]) == 0
+    assert f"-> {out}\n" in capsys.readouterr().out
+    assert {"project.yaml", "attribution.h5", "dataset.h5", "analysis.h5"} <= set(_files(out))
+    assert cli_main([*common, "--no-virelay", "--classes", "1"]) == 0
+    capsys.readouterr()
+    second = _files(out)
+    assert set(second) == {CLUSTERS_FILE, SUMMARY_FILE, "cluster_means.h5"}
+    assert set(pd.read_parquet(out / CLUSTERS_FILE)["class"]) == {1}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(outputs, "write_means", full_disk)
+        assert cli_main([*common, "--no-virelay"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write the SpRAy {out}: no space left on device"
+    assert _files(out) == second and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    (out / "mine.txt").write_text("notes")
+    assert cli_main([*common, "--no-virelay"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "holds files the SpRAy did not write (mine.txt)" in error
+    assert (out / "mine.txt").read_text() == "notes" and set(_files(out)) == set(second) | {"mine.txt"}
+
+
+def test_spray_of_an_unfinished_run_takes_the_map_size_from_the_shards_and_says_so(small_run, tmp_path, capsys,
+                                                                                    local_ray):
+    """Issue 19.6: no manifest yet (the run is unfinished) and no size recorded: the ViRelAy view has the shards'
+    size and reads their maps (not a 224 fallback), and the run is said to be unfinished."""
+    import shutil
+
+    import h5py
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("spray"))
+    (run / "manifest.json").unlink()
+    (run / "_SUCCESS").unlink()
+    assert cli_main(["spray", str(run), "--grid", "8", "--no-embedding", "--no-progress", "--no-virelay-images"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: unfinished run" in err
+    summary = json.loads((run / "spray" / SUMMARY_FILE).read_text())
+    assert summary["complete"] is False and summary["out"] == str(run / "spray")
+    index = open_run_index(run)
+    with h5py.File(run / "spray" / "attribution.h5", "r") as view, h5py.File(run / "relevance" / "shard-00000.h5",
+                                                                            "r") as shard:
+        assert view["attribution"].shape == (len(index.table), SIZE, SIZE, 1)
+        np.testing.assert_array_equal(view["attribution"][:5, :, :, 0], shard["relevance"][:5])
+    with h5py.File(run / "spray" / "dataset.h5", "r") as dataset:
+        assert dataset["data"].shape == (len(index.table), SIZE, SIZE, 3)
+
+
+def test_a_class_too_small_for_k_max_says_which_k_mean_nothing(small_run, tmp_path, capsys, local_ray):
+    """Issue 19.15: the 5-image class with k_max 8: k = 3..8 are listed as not meaningful in summary.json, on the
+    console and in the report's Strategies section; the large classes' chosen k is not."""
+    import shutil
+
+    from pipeline.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("spray", "report"))
+    assert cli_main(["spray", str(run), "--grid", "8", "--no-embedding", "--no-progress", "--no-virelay",
+                     "--min-images", "4", "--neighbours", "3"]) == 0
+    assert "class(es) too small or too uniform for some k" in capsys.readouterr().err
+    entries = {e["class"]: e for e in json.loads((run / "spray" / SUMMARY_FILE).read_text())["classes"]}
+    small = entries[2]["k_not_meaningful"]
+    assert set(small) == {"3", "4", "5", "6", "7", "8"} and small["8"].startswith("not computed")
+    assert small["3"] == "fewer than 2 images per cluster (5 images)" or small["3"].startswith("tied")
+    for cls in (0, 1):
+        assert str(entries[cls]["k_chosen"]) not in entries[cls]["k_not_meaningful"]
+    page = build_report(run, gallery=1, per_class=0).read_text()
+    assert "Not meaningful for this class" in page and "k = 8: not computed: 5 images" in page
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_run, tmpfs, capsys, local_ray):
+    """Issue 19.7: a real 8 KiB disk fills while spray writes its HDF5 files (libhdf5 fails in close()): one line,
+    exit 2, no traceback, no crash, nothing left on the disk."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,size=8k", str(tmpfs)], check=True)
+    out = tmpfs / "spray"
+    assert cli_main(["spray", str(small_run), "--out", str(out), "--grid", "8", "--no-embedding", "--no-progress",
+                     "--no-virelay-images"]) == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip()
+    assert "\n" not in error and error.startswith(f"error: cannot write {out}") and "no space left on device" in error
+    assert "Traceback" not in captured.out + captured.err
+    assert not list(tmpfs.iterdir())
+
+
+def test_hdf5_writes_on_a_full_disk_fail_cleanly_wherever_the_disk_fills(tmpfs):
+    """pipeline/h5_writing.py: at several disk sizes the disk fills in a different place (a chunk, a dataset freed
+    while the next is written, the close): always one OutputError, nothing left, no 'Exception ignored' noise from
+    h5py and no SIGSEGV of libhdf5 later in the process (a subprocess, so that a crash is seen)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import gc, subprocess, numpy as np
+        from pathlib import Path
+        from lrp_module.files import OutputError
+        from pipeline.h5_writing import h5_atomic
+        disk = Path({str(tmpfs)!r})
+        rng = np.random.default_rng(0)
+        for size in ("8k", "24k", "48k", "96k"):
+            subprocess.run(["mount", "-o", f"remount,size={{size}}", str(disk)], check=True)
+            try:
+                with h5_atomic(disk / "means.h5") as handle:
+                    for c in range(12):
+                        group = handle.create_group(str(c))
+                        for k in (2, 3):
+                            data = group.create_dataset(f"k{{k}}", data=rng.random((k, 32, 32)).astype("float32"),
+                                                        compression="gzip")
+                            data.attrs["images"] = np.arange(k)
+                raise SystemExit(f"{{size}}: the disk did not fill")
+            except OutputError as error:
+                assert str(error) == f"cannot write {{disk / 'means.h5'}}: no space left on device", error
+            gc.collect()
+            assert not list(disk.iterdir()), list(disk.iterdir())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr

@@ -2,8 +2,8 @@
 statistics columns once, then maps and image files for the shown rows only, so a 50,000-image run stays fast."""
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +13,8 @@ from PIL import Image
 
 from lrp_module.files import write_text_atomic
 
-from ..layout import RunLayout
+from ..layout import REPORT_IMAGE, REPORT_OWN_FILES, TEMPORARY, RunLayout
+from ..output_set import files_in, replaced_as_set
 from . import html, selection, tables
 from . import strategies as spray_section
 from .files import inside
@@ -102,17 +103,25 @@ def _failures_section(run: RunData) -> str:
                          [[str(r.image_id), str(r.path), str(r.reason)] for r in shown.itertuples()]) + more)
 
 
-def _prepare(out: Path) -> Path:
-    """A fresh out/img folder (a previous report's pictures removed, nothing else in out touched)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        images = out / IMAGE_FOLDER
-        if images.is_dir():
-            shutil.rmtree(images)
-        images.mkdir()
-        return images
-    except OSError as error:
-        raise ReportError(f"{out}: cannot write the report ({error.strerror or error})") from None
+OWN_FILES = REPORT_OWN_FILES  # the report's list of the files it wrote: all that a later report may replace
+
+
+def own_files(folder: Path, default: Path | None = None) -> set[str]:
+    """The files of `folder` a report wrote: those its OWN_FILES lists (and that list), or, for a run's default
+    report folder made before the list existed, RunLayout's report names. Anything else is the user's."""
+    listing = folder / OWN_FILES
+    if listing.is_file():
+        try:
+            names = json.loads(listing.read_text()).get("files", [])
+        except (json.JSONDecodeError, OSError, AttributeError):
+            return set()
+        safe = {n for n in names if isinstance(n, str) and n and not n.startswith("/") and ".." not in n.split("/")}
+        return safe | {OWN_FILES}
+    if default is None or folder.resolve() != default.resolve():
+        return set()
+    own = {"index.html"} | {p.name for p in folder.glob("*") if TEMPORARY.match(p.name)}
+    return own | {f"{IMAGE_FOLDER}/{p.name}" for p in (folder / IMAGE_FOLDER).glob("*")
+                  if (REPORT_IMAGE.match(p.name) or TEMPORARY.match(p.name)) and p.is_file()}
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: int = 1, gallery: int = 12,
@@ -131,8 +140,23 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
         raise ReportError(f"--per-class and --gallery must be >= 0 (got {per_class}, {gallery})")
     lookup_table(cmap)  # an unknown colour map fails before anything is written
     run = open_run(run_dir)
-    out = Path(out) if out else RunLayout(run.root).report
-    images = _prepare(out)
+    default = RunLayout(run.root).report
+    out = Path(out) if out else default
+    with replaced_as_set(out, lambda folder: own_files(folder, default), "report") as folder:
+        shown, plots = _build(run, folder, per_class, gallery, cmap, lap)
+        write_text_atomic(folder / OWN_FILES, json.dumps({"written_by": "python -m pipeline report",
+                                                          "files": files_in(folder)}, indent=1) + "\n")
+    index = out / "index.html"
+    timings["total"] = time.perf_counter() - started
+    print(f"report: {shown:,} images, {plots} plots in {timings['total']:.1f} s -> {index}")
+    return index
+
+
+def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, lap) -> tuple[int, int]:
+    """Every file of the report, written into `folder` (a fresh folder, swapped in by build_report); returns the
+    number of images shown and of plots."""
+    images = folder / IMAGE_FOLDER
+    images.mkdir()
     lap("read statistics")
     galleries = _galleries(run, gallery, per_class)
     shown = pd.concat([rows for *_, rows in galleries])
@@ -178,12 +202,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, per_class: 
     if run.manifest.get("random_weights"):
         warnings.append("RANDOM weights: this run's maps say nothing about a trained model.")
     warning = " ".join(warnings) or None
-    index = out / "index.html"
-    write_text_atomic(index, html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"))
+    write_text_atomic(folder / "index.html", html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"))
     lap("tables and page")
-    timings["total"] = time.perf_counter() - started
-    print(f"report: {len(files):,} images, {len(plot_files)} plots in {time.perf_counter() - started:.1f} s -> {index}")
-    return index
+    return len(files), len(plot_files)
 
 
 def write_heatmaps(run_dir: str | Path, ids: list[str], out: str | Path | None = None,

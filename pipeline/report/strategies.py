@@ -131,6 +131,11 @@ def _class_block(run: RunData, strategies: Strategies, entry: dict, images: Path
              f'{entry["eigengap"]:.3f}, k = {entry["k_chosen"]}, {entry["images"]:,} images'
              + (' <span class="wrong">Clever-Hans candidate</span>' if entry["candidate"] else "") + "</h3>",
              html.plots([("eigenvalues", f"{prefix}{slug}-eigenvalues.png"), ("t-SNE", f"{prefix}{slug}-tsne.png")])]
+    notes = entry.get("k_not_meaningful") or {}
+    if notes:
+        chosen = " — including the chosen k" if str(entry["k_chosen"]) in notes else ""
+        parts.append(f'<p class="note wrong">Not meaningful for this class{chosen}: '
+                     + escape("; ".join(f"k = {k}: {why}" for k, why in notes.items())) + "</p>")
     for facts in entry["clusters"]:
         c = facts["cluster"]
         mean_html = ""
@@ -157,10 +162,10 @@ def section(run: RunData, strategies: Strategies, images: Path, prefix: str, cma
     classes = strategies.summary["classes"]
     options = strategies.summary.get("options", {})
     table = html.table(
-        ["rank", "class", "images", "eigengap", "k", "cluster sizes", "Clever-Hans candidate"],
+        ["rank", "class", "images", "eigengap", "k", "cluster sizes", "Clever-Hans candidate", "k not meaningful"],
         [[str(c["rank"]), f"{c['name']} ({c['class']})", f"{c['images']:,}", f"{c['eigengap']:.3f}",
-          str(c["k_chosen"]), " / ".join(str(x["images"]) for x in c["clusters"]), "yes" if c["candidate"] else ""]
-         for c in classes])
+          str(c["k_chosen"]), " / ".join(str(x["images"]) for x in c["clusters"]), "yes" if c["candidate"] else "",
+          ", ".join(c.get("k_not_meaningful") or {})] for c in classes])
     skipped = strategies.summary.get("skipped", [])
     listed = ", ".join(f"{s.get('name') or s['class']} ({s['images']}: {s['reason']})" for s in skipped[:30])
     more = f" and {len(skipped) - 30} more" if len(skipped) > 30 else ""

@@ -25,15 +25,18 @@ class SprayParams:
     large_class: int = graph.LARGE_CLASS  # larger classes: neighbours via 64 principal components, Ward of a sample
 
     def check(self) -> None:
+        """ValueError naming the command-line option of the first setting no analysis can use."""
         if self.neighbours < 1:
-            raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
+            raise ValueError(f"--neighbours must be >= 1, got {self.neighbours}")
         if self.large_class < 0:
-            raise ValueError(f"large_class must be >= 0, got {self.large_class}")
+            raise ValueError(f"--large-class must be >= 0, got {self.large_class}")
         if self.k_max < 2:
-            raise ValueError(f"k_max must be >= 2, got {self.k_max}")
+            raise ValueError(f"--k-max must be >= 2, got {self.k_max}")
         if self.eigenvalues < self.k_max + 1:
-            raise ValueError(f"eigenvalues ({self.eigenvalues}) must exceed k_max ({self.k_max}): the eigengap "
+            raise ValueError(f"--eigenvalues ({self.eigenvalues}) must exceed --k-max ({self.k_max}): the eigengap "
                              "at k needs the (k+1)-th eigenvalue")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"--seed must be in 0 .. 2**32 - 1 (numpy's seeds), got {self.seed}")
 
 
 @dataclass

@@ -67,10 +67,25 @@ def run_spray_command(args: argparse.Namespace) -> int:
     skipped = summary["skipped"]
     print(f"{summary['images']} images in {len(classes)} classes analysed"
           + (f", {len(skipped)} skipped ({', '.join(str(s['class']) for s in skipped[:10])})" if skipped else "")
-          + f" in {summary['seconds']:.1f} s -> {summary['run']}/spray")
+          + f" in {summary['seconds']:.1f} s -> {summary['out']}")
     for entry in classes[:5]:
         flag = "  <- Clever-Hans candidate" if entry["candidate"] else ""
         sizes = "/".join(str(c["images"]) for c in entry["clusters"])
         print(f"  {entry['rank']}. {entry['name']} ({entry['class']}): eigengap {entry['eigengap']:.3f}, "
               f"k = {entry['k_chosen']} (clusters {sizes}){flag}")
+    for line in notices(summary):
+        print(line, file=sys.stderr)
     return 0
+
+
+def notices(summary: dict) -> list[str]:
+    """Warnings under the result: an unfinished run, classes whose clusterings for some k say nothing."""
+    lines = [] if summary.get("complete", True) else [
+        f"warning: unfinished run (no manifest.json or _SUCCESS in {summary['run']}): only the images of the shards "
+        "finished so far were analysed; run the same explain command again to finish it, then spray again"]
+    small = [e for e in summary["classes"] if e.get("k_not_meaningful")]
+    if small:
+        listed = ", ".join(f"{e['class']} (k = {','.join(e['k_not_meaningful'])})" for e in small[:10])
+        lines.append(f"note: {len(small)} class(es) too small or too uniform for some k, whose clusterings say "
+                     f"nothing: {listed}{' ...' if len(small) > 10 else ''} (summary.json: k_not_meaningful)")
+    return lines

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..run_reader import open_run_folder, read_json, read_stats
+from ..run_reader import map_size, open_run_folder, read_json, read_stats, run_config
 
 COLUMNS = ("image_id", "path", "wnid", "label", "label_name", "pred", "pred_name", "target", "pred_probability",
            "target_probability", "shard", "row")
@@ -27,10 +27,8 @@ class RunIndex:
     table: pd.DataFrame  # COLUMNS + `index` (position in dataset order), sorted by it
     class_names: list[str]
     wnids: list[str]
-
-    @property
-    def size(self) -> int:
-        return int(self.manifest.get("config", {}).get("size") or 224)
+    size: int  # side of the maps: the configuration's, else the shards' (run_reader.map_size)
+    complete: bool = True  # manifest.json and _SUCCESS exist; else only the shards finished so far are analysed
 
     def classes_by(self, by: str) -> pd.Series:
         """Each image's class under `by`: `pred` (the predicted class) or `label` (-1 where unlabelled)."""
@@ -75,4 +73,6 @@ def open_run_index(root: str | Path) -> RunIndex:
     table = table.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)
     table["index"] = np.arange(len(table), dtype=np.int64)  # = the row of relevance.h5 (shards in order, rows in order)
     names, wnids = _class_table(manifest, table)
-    return RunIndex(layout.root, manifest, table, names, wnids)
+    size = map_size(layout, run_config(layout, manifest, SprayRunError), SprayRunError)
+    complete = layout.manifest.is_file() and layout.success.is_file()
+    return RunIndex(layout.root, manifest, table, names, wnids, size, complete)

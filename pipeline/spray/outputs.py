@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lrp_module.files import OutputError, atomic
+from lrp_module.files import atomic
 
+from ..h5_writing import h5_atomic
 from .inputs import RunIndex
 
 CLUSTERS_FILE = "clusters.parquet"
@@ -22,6 +23,7 @@ MEANS_FILE = "cluster_means.h5"
 # the class's images, with members whose neighbours are much closer than the class's typical neighbour distance.
 CANDIDATE_MAX_SHARE = 0.5
 CANDIDATE_MAX_TIGHTNESS = 0.75  # median outlier score of the cluster's members (1 = the class's typical image)
+EIGENVALUE_TIE = 1e-6  # λk and λk+1 closer than this (relative to the largest): the k-th eigenvector is not determined
 
 
 def _field(name: str, kind: pa.DataType, doc: str) -> pa.Field:
@@ -44,13 +46,6 @@ def clusters_schema(k_max: int) -> pa.Schema:
         _field("outlier", pa.float32(), "mean distance to its k nearest neighbours over the class's median (higher "
                "= more unusual)"),
     ])
-
-
-def prepare(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot write {out}: {error.strerror or error}") from None
 
 
 def clusters_table(results: dict, k_max: int) -> pa.Table:
@@ -91,7 +86,25 @@ def is_candidate(clusters: list[dict]) -> bool:
                and c["tightness"] <= CANDIDATE_MAX_TIGHTNESS for c in clusters)
 
 
-def class_summaries(index: RunIndex, results: dict) -> list[dict]:
+def k_not_meaningful(analysis, images: int, k_max: int) -> dict[str, str]:
+    """k -> why the class's clustering into k says nothing (a class too small for its k_max): not computed (too
+    few images), tied eigenvalues λk = λk+1 (the first k eigenvectors, hence the clustering, are a tie-break of the
+    solver; e.g. a class with fewer images than --neighbours + 2 is a complete graph), or fewer than 2 images per
+    cluster on average."""
+    values = np.asarray(analysis.eigenvalues, dtype=np.float64)
+    tie = EIGENVALUE_TIE * max(1.0, float(np.abs(values).max())) if len(values) else 0.0
+    notes = {}
+    for k in range(2, k_max + 1):
+        if k not in analysis.kmeans:
+            notes[str(k)] = f"not computed: {images} images"
+        elif k < len(values) and values[k] - values[k - 1] <= tie:
+            notes[str(k)] = f"tied eigenvalues λ{k} = λ{k + 1}: a tie-broken clustering"
+        elif k > images // 2:
+            notes[str(k)] = f"fewer than 2 images per cluster ({images} images)"
+    return notes
+
+
+def class_summaries(index: RunIndex, results: dict, k_max: int) -> list[dict]:
     """One entry per analysed class, ranked by eigengap (most distinct strategies first)."""
     entries = []
     for cls, result in results.items():
@@ -102,6 +115,7 @@ def class_summaries(index: RunIndex, results: dict) -> list[dict]:
             "k_chosen": a.k_chosen, "eigengap": round(a.eigengap, 6),
             "eigenvalues": [round(float(v), 6) for v in a.eigenvalues], "clusters": clusters,
             "candidate": is_candidate(clusters), "normalisation": result.normalisation, "seconds": result.seconds,
+            "k_not_meaningful": k_not_meaningful(a, len(result.rows), k_max),
         })
     entries.sort(key=lambda e: (-e["eigengap"], e["class"]))
     for rank, entry in enumerate(entries, 1):
@@ -111,7 +125,7 @@ def class_summaries(index: RunIndex, results: dict) -> list[dict]:
 
 def write_means(out: Path, index: RunIndex, results: dict) -> None:
     """cluster_means.h5: group `<class>` with `k<k>` (k, H, W) float32 mean maps, attribute `images` per cluster."""
-    with atomic(out / MEANS_FILE) as tmp, h5py.File(tmp, "w") as handle:
+    with h5_atomic(out / MEANS_FILE) as handle:
         for cls, result in results.items():
             group = handle.create_group(str(cls))
             group.attrs["name"] = index.class_names[cls]
@@ -135,16 +149,19 @@ def write_summary(out: Path, summary: dict) -> None:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def write_all(out: Path, index: RunIndex, results: dict, skipped: list[dict], options, seconds: float) -> dict:
-    """clusters.parquet, cluster_means.h5 and summary.json; returns the summary."""
+def write_all(out: Path, index: RunIndex, results: dict, skipped: list[dict], options, seconds: float,
+              final: Path | None = None) -> dict:
+    """clusters.parquet, cluster_means.h5 and summary.json into `out` (`final`: where the set will be, as the
+    summary records it); returns the summary."""
     k_max = options.params.k_max
     table = clusters_table(results, k_max)
     with atomic(out / CLUSTERS_FILE) as tmp:
         pq.write_table(table, tmp)
     write_means(out, index, results)
-    classes = class_summaries(index, results)
+    classes = class_summaries(index, results, k_max)
     summary = {
-        "run": str(index.root), "options": options.record(), "images": int(table.num_rows),
+        "run": str(index.root), "out": str(final or out), "complete": index.complete,
+        "options": options.record(), "images": int(table.num_rows),
         "classes": classes, "candidates": [c["class"] for c in classes if c["candidate"]], "skipped": skipped,
         "seconds": round(seconds, 2),
     }

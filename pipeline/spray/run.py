@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..layout import SPRAY_FILE, TEMPORARY
+from ..output_set import check_replaceable, replaced_as_set
 from ..ray_session import start_ray
 from . import outputs
 from .analyse import ClassAnalysis, SprayParams, analyse_class
 from .features import VARIANTS, cluster_mean_maps, read_class_features
+from .graph import REDUCED_DIMS
 from .inputs import BY, RunIndex, SprayRunError, open_run_index
 
 TASK_CPUS = 0.5  # Ray's accounting: fractional, so that class tasks never starve other Ray work on small machines
@@ -47,6 +50,21 @@ class SprayOptions:
             self.params.check()
         except ValueError as error:
             raise SprayRunError(str(error)) from None
+        if self.params.large_class < REDUCED_DIMS:  # a larger class's neighbours are searched among that many PCs
+            raise SprayRunError(f"--large-class must be >= {REDUCED_DIMS} (larger classes are searched among "
+                                f"{REDUCED_DIMS} principal components), got {self.params.large_class}")
+
+    def check_against(self, index: RunIndex, jobs: dict[int, pd.DataFrame]) -> None:
+        """The options that depend on the run: the grid fits the maps, every analysed class has at least
+        --neighbours + 2 images (else its kNN graph would silently be a complete graph)."""
+        if self.grid > index.size:
+            raise SprayRunError(f"--grid {self.grid} is larger than the run's {index.size}x{index.size} maps")
+        smallest = min(jobs, key=lambda c: (len(jobs[c]), c))
+        if len(jobs[smallest]) < self.params.neighbours + 2:
+            raise SprayRunError(f"--neighbours {self.params.neighbours} needs classes of at least "
+                                f"{self.params.neighbours + 2} images (else the kNN graph is complete); class "
+                                f"{smallest} ({index.class_names[smallest]}) has {len(jobs[smallest])}: lower "
+                                "--neighbours or raise --min-images")
 
     def record(self) -> dict:
         """The options as recorded in summary.json."""
@@ -149,8 +167,9 @@ def _progress(total: int, enabled: bool):
 
 
 def spray(run_dir: str | Path, options: SprayOptions = SprayOptions(), progress: bool = True) -> dict:
-    """Analyse the run; returns the summary (also RUN/spray/summary.json). Raises SprayRunError before writing
-    anything when the run or the options cannot work."""
+    """Analyse the run; returns the summary (also RUN/spray/summary.json). Raises SprayRunError (OutputError for
+    an output folder holding other files) before any work when the run or the options cannot work. The outputs are
+    written as a set into a temporary folder and swapped in: a failed run leaves the previous analysis whole."""
     options.check()
     started = time.time()
     index = open_run_index(run_dir)
@@ -158,15 +177,23 @@ def spray(run_dir: str | Path, options: SprayOptions = SprayOptions(), progress:
     if not jobs:
         raise SprayRunError(f"{index.root}: no class has {options.min_images} or more images to analyse "
                             f"(by {options.by}; --min-images lowers the bar)")
+    options.check_against(index, jobs)
     out = Path(options.out) if options.out else index.root / "spray"
-    outputs.prepare(out)
+    check_replaceable(out, own_files, "SpRAy")  # before any work; checked again when swapped in
     results = _run_tasks(index.root, jobs, options, progress)
     results = {cls: results[cls] for cls in sorted(results)}
-    summary = outputs.write_all(out, index, results, skipped, options, time.time() - started)
-    if options.virelay:
-        from .virelay import write_project
+    with replaced_as_set(out, own_files, "SpRAy") as folder:  # the whole set, or the previous one left whole
+        summary = outputs.write_all(folder, index, results, skipped, options, time.time() - started, out)
+        if options.virelay:
+            from .virelay import PROJECT_FILE, write_project
 
-        summary["virelay"] = write_project(out, index, results, options)
-        outputs.write_summary(out, summary)
+            summary["virelay"] = write_project(folder, index, results, options)
+            summary["virelay"]["open_with"] = f"virelay {out / PROJECT_FILE}"
+            outputs.write_summary(folder, summary)
     return summary
 
+
+def own_files(folder: Path) -> set[str]:
+    """SpRAy's files in `folder` (RunLayout's SPRAY_FILE names, and temporary files): all a new analysis replaces."""
+    return {p.name for p in folder.iterdir() if (SPRAY_FILE.match(p.name) or TEMPORARY.match(p.name))
+            and (p.is_file() or p.is_symlink())}

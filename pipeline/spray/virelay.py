@@ -32,6 +32,7 @@ import yaml
 
 from lrp_module.files import atomic
 
+from ..h5_writing import h5_atomic
 from .inputs import RunIndex
 
 PROJECT_FILE = "project.yaml"
@@ -86,7 +87,7 @@ def write_attributions(path: Path, index: RunIndex) -> None:
         layout[start:start + count, :, :, 0] = source[:count]
         start += int(count)
     classes = len(index.class_names)
-    with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
+    with h5_atomic(path) as handle:
         handle.create_virtual_dataset("attribution", layout, fillvalue=np.nan)
         handle.create_dataset("label", data=labels_array(table, classes))
         handle.create_dataset("prediction", data=prediction_array(table, classes), compression="gzip")
@@ -110,7 +111,7 @@ def write_dataset(path: Path, index: RunIndex, decode: bool = True, chunk: int =
     compress to almost nothing). Returns how many could not be read."""
     table, size = index.table, index.size
     missing = 0
-    with atomic(path) as tmp, h5py.File(tmp, "w") as handle, ThreadPoolExecutor(max_workers=threads) as pool:
+    with h5_atomic(path) as handle, ThreadPoolExecutor(max_workers=threads) as pool:
         data = handle.create_dataset("data", shape=(len(table), size, size, 3), dtype=np.uint8,
                                      chunks=(1, size, size, 3), compression="gzip", compression_opts=4)
         names = table["member"] if "member" in table else [None] * len(table)  # tar members (runs since then)
@@ -133,7 +134,7 @@ def write_dataset(path: Path, index: RunIndex, decode: bool = True, chunk: int =
 
 def write_analysis(path: Path, index: RunIndex, results: dict, variant: str) -> None:
     """analysis.h5 in ViRelAy's layout: a group per class (its wnid) with index, embedding/*, cluster/*."""
-    with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
+    with h5_atomic(path) as handle:
         handle.attrs["variant"] = variant
         for cls, result in results.items():
             a = result.analysis
