@@ -81,8 +81,10 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
+# The wall times end the log (`wall time: ...`, never mistaken for pytest's `N passed` line), so a slowdown shows.
 test: $(STAMP) $(CHROMIUM) lint
-	$(call job,pytest,PYTEST_ARGS) -q
+	@start=$$SECONDS; status=0; $(call job,pytest,PYTEST_ARGS) -q || status=$$?; \
+	echo "wall time: suite $$((SECONDS - start)) s"; exit $$status
 
 # ruff's configuration is pyproject.toml's [tool.ruff]; `make test` lints first.
 lint: $(STAMP)
@@ -93,10 +95,12 @@ lint: $(STAMP)
 PRECISION_PATHS := ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=SSE41 LRP_MKLDNN=0
 
 test-precision: $(STAMP)
-	@for path in $(PRECISION_PATHS); do \
+	@begun=$$SECONDS; for path in $(PRECISION_PATHS); do \
 		echo "=== precision tests with $$path"; \
-		env $$path $(call job,pytest,PYTEST_ARGS) -q -m precision || exit 1; \
-	done
+		start=$$SECONDS; status=0; env $$path $(call job,pytest,PYTEST_ARGS) -q -m precision || status=$$?; \
+		echo "wall time: precision pass $$path $$((SECONDS - start)) s"; \
+		[ $$status -eq 0 ] || exit 1; \
+	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
 bench: bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
 

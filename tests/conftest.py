@@ -11,6 +11,28 @@ from .helpers import make_vgg
 if os.environ.get("LRP_MKLDNN") == "0":
     torch.backends.mkldnn.enabled = False
 
+# The largest parity matrices run a covering sample by default (helpers.sampled_matrix); the rest is marked `full`
+# and runs with --full, or by itself where it is cheap: a machine with at least this many CPUs.
+FULL_MATRIX_CPUS = 8
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help=f"run the full parity matrices (tests marked `full`; default on >= {FULL_MATRIX_CPUS} CPUs)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: the rest of a parity matrix beyond its covering sample (--full)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full") or (os.cpu_count() or 1) >= FULL_MATRIX_CPUS:
+        return
+    deselected = [item for item in items if item.get_closest_marker("full")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]
+
 
 @pytest.fixture
 def vgg11():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -49,3 +51,11 @@ def make_tiny_vgg(num_classes: int = 10, batch_norm: bool = False, seed: int = 0
         nn.Linear(64, num_classes),
     )
     return randomize(model, seed)
+
+
+def sampled_matrix(names: Sequence, cases: Sequence[tuple], ids: Sequence[str]) -> list:
+    """Parameters (*case, name) for every pair of a parity matrix; a covering sample (each name once, each case at
+    least once: name i with case i mod len(cases)) runs by default, the other pairs are marked `full` (conftest)."""
+    sample = {(i % len(cases), i % len(names)) for i in range(max(len(names), len(cases)))}
+    return [pytest.param(*case, name, id=f"{case_id}-{name}", marks=() if (c, n) in sample else pytest.mark.full)
+            for c, (case, case_id) in enumerate(zip(cases, ids)) for n, name in enumerate(names)]

@@ -37,9 +37,9 @@ def _assert_complete_files(out):
         assert rows + pq.read_table(out / "failures" / stats.name).num_rows == IMAGES // SHARDS
 
 
-def test_driver_killed_mid_run_resumes_to_identical_outputs(tmp_path):
+def test_driver_killed_mid_run_resumes_to_identical_outputs(tmp_path, artifact_cache):
     dataset = make_images(tmp_path / "images", IMAGES, broken=(7,))
-    cache = tmp_path / "cache"
+    cache = artifact_cache  # the session's: the artifact is built once, not in this test
     reference = tmp_path / "reference"
     assert _run_to_end(cli(dataset, reference, cache, "--actors", "1"), tmp_path / "reference.log") == 1
 

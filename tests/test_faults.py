@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -17,6 +18,7 @@ from bench.fault_tools import actor_processes, committed_stats, make_images, rea
 from pipeline.config import load_config
 from pipeline.faults import ENV
 from pipeline.run import explain
+from pipeline.scheduler import ShardScheduler
 
 from .fault_tools import assert_exactly_once, assert_same_outputs
 
@@ -40,8 +42,9 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("artifact-cache")
+def cache(artifact_cache):
+    """The session's artifact cache: each model at 32 px is traced and verified once for every test using it."""
+    return artifact_cache
 
 
 def _config(dataset, out, cache, **overrides):
@@ -57,24 +60,64 @@ def _run(config):
         return explain(config, progress=False)
 
 
+def _timed_run(config) -> tuple[dict, list[float]]:
+    """A run, and each shard's seconds from submission to result as the scheduler sees them: what shard_timeout_s
+    bounds (an actor's start is not counted against it)."""
+    seconds: list[float] = []
+    collect = ShardScheduler._collect
+
+    def timed_collect(self, slot):
+        began, job = slot.began, slot.job
+        collect(self, slot)
+        if job is not None:
+            seconds.append(time.monotonic() - began)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ShardScheduler, "_collect", timed_collect)
+        return _run(config), seconds
+
+
+# The isolation test's model: the demo model (kilobytes of weights), so that the eight fresh actors it needs and
+# the float64 precision probe of shard 0 cost seconds, not minutes, on a loaded machine
+SMALL = {"model": "vgg-shapes", "weights": "demo"}
+
+
+def _clean_run(images, cache, out, **overrides) -> tuple:
+    """An undisturbed run with one actor (a reference), and its shards' seconds. Its timeout only catches a
+    hang: a loaded machine must not time a healthy shard out here, and a retry would not change its outputs."""
+    _, seconds = _timed_run(_config(images, out, cache, shard_timeout_s=900, **overrides))
+    assert len(seconds) == IMAGES // 2
+    return out, seconds
+
+
 @pytest.fixture(scope="module")
 def clean(images, cache, tmp_path_factory, fault_ray):
-    """An undisturbed run with one actor: the reference."""
-    out = tmp_path_factory.mktemp("clean") / "run"
-    manifest = _run(_config(images, out, cache))
-    assert manifest["retries"]["total"] == 0
-    return out
+    return _clean_run(images, cache, tmp_path_factory.mktemp("clean") / "run")[0]
+
+
+@pytest.fixture(scope="module")
+def small_clean_run(images, cache, tmp_path_factory, fault_ray) -> tuple:
+    return _clean_run(images, cache, tmp_path_factory.mktemp("small-clean") / "run", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def shard_timeout_s(small_clean_run) -> float:
+    """A shard timeout that scales with the machine's speed now: 3x the slowest healthy shard of the reference
+    run (shard 0, which also runs the float64 precision probe), at least 10 s. A fixed 10 s let a loaded machine
+    time healthy shards out (issue 24)."""
+    return max(10.0, 3 * max(small_clean_run[1]))
 
 
 def test_same_maps_with_one_or_two_actors(images, cache, clean, tmp_path, fault_ray):
     """Determinism: two actors (each with half the torch threads of one) give bit-identical maps and identical
     statistics and failures, and every shard is explained once. How Ray spreads the shards over the two actors
-    is its business (on a loaded machine one actor may take them all), so it is not asserted."""
+    is its business (on a loaded machine one actor may take them all), so it is not asserted, nor that no shard
+    was retried (a loaded machine may time one out; its redo gives the same maps)."""
     out = tmp_path / "two"
     manifest = _run(_config(images, out, cache, actors=2))
     assert [entry["shard"] for entry in manifest["shards"]] == list(range(IMAGES // 2))
     assert all(entry["worker"] and entry["worker"]["pid"] for entry in manifest["shards"])
-    assert manifest["retries"]["total"] == 0
+    assert manifest["retries"]["failed_shards"] == 0
     assert_exactly_once(out, IMAGES)
     assert_same_outputs(out, clean)
 
@@ -94,23 +137,30 @@ def test_killed_actor_shard_is_redone(images, cache, clean, tmp_path, fault_ray)
     assert manifest["totals"] == {"images": IMAGES, "explained": IMAGES - 1, "failed": 1}
     assert manifest["retries"]["crashed"] >= 1
     workers = {entry["worker"]["pid"] for entry in manifest["shards"]}
-    assert victim in workers and len(workers) == 2  # the killed actor's shards before, its successor's after
+    # the killed actor's shards before, a successor's after (a loaded machine may time a shard out: more actors)
+    assert victim in workers and len(workers) >= 2
     assert_exactly_once(out, IMAGES)
     assert_same_outputs(out, clean)
     assert not list(out.rglob(".tmp-*"))
 
 
-def test_crashing_and_hanging_images_are_isolated(cache, clean, tmp_path, fault_ray):
+@pytest.mark.timeout(1800)  # a hang catcher: eight fresh actors and four timeouts take long on a loaded machine
+def test_crashing_and_hanging_images_are_isolated(cache, small_clean_run, shard_timeout_s, tmp_path, fault_ray):
     """A shard with an image that kills the worker, another with one that hangs it: after 1 + shard_retries
     attempts each shard is probed image by image, the culprits are recorded with the reason, and the other
-    images of those shards are explained exactly as in an undisturbed run."""
+    images of those shards are explained exactly as in an undisturbed run. The counts are bounds where load can
+    add a retry (a healthy shard timed out once is retried and done): what matters is who is failed and why."""
     crash, hang = 8, 13  # in shards 4 and 6 (shard_size 2)
     dataset = make_images(tmp_path / "images", IMAGES, broken=BROKEN, faults={crash: "crash", hang: "hang"})
     out = tmp_path / "faulty"
-    manifest = _run(_config(dataset, out, cache, actors=2, shard_retries=1, shard_timeout_s=10))
+    # one actor, as in the reference: the same torch threads, so the same float rounding on any CPU (whether the
+    # thread count changes the bits is test_same_maps_with_one_or_two_actors' question, not this test's)
+    manifest = _run(_config(dataset, out, cache, shard_retries=1, shard_timeout_s=shard_timeout_s, **SMALL))
     assert manifest["totals"] == {"images": IMAGES, "explained": IMAGES - 3, "failed": 3}
     retries = manifest["retries"]
-    assert retries["crashed"] == 4 and retries["timed_out"] == 4  # 2 shard attempts + 2 probes, each
+    # 2 shard attempts + 2 probes, each; load cannot add a crash (a timed-out actor is killed, not counted as
+    # crashed), but it can time a healthy shard out once more
+    assert retries["crashed"] == 4 and retries["timed_out"] >= 4
     assert retries["isolated_images"] == 2 and retries["failed_shards"] == 0
     assert_exactly_once(out, IMAGES)
     maps, stats, failures = read_run(out)
@@ -118,7 +168,7 @@ def test_crashing_and_hanging_images_are_isolated(cache, clean, tmp_path, fault_
     assert reasons[f"img{crash:05d}"] == "crashed the worker 2 times"
     assert reasons[f"img{hang:05d}"] == "timed out 2 times"
     assert reasons[f"img{BROKEN[0]:05d}"].startswith("not an image")
-    ref_maps, ref_stats, _ = read_run(clean)
+    ref_maps, ref_stats, _ = read_run(small_clean_run[0])
     culprits = [f"img{crash:05d}", f"img{hang:05d}"]
     # the culprits' shard-mates are explained in a smaller batch than before, which changes float rounding:
     # equal to float32 precision there, bit-identical everywhere else

@@ -26,11 +26,11 @@ TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> Path:
+def report(tmp_path_factory, artifact_cache) -> Path:
     """A real pipeline run on the embedded sample (vgg11, 32x32, random weights, several shards) and its report."""
     tmp = tmp_path_factory.mktemp("browser")
     config = load_config({"dataset": "sample", "model": "vgg11", "weights": "random", "size": 32, "batch_size": 4,
-                          "shard_size": 4, "out": str(tmp / "run"), "cache": str(tmp / "cache")})
+                          "shard_size": 4, "out": str(tmp / "run"), "cache": str(artifact_cache)})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with warnings.catch_warnings():

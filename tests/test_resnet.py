@@ -17,7 +17,7 @@ from zennit.types import Activation, AvgPool, Convolution
 import lrp_module as lrp
 from lrp_module.zoo import RESNET_NAMES
 
-from .helpers import randomize, relative_error
+from .helpers import randomize, relative_error, sampled_matrix
 from .test_zennit_agreement import ZENNIT, assert_agree
 
 
@@ -43,11 +43,12 @@ CASES = [("resnet18", (64, 64), 2), ("resnet18", (48, 80), 2), ("resnet50", (48,
 
 
 @pytest.mark.timeout(900)  # float64 convolutions have no fast CPU kernels; resnext50 took > 300 s on a loaded machine
-@pytest.mark.parametrize("name", sorted(ZENNIT))
-@pytest.mark.parametrize("arch,size,batch", CASES, ids=[f"{a}-{h}x{w}" for a, (h, w), _ in CASES])
+@pytest.mark.parametrize("arch,size,batch,name", sampled_matrix(sorted(ZENNIT), CASES,
+                                                                [f"{a}-{h}x{w}" for a, (h, w), _ in CASES]))
 def test_resnets_match_zennit_in_float64(resnets, arch, size, batch, name):
     """Batch norm folded, residual sums as zennit's Sum with Norm, grouped convolutions (ResNeXt), overlapping
-    padded max pooling, the first conv's box / flat rule: the same numbers as zennit to 1e-9."""
+    padded max pooling, the first conv's box / flat rule: the same numbers as zennit to 1e-9. Every composite and
+    every architecture and size by default; all their pairs with --full (tests/conftest.py)."""
     torch.manual_seed(5)
     x = torch.randn(batch, 3, *size, dtype=torch.float64)
     assert_agree(resnets(arch), name, ZENNIT[name]([ResNetCanonizer()]), x)

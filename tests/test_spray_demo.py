@@ -230,14 +230,14 @@ def test_virelay_web_page_shows_the_project(hans_run, virelay_path, tmp_path):
     base = f"http://127.0.0.1:{port}"
     problems, responses = [], []
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 300  # a hang catcher, not a speed test: a loaded 2-core machine starts it slowly
         while True:
             try:
                 projects = json.loads(urllib.request.urlopen(f"{base}/api/projects", timeout=5).read())
                 break
             except OSError:
                 assert server.poll() is None, f"ViRelAy's server stopped: {server.stderr.read()[-2000:]}"
-                assert time.time() < deadline, "ViRelAy's server did not answer within 90 s"
+                assert time.time() < deadline, "ViRelAy's server did not answer within 300 s"
                 time.sleep(0.5)
         assert [p["model"] for p in projects] == ["vgg-shapes-hans"]
         with playwright.sync_playwright() as p:

@@ -19,7 +19,7 @@ import lrp_module as lrp
 from lrp_module.oracle import Float64Oracle, bound
 from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
-from .helpers import make_vgg, relative_error
+from .helpers import make_vgg, relative_error, sampled_matrix
 
 EXACT = 1e-9  # float64 against float64
 LOW = torch.tensor(IMAGENET_LOW)[None, :, None, None]
@@ -62,11 +62,14 @@ def assert_agree(model, ours_composite, zennit_composite, x, target=None):
     assert theirs_error.max() <= bound(ours_error.max()), detail
 
 
+NAMED_CASES = [(arch, size) for arch in ("vgg11", "vgg11_bn") for size in ((64, 64), (48, 80))]
+
+
 @pytest.mark.precision
-@pytest.mark.parametrize("name", sorted(ZENNIT))
-@pytest.mark.parametrize("arch", ["vgg11", "vgg11_bn"])
-@pytest.mark.parametrize("size", [(64, 64), (48, 80)], ids=["64x64", "48x80"])
+@pytest.mark.parametrize("arch,size,name", sampled_matrix(sorted(ZENNIT), NAMED_CASES,
+                                                          [f"{a}-{h}x{w}" for a, (h, w) in NAMED_CASES]))
 def test_named_composites_match_zennit(name, arch, size):
+    """Every composite and every architecture and size by default; all their pairs with --full (conftest.py)."""
     model = make_vgg(arch)
     torch.manual_seed(2)
     x = torch.randn(3, 3, *size)
