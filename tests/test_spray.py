@@ -375,6 +375,7 @@ def test_spray_of_an_unfinished_run_takes_the_map_size_from_the_shards_and_says_
                                                                             "r") as shard:
         assert view["attribution"].shape == (len(index.table), SIZE, SIZE, 1)
         np.testing.assert_array_equal(view["attribution"][:5, :, :, 0], shard["relevance"][:5])
+        assert "a copy without the run's shards reads as fill values (NaN)" in view.attrs["source"]
     with h5py.File(run / "spray" / "dataset.h5", "r") as dataset:
         assert dataset["data"].shape == (len(index.table), SIZE, SIZE, 3)
 

@@ -91,7 +91,8 @@ def write_attributions(path: Path, index: RunIndex) -> None:
         handle.create_virtual_dataset("attribution", layout, fillvalue=np.nan)
         handle.create_dataset("label", data=labels_array(table, classes))
         handle.create_dataset("prediction", data=prediction_array(table, classes), compression="gzip")
-        handle.attrs["source"] = "view of the run's relevance/shard-*.h5 (HDF5 virtual dataset)"
+        handle.attrs["source"] = ("view of the run's relevance/shard-*.h5 (HDF5 virtual dataset, paths relative to "
+                                  "this file): a copy without the run's shards reads as fill values (NaN)")
 
 
 def _crop(path: str, size: int, member: str | None = None) -> np.ndarray | None:
