@@ -1,6 +1,6 @@
 """Reliability inside one driver: a killed actor's shard is redone on a fresh actor; an image that crashes or
 hangs the worker every time is isolated and recorded after bounded retries while the rest of its shard is
-explained; the same configuration gives bit-identical maps with one or two actors. Faults are real: actor
+explained; the same configuration gives the same maps with one or two actors. Faults are real: actor
 processes are SIGKILLed from the test, and LRP_FAULT_INJECT files crash or hang the worker."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pipeline.faults import ENV
 from pipeline.run import explain
 from pipeline.scheduler import ShardScheduler
 
-from .fault_tools import assert_exactly_once, assert_same_outputs
+from .fault_tools import assert_close_outputs, assert_exactly_once, assert_same_outputs
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -109,17 +109,19 @@ def shard_timeout_s(small_clean_run) -> float:
 
 
 def test_same_maps_with_one_or_two_actors(images, cache, clean, tmp_path, fault_ray):
-    """Determinism: two actors (each with half the torch threads of one) give bit-identical maps and identical
-    statistics and failures, and every shard is explained once. How Ray spreads the shards over the two actors
-    is its business (on a loaded machine one actor may take them all), so it is not asserted, nor that no shard
-    was retried (a loaded machine may time one out; its redo gives the same maps)."""
+    """Two actors (each with half the torch threads of one) give the same maps and statistics to float32 rounding
+    and identical failures, and every shard is explained once. Not bit-identical: the thread count changes how
+    oneDNN splits a convolution, and with it the rounding, on AVX-512 CPUs (measured on the CI machine); with the
+    same threads the bits are the same (test_killed_actor_shard_is_redone compares bit for bit). How Ray spreads
+    the shards over the two actors is its business (on a loaded machine one actor may take them all), so it is not
+    asserted, nor that no shard was retried (a loaded machine may time one out; its redo gives the same maps)."""
     out = tmp_path / "two"
     manifest = _run(_config(images, out, cache, actors=2))
     assert [entry["shard"] for entry in manifest["shards"]] == list(range(IMAGES // 2))
     assert all(entry["worker"] and entry["worker"]["pid"] for entry in manifest["shards"])
     assert manifest["retries"]["failed_shards"] == 0
     assert_exactly_once(out, IMAGES)
-    assert_same_outputs(out, clean)
+    assert_close_outputs(out, clean)
 
 
 def test_killed_actor_shard_is_redone(images, cache, clean, tmp_path, fault_ray):

@@ -128,6 +128,7 @@ def test_run_survives_a_worker_node_dying(cluster, tmp_path):
         by_second = _commit_watcher(out, second_actors)
         wait_for(lambda: by_second() or len(committed_stats(out)) >= before + 6, 300,
                  "a shard committed on node 2", poll_s=0.005)
+        delivered_by_second = by_second()  # else node 1 ran ahead (a loaded machine): node 2 has delivered nothing
         kill_session(second_node.pid)
         assert driver.wait(400) == 1, (tmp_path / "cluster.log").read_text()[-3000:]
     finally:
@@ -137,8 +138,9 @@ def test_run_survives_a_worker_node_dying(cluster, tmp_path):
     assert (out / "_SUCCESS").exists() and manifest["totals"] == {"images": IMAGES, "explained": IMAGES - 1,
                                                                   "failed": 1}
     workers = [entry["worker"] for entry in manifest["shards"]]
-    assert len({w["node"] for w in workers}) == 2, "the shards were not spread over both nodes"
-    assert {w["pid"] for w in workers} & set(second_actors), "no shard was explained on the second node"
+    if delivered_by_second:  # its delivered shard stays its own: the run used both nodes
+        assert len({w["node"] for w in workers}) == 2, "the shards were not spread over both nodes"
+        assert {w["pid"] for w in workers} & set(second_actors), "no shard was explained on the second node"
     assert manifest["retries"]["crashed"] >= 1
     assert len(committed_stats(out)) == IMAGES // 4
     assert_exactly_once(out, IMAGES)
