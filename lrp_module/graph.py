@@ -9,7 +9,9 @@ module or operation and where it sits; nothing passes through silently.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -56,11 +58,22 @@ class Layer:
     inputs: list[int]  # layer indices; -1 is the model input
 
 
+class StepKind(StrEnum):
+    """What an LRP step does; the engine builds one step module per kind (lrp_module/model.py)."""
+
+    AFFINE = "affine"  # conv2d / linear, batch norm folded in, a ReLU maybe fused
+    POOL = "pool"  # max, average or adaptive average pooling
+    ADD = "add"  # a residual sum (zennit's Sum), a ReLU maybe fused
+    FLATTEN = "flatten"
+    RELU = "relu"  # a ReLU that could not be fused
+    CAT = "cat"
+
+
 @dataclass
 class Step:
     """One LRP step: an affine layer (batch norm folded, ReLU fused), a pooling, a sum, a concatenation, ..."""
 
-    kind: str  # affine, pool, flatten, relu, add, cat
+    kind: StepKind
     layer: Layer  # the layer that gives the step its name, index and rule
     inputs: list[int]  # step indices; -1 is the model input
     weight: Tensor | None = None
@@ -234,7 +247,7 @@ def canonize(layers: list[Layer]) -> tuple[list[Step], int]:
             raise GraphError(f"batch norm {layer.name} does not directly follow a convolution or linear layer that "
                              "only it reads: it cannot be folded (LRP here folds batch norm into the layer before it)")
         inputs = [step_of[source[i]] for i in layer.inputs]
-        step = Step(_STEP_KIND.get(layer.kind, layer.kind), layer, inputs)
+        step = Step(_STEP_KIND[layer.kind], layer, inputs)
         tail, bn = layer, None
         if layer.kind in ("conv", "linear"):
             module = layer.module
@@ -259,11 +272,68 @@ def canonize(layers: list[Layer]) -> tuple[list[Step], int]:
         for covered in {layer.index, tail.index} | ({bn.index} if bn is not None else set()):
             step_of[covered] = len(steps)
         steps.append(step)
-    first = next((s for s in steps if s.kind == "affine"), None)
+    first = next((s for s in steps if s.kind is StepKind.AFFINE), None)
     if first is None:
         raise GraphError("the model has no convolution or linear layer: nothing to explain")
     first.first_affine = True
     return steps, step_of[source[layers[-1].inputs[0]]]
 
 
-_STEP_KIND = {"conv": "affine", "linear": "affine", "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "pool"}
+_STEP_KIND = {"conv": StepKind.AFFINE, "linear": StepKind.AFFINE, "maxpool": StepKind.POOL, "avgpool": StepKind.POOL,
+              "adaptive_avgpool": StepKind.POOL, "add": StepKind.ADD, "flatten": StepKind.FLATTEN,
+              "relu": StepKind.RELU, "cat": StepKind.CAT}
+
+
+# --------------------------------------------------------------------------------- shapes of the step graph
+def _spatial_out(spec: Step, size: int, axis: int) -> int | None:
+    """Output size along one spatial axis for an input of `size` (None once the tensor is flat)."""
+    module = spec.layer.module
+    if spec.kind is StepKind.FLATTEN or (spec.kind is StepKind.AFFINE and isinstance(module, nn.Linear)):
+        return None
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        return size if out[axis] is None else out[axis]
+    if spec.kind in (StepKind.AFFINE, StepKind.POOL):
+        def pick(v):
+            return v if isinstance(v, int) else v[axis]
+        kernel, stride = pick(module.kernel_size), pick(module.stride or module.kernel_size)
+        padding, dilation = pick(getattr(module, "padding", 0)), pick(getattr(module, "dilation", 1))
+        return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return size
+
+
+def _min_size_along(specs: Sequence[Step], axis: int, limit: int = 4096) -> int:
+    """The smallest input size along one axis at which every layer's output is at least 1 wide."""
+    for size in range(1, limit):
+        sizes: dict[int, int | None] = {-1: size}
+        ok = True
+        for k, spec in enumerate(specs):
+            known = [sizes[i] for i in spec.inputs if sizes[i] is not None]
+            sizes[k] = None if not known else _spatial_out(spec, min(known), axis)
+            if sizes[k] is not None and sizes[k] < 1:
+                ok = False
+                break
+        if ok:
+            return size
+    return limit
+
+
+def min_input_size(specs: Sequence[Step]) -> int:
+    """The smallest height and width an input may have so that no layer's output is empty."""
+    return max(_min_size_along(specs, 0), _min_size_along(specs, 1))
+
+
+def num_classes(specs: Sequence[Step], output: int) -> int:
+    """Classes = the output width: a linear layer's outputs, or a conv's channels after global pooling + flatten."""
+    k, pooled = output, False
+    while specs[k].kind in (StepKind.FLATTEN, StepKind.RELU, StepKind.POOL):
+        module = specs[k].layer.module
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+            pooled = True
+        k = specs[k].inputs[0]
+        if k < 0:
+            break
+    if k >= 0 and specs[k].kind is StepKind.AFFINE and (isinstance(specs[k].layer.module, nn.Linear) or pooled):
+        return specs[k].weight.shape[0]
+    raise GraphError("the model's output must come from a Linear layer (or a convolution + global average pooling + "
+                     f"flatten), not {specs[output].name} ({specs[output].kind})")

@@ -4,8 +4,9 @@ a value fans out. One engine for every VGG, every torchvision ResNet / ResNeXt /
 from the same parts.
 
 No autograd, no hooks: `torch.jit.trace`, `torch.export` and the ONNX exporter capture the whole thing (see
-`LRPModel.exportable`). The engine, which sees the graph, proves where a rule's fast path is exact (`LayerContext`:
-the input is non-negative; relevance arrives only where the ReLU after the layer fired) and tells the rule.
+`LRPModel.exportable`). The engine, which sees the graph, proves where a rule's fast path is exact
+(lrp_module/contexts.py: the input is non-negative; relevance arrives only where the ReLU after the layer fired)
+and each rule binds the first of its paths that the proof allows.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .composites import AnyRule, Composite, LayerInfo, get_composite
-from .graph import GraphError, Step, canonize, capture
-from .ops import make_op
-from .rules import BoundPoolRule, BoundRule, LayerContext, PoolGeometry, PoolRule, Rule, WinnerTakesAll
+from .contexts import LayerContext, prove
+from .graph import GraphError, Step, StepKind, canonize, capture, min_input_size, num_classes
+from .ops import PoolGeometry, make_op
+from .rules import NOTHING, BoundPoolRule, BoundRule, PoolRule, Rule, Stash
 from .topk import TopKFilter
 
 
@@ -42,14 +44,14 @@ class AffineStep(nn.Module):
     def bind(self, rule: Rule, ctx: LayerContext) -> None:
         self.rule = rule.bind(self.op, self.weight, self.bias, ctx)
 
-    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
         o = self.op.forward_op(inputs[0], self.weight, self.bias)
         stash = self.rule.stash(o)
         if self.relu:
-            o = F.relu(o) if stash is o else F.relu_(o)
+            o = F.relu_(o) if stash.preactivation is None else F.relu(o)
         return o, stash
 
-    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor) -> list[Tensor]:
         return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
 
 
@@ -76,16 +78,17 @@ class PoolStep(nn.Module):
             raise GraphError(f"layer {self.name}: {error}") from None
         self.with_indices = rule.needs_indices
 
-    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
         a = inputs[0]
         if isinstance(self.pool, nn.MaxPool2d):
             g = self.geometry
             if self.with_indices:
-                return F.max_pool2d(a, g.kernel, g.stride, g.padding, g.dilation, return_indices=True)
-            return F.max_pool2d(a, g.kernel, g.stride, g.padding, g.dilation), None
-        return self.pool(a), None
+                out, indices = F.max_pool2d(a, g.kernel, g.stride, g.padding, g.dilation, return_indices=True)
+                return out, Stash(indices=indices)
+            return F.max_pool2d(a, g.kernel, g.stride, g.padding, g.dilation), NOTHING
+        return self.pool(a), NOTHING
 
-    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor) -> list[Tensor]:
         return [self.rule.relevance(inputs[0], out, stash, relevance)]
 
 
@@ -105,16 +108,16 @@ class SumStep(nn.Module):
         except ValueError as error:
             raise GraphError(f"layer {self.name}: {error}") from None
 
-    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
         o = inputs[0] + inputs[1]
         for extra in inputs[2:]:
             o = o + extra
-        stash = o if self.rule.keeps_preactivation else None
+        stash = self.rule.stash(o)
         if self.relu:
-            o = F.relu(o) if stash is o else F.relu_(o)
+            o = F.relu_(o) if stash.preactivation is None else F.relu(o)
         return o, stash
 
-    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor) -> list[Tensor]:
         return self.rule.relevance_sum(inputs, out, stash, relevance)
 
 
@@ -127,10 +130,10 @@ class FlattenStep(nn.Module):
         super().__init__()
         self.name = name
 
-    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, None]:
-        return torch.flatten(inputs[0], 1), None
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
+        return torch.flatten(inputs[0], 1), NOTHING
 
-    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor) -> list[Tensor]:
         return [relevance.reshape(inputs[0].shape)]
 
 
@@ -143,10 +146,10 @@ class ReLUStep(nn.Module):
         super().__init__()
         self.name = name
 
-    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, None]:
-        return F.relu(inputs[0]), None
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
+        return F.relu(inputs[0]), NOTHING
 
-    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor) -> list[Tensor]:
         return [relevance]
 
 
@@ -159,125 +162,41 @@ class CatStep(nn.Module):
         super().__init__()
         self.name, self.dim = name, dim
 
-    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, None]:
-        return torch.cat(inputs, dim=self.dim), None
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
+        return torch.cat(inputs, dim=self.dim), NOTHING
 
-    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Tensor | None, relevance: Tensor) -> list[Tensor]:
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor) -> list[Tensor]:
         return list(relevance.split([t.shape[self.dim] for t in inputs], dim=self.dim))
 
 
-def _step_module(spec: Step) -> nn.Module:
-    layer = spec.layer
-    if spec.kind == "affine":
-        return AffineStep(spec.name, layer.module, spec.weight, spec.bias, spec.relu)
-    if spec.kind == "pool":
-        return PoolStep(spec.name, layer.module)
-    if spec.kind == "add":
-        return SumStep(spec.name, layer.module, spec.relu)
-    if spec.kind == "flatten":
-        return FlattenStep(spec.name)
-    if spec.kind == "relu":
-        return ReLUStep(spec.name)
-    if spec.kind == "cat":
-        return CatStep(spec.name, layer.module.dim)
-    raise GraphError(f"no LRP step for {spec.name} ({spec.kind})")  # capture() admits nothing else
+_STEP_MODULES = {
+    StepKind.AFFINE: lambda spec: AffineStep(spec.name, spec.layer.module, spec.weight, spec.bias, spec.relu),
+    StepKind.POOL: lambda spec: PoolStep(spec.name, spec.layer.module),
+    StepKind.ADD: lambda spec: SumStep(spec.name, spec.layer.module, spec.relu),
+    StepKind.FLATTEN: lambda spec: FlattenStep(spec.name),
+    StepKind.RELU: lambda spec: ReLUStep(spec.name),
+    StepKind.CAT: lambda spec: CatStep(spec.name, spec.layer.module.dim),
+}
+# the steps that take a rule, the kind of rule, and the step module's name for messages
+_RULED = {StepKind.AFFINE: (Rule, "AffineStep"), StepKind.POOL: (PoolRule, "PoolStep"),
+          StepKind.ADD: (PoolRule, "SumStep")}
 
 
 def _choose_rules(specs: Sequence[Step], composite: Composite, count: int) -> list[AnyRule | None]:
     """The composite's rule for every affine, pooling and sum step (by name, position, first layer, type)."""
     rules: list[AnyRule | None] = []
     for spec in specs:
-        if spec.kind not in ("affine", "pool", "add"):
+        if spec.kind not in _RULED:
             rules.append(None)
             continue
         layer = spec.layer
         rule = composite.rule_for(LayerInfo(layer.name, layer.index, count, layer.module, spec.first_affine,
                                             spec.block))
-        kind = Rule if spec.kind == "affine" else PoolRule
+        kind, step = _RULED[spec.kind]
         if not isinstance(rule, kind):
-            step = {"affine": "AffineStep", "pool": "PoolStep", "add": "SumStep"}[spec.kind]
             raise ValueError(f"rule {rule!r} cannot be used on {spec.name} ({step})")
         rules.append(rule)
     return rules
-
-
-def _contexts(specs: Sequence[Step], rules: Sequence[AnyRule | None], output: int) -> list[LayerContext]:
-    """What the graph proves for each step: is its input >= 0 everywhere, and is the relevance arriving at its output
-    zero wherever that output is zero (true when every reader's rule multiplies by its input, or passes relevance
-    on from an output with the same property; a ResNet's residual sum multiplies by its summands, so it holds
-    there too, while a conv feeding a sum has no ReLU of its own and keeps the general path)."""
-    nonnegative: dict[int, bool] = {-1: False}  # the image may be negative
-    readers: dict[int, list[int]] = {k: [] for k in range(-1, len(specs))}
-    for k, spec in enumerate(specs):
-        for i in spec.inputs:
-            readers[i].append(k)
-        if spec.kind in ("affine", "add") and spec.relu or spec.kind == "relu":
-            nonnegative[k] = True
-        elif spec.kind == "affine":
-            nonnegative[k] = False
-        else:  # pooling, flatten, concatenation and sums of non-negative values stay non-negative
-            nonnegative[k] = all(nonnegative[i] for i in spec.inputs)
-    zero_where_zero: dict[int, bool] = {}
-
-    def keeps(reader: int) -> bool:
-        spec, rule = specs[reader], rules[reader]
-        if spec.kind in ("affine", "add") or (spec.kind == "pool" and not isinstance(rule, WinnerTakesAll)):
-            return rule.multiplies_input
-        return zero_where_zero[reader]  # arg-max routing, flatten, ReLU, split: the property carries over
-
-    for k in range(len(specs) - 1, -1, -1):
-        zero_where_zero[k] = k != output and all(keeps(r) for r in readers[k])
-    return [LayerContext(all(nonnegative[i] for i in spec.inputs), spec.relu, spec.relu and zero_where_zero[k])
-            for k, spec in enumerate(specs)]
-
-
-def _spatial_out(spec: Step, size: int, axis: int) -> int | None:
-    """Output size along one spatial axis for an input of `size` (None once the tensor is flat)."""
-    module = spec.layer.module
-    if spec.kind == "flatten" or (spec.kind == "affine" and isinstance(module, nn.Linear)):
-        return None
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
-        return size if out[axis] is None else out[axis]
-    if spec.kind in ("affine", "pool"):
-        def pick(v):
-            return v if isinstance(v, int) else v[axis]
-        kernel, stride = pick(module.kernel_size), pick(module.stride or module.kernel_size)
-        padding, dilation = pick(getattr(module, "padding", 0)), pick(getattr(module, "dilation", 1))
-        return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    return size
-
-
-def _min_size(specs: Sequence[Step], axis: int, limit: int = 4096) -> int:
-    """The smallest input size along one axis at which every layer's output is at least 1 wide."""
-    for size in range(1, limit):
-        sizes: dict[int, int | None] = {-1: size}
-        ok = True
-        for k, spec in enumerate(specs):
-            known = [sizes[i] for i in spec.inputs if sizes[i] is not None]
-            sizes[k] = None if not known else _spatial_out(spec, min(known), axis)
-            if sizes[k] is not None and sizes[k] < 1:
-                ok = False
-                break
-        if ok:
-            return size
-    return limit
-
-
-def _num_classes(steps: Sequence[nn.Module], specs: Sequence[Step], output: int) -> int:
-    """Classes = the output width: a linear layer's outputs, or a conv's channels after global pooling + flatten."""
-    k, pooled = output, False
-    while specs[k].kind in ("flatten", "relu", "pool"):
-        module = specs[k].layer.module
-        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
-            pooled = True
-        k = specs[k].inputs[0]
-        if k < 0:
-            break
-    if k >= 0 and specs[k].kind == "affine" and (isinstance(specs[k].layer.module, nn.Linear) or pooled):
-        return steps[k].weight.shape[0]
-    raise GraphError("the model's output must come from a Linear layer (or a convolution + global average pooling + "
-                     f"flatten), not {specs[output].name} ({specs[output].kind})")
 
 
 class LRPModel(nn.Module):
@@ -303,9 +222,9 @@ class LRPModel(nn.Module):
         self.composite = get_composite(composite, **(composite_params or {}))
         layers = capture(model)
         specs, self.output = canonize(layers)
-        steps = [_step_module(spec) for spec in specs]
+        steps = [_STEP_MODULES[spec.kind](spec) for spec in specs]
         rules = _choose_rules(specs, self.composite, len(layers) - 1)
-        for step, rule, ctx in zip(steps, rules, _contexts(specs, rules, self.output)):
+        for step, rule, ctx in zip(steps, rules, prove(specs, rules, self.output)):
             if rule is not None:
                 step.bind(rule, ctx)
         self.steps = nn.ModuleList(steps)
@@ -317,8 +236,8 @@ class LRPModel(nn.Module):
         self._first = specs.index(first)
         module = first.layer.module
         self.in_channels = module.in_channels if isinstance(module, nn.Conv2d) else None
-        self.num_classes = _num_classes(steps, specs, self.output)
-        self.min_size = max(_min_size(specs, 0), _min_size(specs, 1))
+        self.num_classes = num_classes(specs, self.output)
+        self.min_size = min_input_size(specs)
 
     # ------------------------------------------------------------------------------------ public API
     def forward(self, x: Tensor, target: Tensor | Sequence[int] | int | None = None) -> Tensor:
@@ -349,7 +268,7 @@ class LRPModel(nn.Module):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: list[Tensor | None] = []
-        stashes: list[Tensor | None] = []
+        stashes: list[Stash | None] = []
         for step, wiring in zip(self.steps, self.wiring):
             out, stash = step([x if i < 0 else values[i] for i in wiring])
             values.append(out)

@@ -1,9 +1,12 @@
-"""Forward and transposed passes of the affine layers (conv2d, linear) as plain tensor functions.
+"""Forward and transposed passes of the affine layers (conv2d, linear) and of pooling as plain tensor functions.
 
 LRP needs `F(a, W, b)` and its transpose `F^T(s, W)` with many weight variants. The transposed weight is
-prepared once per variant (`transpose_weight`), so the per-call work is a single conv or matmul.
+prepared once per variant (`transpose_weight`), so the per-call work is a single conv or matmul. Pooling rules need
+the window geometry (`PoolGeometry`) and the adjoints of sum and adaptive average pooling.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -146,3 +149,58 @@ def make_op(layer: nn.Module) -> AffineOp:
     if isinstance(layer, nn.Linear):
         return LinearOp()
     raise TypeError(f"no affine op for {type(layer).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Kernel, stride, padding and dilation of a 2-d pooling layer."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, pool: nn.Module) -> PoolGeometry:
+        if getattr(pool, "ceil_mode", False):
+            raise ValueError(f"pooling with ceil_mode=True is not supported, got {pool}")
+        kernel = _pair(pool.kernel_size)
+        return cls(kernel, _pair(pool.stride or pool.kernel_size), _pair(getattr(pool, "padding", 0)),
+                   _pair(getattr(pool, "dilation", 1)))
+
+    @property
+    def overlapping(self) -> bool:
+        return any(d * (k - 1) + 1 > s for k, s, d in zip(self.kernel, self.stride, self.dilation))
+
+    @property
+    def tiles(self) -> bool:
+        """Windows tile the input exactly from its corner: kernel == stride, no padding or dilation."""
+        return self.kernel == self.stride and self.padding == (0, 0) and self.dilation == (1, 1)
+
+
+def sum_pool_transpose(s: Tensor, geometry: PoolGeometry, input_shape: torch.Size) -> Tensor:
+    """Adjoint of sum pooling over the windows of `geometry`: each value spread over its window (windows that
+    overlap add up), zero where no window reaches. A depthwise transposed convolution with a ones kernel."""
+    (kh, kw), channels = geometry.kernel, s.shape[1]
+    if geometry.tiles:  # spread each value over its window, zero in leftover rows and columns
+        up = s.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3)
+        return F.pad(up, (0, input_shape[-1] - up.shape[-1], 0, input_shape[-2] - up.shape[-2]))
+    ones = s.new_ones((channels, 1, kh, kw))
+    out_pad = [size - ((o - 1) * st - 2 * p + d * (k - 1) + 1) for size, o, st, p, d, k in zip(
+        input_shape[-2:], s.shape[-2:], geometry.stride, geometry.padding, geometry.dilation, geometry.kernel)]
+    return F.conv_transpose2d(s, ones, None, geometry.stride, geometry.padding, out_pad, channels, geometry.dilation)
+
+
+def adaptive_pool_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(n_out, n_in) matrix of adaptive average pooling along one axis (PyTorch's bins: floor(i n_in / n_out) to
+    ceil((i + 1) n_in / n_out)), in `like`'s dtype, computed from a tensor made by `like.new_ones`: a trace then
+    follows its input's device instead of baking in the one it was traced on (a CPU-traced module runs on GPUs)."""
+    ones = like.new_ones((n_out, n_in), dtype=torch.int64)  # integers: exact bins on every device
+    row, col = ones.cumsum(0) - 1, ones.cumsum(1) - 1
+    start, end = (row * n_in) // n_out, -((-(row + 1) * n_in) // n_out)
+    return ((col >= start) & (col < end)).to(like.dtype) / (end - start).to(like.dtype)

@@ -15,6 +15,7 @@ from zennit.torchvision import ResNetCanonizer
 from zennit.types import Activation, AvgPool, Convolution
 
 import lrp_module as lrp
+from lrp_module import rules
 from lrp_module.zoo import RESNET_NAMES
 
 from .helpers import randomize, relative_error, sampled_matrix
@@ -54,18 +55,22 @@ def test_resnets_match_zennit_in_float64(resnets, arch, size, batch, name):
     assert_agree(resnets(arch), name, ZENNIT[name]([ResNetCanonizer()]), x)
 
 
+def _paths(engine: lrp.LRPModel) -> dict[str, type]:
+    """The path each step's rule took, by step name."""
+    return {step.name: type(step.rule) for step in engine.steps if getattr(step, "rule", None) is not None}
+
+
 def test_fast_paths_are_the_ones_the_graph_proves():
-    """conv1/conv2 of a block (ReLU after, relevance only where it fired) and the sum + ReLU take the fast paths;
-    conv3 and the downsample feed the sum without a ReLU of their own: general path, with the input >= 0 used."""
-    model = lrp.LRPModel(make_resnet("resnet50", dtype=torch.float32), "epsilon_gamma_box")
-    steps = {step.name: step for step in model.steps}
+    """conv1/conv2 of a block (ReLU after, relevance only where it fired) and the sum + ReLU take the on-active
+    paths; conv3 and the downsample feed the sum without a ReLU of their own: input >= 0 only (gamma from the
+    output); the first conv has the one z^B path."""
+    paths = _paths(lrp.LRPModel(make_resnet("resnet50", dtype=torch.float32), "epsilon_gamma_box"))
     for name in ("layer2.0.conv1", "layer2.0.conv2", "layer4.2.conv1"):
-        assert steps[name].rule.fast, name
+        assert paths[name] is rules.GammaOnActive, name
     for name in ("layer2.0.conv3", "layer2.0.downsample.0", "layer4.2.conv3"):
-        rule = steps[name].rule
-        assert not rule.fast and rule.from_output, name
-    assert steps["layer2.0.add"].rule.fast and steps["layer4.2.add"].rule.fast
-    assert steps["conv1"].rule.keeps_preactivation  # z^B needs the pre-activation
+        assert paths[name] is rules.GammaFromOutput, name
+    assert paths["layer2.0.add"] is paths["layer4.2.add"] is rules.SumNormOnActive
+    assert paths["conv1"] is rules.ZBoxGeneral and paths["fc"] is rules.EpsilonFromForward
 
 
 def test_a_rule_that_ignores_its_input_turns_the_fast_paths_below_off():
@@ -74,10 +79,9 @@ def test_a_rule_that_ignores_its_input_turns_the_fast_paths_below_off():
     model = make_resnet("resnet18")
     ours = lrp.Composite({"layer2.0.conv1": lrp.Flat(), "layer3.1.conv2": lrp.WSquare(), nn.Conv2d: lrp.Gamma(0.25),
                           nn.Linear: lrp.Epsilon()})
-    engine = lrp.LRPModel(model, ours)
-    steps = {step.name: step for step in engine.steps}
-    assert not steps["layer1.1.add"].rule.fast and steps["layer1.1.add"].rule.keeps_preactivation
-    assert not steps["layer3.1.conv1"].rule.fast and steps["layer2.1.add"].rule.fast
+    paths = _paths(lrp.LRPModel(model, ours))
+    assert paths["layer1.1.add"] is rules.SumNormGeneral
+    assert paths["layer3.1.conv1"] is rules.GammaFromOutput and paths["layer2.1.add"] is rules.SumNormOnActive
     zen = NameLayerMapComposite(
         name_map=[(["layer2.0.conv1"], zr.Flat()), (["layer3.1.conv2"], zr.WSquare())],
         layer_map=[(Activation, zr.Pass()), (ZennitSum, zr.Norm()), (AvgPool, zr.Norm()),

@@ -22,8 +22,9 @@ from lrp_module.weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 from .helpers import make_vgg, relative_error, sampled_matrix
 
 EXACT = 1e-9  # float64 against float64
-LOW = torch.tensor(IMAGENET_LOW)[None, :, None, None]
-HIGH = torch.tensor(IMAGENET_HIGH)[None, :, None, None]
+# float64, as given: zennit casts them to the model's dtype (a float32 copy would hide a float32 rounding of ours)
+LOW = torch.tensor(IMAGENET_LOW, dtype=torch.float64)[None, :, None, None]
+HIGH = torch.tensor(IMAGENET_HIGH, dtype=torch.float64)[None, :, None, None]
 
 ZENNIT = {
     "epsilon_gamma_box": lambda c: zc.EpsilonGammaBox(low=LOW, high=HIGH, canonizers=c),
