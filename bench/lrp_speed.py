@@ -58,11 +58,12 @@ def baseline_package(ref: str) -> object:
     root = Path(tempfile.mkdtemp(prefix="lrp-baseline-"))
     package = root / "lrp_baseline"
     package.mkdir()
-    listing = subprocess.run(["git", "ls-tree", "--name-only", f"{ref}:lrp_module"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for name in (n for n in listing if n.endswith(".py")):
+    listing = subprocess.run(["git", "ls-tree", "-r", "--name-only", f"{ref}:lrp_module"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    for name in (n for n in listing if n.endswith(".py")):  # subpackages too (lrp_module/rules/)
         source = subprocess.run(["git", "show", f"{ref}:lrp_module/{name}"], capture_output=True, text=True,
                                 check=True).stdout
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
         (package / name).write_text(source)
     sys.path.insert(0, str(root))
     return importlib.import_module("lrp_baseline")
