@@ -163,3 +163,18 @@ def test_named_composites_exact_in_float64(name):
     model = make_vgg("vgg11_bn").double()
     x = torch.randn(2, 3, 64, 80, dtype=torch.float64)
     assert_agree(model, name, ZENNIT[name]([VGGCanonizer()]), x)
+
+
+def test_gamma_without_bias_matches_zennit_where_biases_are_large():
+    """Gamma(zero_bias) drops the bias from z but not from o, whose sign picks the term: where a large bias makes
+    o > 0 while z < 0, the on-active path (which assumes z >= o) would be wrong, so it is not taken there."""
+    model = make_vgg("vgg11").double()
+    torch.manual_seed(8)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.bias.data.normal_().mul_(30 * module.weight.abs().mean())
+    ours = lrp.Composite({nn.Conv2d: lrp.Gamma(0.25, zero_bias=True), nn.Linear: lrp.Epsilon()})
+    zen = NameLayerMapComposite(name_map=[], layer_map=[(Activation, zr.Pass()), (AvgPool, zr.Norm()),
+                                                        (Convolution, zr.Gamma(0.25, zero_params=["bias"])),
+                                                        (nn.Linear, zr.Epsilon())])
+    assert_agree(model, ours, zen, torch.randn(2, 3, 64, 64, dtype=torch.float64))
