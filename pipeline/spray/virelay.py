@@ -33,13 +33,12 @@ import yaml
 from lrp_module.files import atomic
 
 from ..h5_writing import h5_atomic
+from ..layout import SPRAY_ANALYSIS as ANALYSIS_FILE
+from ..layout import SPRAY_ATTRIBUTION as ATTRIBUTION_FILE
+from ..layout import SPRAY_DATASET as DATASET_FILE
+from ..layout import SPRAY_LABEL_MAP as LABEL_MAP_FILE
+from ..layout import SPRAY_PROJECT as PROJECT_FILE
 from .inputs import RunIndex
-
-PROJECT_FILE = "project.yaml"
-LABEL_MAP_FILE = "label-map.json"
-ATTRIBUTION_FILE = "attribution.h5"
-DATASET_FILE = "dataset.h5"
-ANALYSIS_FILE = "analysis.h5"
 
 
 def labels_array(table: pd.DataFrame, classes: int) -> np.ndarray:
