@@ -10,11 +10,12 @@ from lrp_module import demo_model
 
 from .class_list import imagenet_classes
 from .datasets.records import DatasetError
+from .errors import PipelineError
 
 WNID = re.compile(r"n\d{8}")
 
 
-class ClassesError(ValueError):
+class ClassesError(PipelineError, ValueError):
     """A class list (--classes FILE) cannot be read or does not fit the model; the message names the file."""
 
 
@@ -29,15 +30,10 @@ class ModelClasses:
     source: str = "none"
 
     def record(self) -> dict:
-        """For the manifest (`"classes"`): what the report, SpRAy and ViRelAy's label map read."""
+        """For the manifest (`"classes"`): what the report, SpRAy and ViRelAy's label map read (read back by
+        run_manifest.Manifest.from_record)."""
         return {"count": self.count, "source": self.source, "names": list(self.names) if self.names else None,
                 "wnids": list(self.wnids) if self.wnids else None}
-
-    @classmethod
-    def from_record(cls, record: dict) -> ModelClasses:
-        names, wnids = record.get("names"), record.get("wnids")
-        return cls(int(record["count"]), tuple(names) if names else None, tuple(wnids) if wnids else None,
-                   str(record.get("source", "none")))
 
 
 def read_classes_file(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
