@@ -145,3 +145,17 @@ def test_a_malformed_sidecar_is_one_line_naming_the_file_and_the_field(tmp_path,
 def test_an_unreadable_sidecar_names_the_file(tmp_path):
     with pytest.raises(SidecarError, match=f"^{tmp_path / SIDECAR}: unreadable artifact sidecar"):
         ArtifactSidecar.read(_sidecar(tmp_path, "{"))
+
+
+@pytest.mark.parametrize("command", [["report"], ["spray", "--no-progress"]])
+def test_report_and_spray_of_a_run_with_a_malformed_manifest_say_which_field_in_one_line(tmp_path, capsys, command):
+    from bench.synthetic_run import stats_table, synthesise_run
+    from pipeline.cli import main
+
+    run = synthesise_run(tmp_path / "run", stats_table(8, 2, ["none.jpg"], size=16, shard_size=8), size=16,
+                         shard_size=8)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "totals": {**manifest["totals"], "failed": "0"}}))
+    assert main([command[0], str(run), *command[1:]]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {run / 'manifest.json'}: field 'totals.failed' must be an integer, got '0'"]
