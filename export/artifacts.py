@@ -28,10 +28,10 @@ from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
 
 from .runner import METADATA_KEY
+from .sidecar import SIDECAR
 from .verify import Reference, verify_artifacts
 
 FILENAMES = {"torchscript": "lrp.torchscript.pt", "onnx": "lrp.onnx", "torch.export": "lrp.pt2"}
-SIDECAR = "lrp.json"
 ONNX_LIMIT = 2 * 1024**3  # protobuf's limit for one self-contained file
 
 

@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--composite", default="epsilon_gamma_box", help=f"one of {', '.join(COMPOSITES)}")
     p.add_argument("--top-k", type=float, default=0.0, help="fraction of relevance kept per layer (0 = off)")
     p.add_argument("--rescale-top-k", action="store_true", help="conserve each image's total after filtering")
-    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size")
+    p.add_argument("--size", type=int, nargs=2, default=(ExportConfig.height, ExportConfig.width), metavar=("H", "W"),
+                   help="input size")
     p.add_argument("--per-channel", action="store_true", help="relevance (N, C, H, W) instead of (N, H, W)")
     p.add_argument("--formats", default=",".join(FILENAMES),
                    help=f"comma-separated subset of {', '.join(FILENAMES)}")

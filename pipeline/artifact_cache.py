@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from export.artifacts import ExportConfig, export_artifacts
+from export.artifacts import FILENAMES, ExportConfig, export_artifacts
 from export.classifier import CLASSIFIER_FILE, export_classifier
+from export.sidecar import SIDECAR, ArtifactSidecar
 from lrp_module.files import sha256_file, temporary_name
 from lrp_module.zoo import WeightsError, build_model, default_weights, weights_file
 
@@ -57,12 +58,12 @@ def cache_key(config: RunConfig, weights: str) -> str:
     return f"{config.model}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
-def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
-    """The traced LRP module for this configuration and its sidecar record. A build happens in a temporary folder
-    of the cache, moved into place when complete: a failed one leaves nothing."""
+def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, ArtifactSidecar]:
+    """The traced LRP module for this configuration and its sidecar (a malformed one: SidecarError). A build
+    happens in a temporary folder of the cache, moved into place when complete: a failed one leaves nothing."""
     cache = Path(config.cache)
     directory = cache / cache_key(config, weights)
-    artifact, sidecar = directory / "lrp.torchscript.pt", directory / "lrp.json"
+    artifact, sidecar = directory / FILENAMES["torchscript"], directory / SIDECAR
     if artifact.is_file() and sidecar.is_file():
         _drop_if_untrusted("artifact", [artifact, sidecar])
     if not (artifact.is_file() and sidecar.is_file()):
@@ -70,7 +71,7 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, dict]:
                               height=config.size, width=config.size, formats=("torchscript",))
         _build_entry(cache, directory, export)
         record_trust([artifact, sidecar])
-    return artifact, json.loads(sidecar.read_text())
+    return artifact, ArtifactSidecar.read(sidecar)
 
 
 def cached_classifier(config: RunConfig, weights: str, artifact: Path) -> Path:

@@ -1,41 +1,21 @@
-"""Class lists: ILSVRC-2012's (index = torchvision's class index, the wnid's position in sorted order; wnid; name;
-shipped in configs/imagenet_classes.tsv), a user's (--classes FILE), and the model's classes as a run uses them,
-checked against a labelled dataset before any work."""
+"""Class lists: a user's (--classes FILE; ILSVRC-2012's is pipeline/class_list.py), and the model's classes as a
+run uses them, checked against a labelled dataset before any work."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 
 from lrp_module import demo_model
 
-CLASSES_FILE = Path(__file__).resolve().parent.parent / "configs" / "imagenet_classes.tsv"
-
-
-@dataclass(frozen=True)
-class ClassList:
-    wnids: tuple[str, ...]
-    names: tuple[str, ...]
-    positions: dict[str, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:  # built once: looked up for every record of a dataset
-        object.__setattr__(self, "positions", {wnid: i for i, wnid in enumerate(self.wnids)})
-
-    def index(self, wnid: str) -> int | None:
-        return self.positions.get(wnid)
-
-
-@lru_cache(maxsize=1)
-def imagenet_classes() -> ClassList:
-    rows = [line.split("\t") for line in CLASSES_FILE.read_text().splitlines() if line and not line.startswith("#")]
-    return ClassList(tuple(r[1] for r in rows), tuple(r[2] for r in rows))
-
+from .class_list import imagenet_classes
+from .datasets.records import DatasetError
+from .errors import PipelineError
 
 WNID = re.compile(r"n\d{8}")
 
 
-class ClassesError(ValueError):
+class ClassesError(PipelineError, ValueError):
     """A class list (--classes FILE) cannot be read or does not fit the model; the message names the file."""
 
 
@@ -50,15 +30,10 @@ class ModelClasses:
     source: str = "none"
 
     def record(self) -> dict:
-        """For the manifest (`"classes"`): what the report, SpRAy and ViRelAy's label map read."""
+        """For the manifest (`"classes"`): what the report, SpRAy and ViRelAy's label map read (read back by
+        run_manifest.Manifest.from_record)."""
         return {"count": self.count, "source": self.source, "names": list(self.names) if self.names else None,
                 "wnids": list(self.wnids) if self.wnids else None}
-
-    @classmethod
-    def from_record(cls, record: dict) -> ModelClasses:
-        names, wnids = record.get("names"), record.get("wnids")
-        return cls(int(record["count"]), tuple(names) if names else None, tuple(wnids) if wnids else None,
-                   str(record.get("source", "none")))
 
 
 def read_classes_file(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
@@ -122,8 +97,6 @@ def check_classes(records, classes: ModelClasses, model: str, root: str) -> None
     an ImageNet model, an ImageNet-labelled dataset by a 10-class fine-tune, or the reverse): label index i must
     be one of the model's classes and, where the model's classes are named, name its class i (by wnid where both
     have one). A model without class names cannot be told to have ImageNet's (wnid) classes."""
-    from .datasets.records import DatasetError
-
     seen: set[tuple[int, str | None, str | None]] = set()
     for record in records:
         if record.label is None or (record.label, record.label_name, record.wnid) in seen:

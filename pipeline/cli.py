@@ -5,17 +5,13 @@ import argparse
 import sys
 import traceback
 
-from export.artifacts import ExportError
-from lrp_module.files import OutputError
-from lrp_module.zoo import WeightsError
-
-from .config import ConfigError, load_config
-from .datasets import DatasetError
-from .errors import RunError, StrictStop
-from .output_checks import OutputCheckError
+from .config import load_config
+from .errors import PipelineError, StrictStop, lower_layer_errors
+from .layout import RunLayout
 from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
 from .run import explain
-from .run_lock import RunLockError, hold_run
+from .run_lock import hold_run
+from .run_manifest import Manifest
 from .spray.cli import add_spray_command, run_spray_command
 
 EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be explained (listed in "
@@ -97,7 +93,7 @@ def _run_reader(args: argparse.Namespace) -> int:
     try:
         with hold_run(args.run, args.command, create=False):
             return run_report_command(args) if args.command in REPORT_COMMANDS else run_spray_command(args)
-    except RunLockError as error:
+    except PipelineError as error:  # the lock (the commands print their own errors)
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -109,25 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["faithfulness"] = args.faithfulness
     try:
-        config = load_config(overrides)
-        manifest = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
-                           check_space=not args.no_space_check)
+        with lower_layer_errors():
+            config = load_config(overrides)
+            record = explain(config, overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
+                             check_space=not args.no_space_check)
+            manifest = Manifest.from_record(record, RunLayout(config.out).manifest)
     except KeyboardInterrupt:  # Ctrl-C: every finished file is complete (atomic renames), the run resumes
         print(INTERRUPTED, file=sys.stderr)
         return 130
     except StrictStop as error:  # an image failed, as without --strict: exit code 1
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (ConfigError, DatasetError, WeightsError, ExportError, RunError, OutputCheckError, OutputError) as error:
+    except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception:  # a bug: the traceback, and the code of a run that could not finish (never 1)
         traceback.print_exc()
         return 2
-    totals = manifest["totals"]
-    reasons = ", ".join(f"{k} {v}" for k, v in manifest["failure_reasons"].items())
-    print(f"{totals['explained']} explained, {totals['failed']} failed{': ' + reasons if reasons else ''} "
-          f"-> {config.out}")
-    if manifest["random_weights"]:
+    totals = manifest.totals
+    reasons = ", ".join(f"{k} {v}" for k, v in manifest.failure_reasons.items())
+    print(f"{totals.explained} explained, {totals.failed} failed{': ' + reasons if reasons else ''} -> {config.out}")
+    if manifest.random_weights:
         print("WARNING: RANDOM weights (no ImageNet weights were available); see manifest.json", file=sys.stderr)
-    return 1 if totals["failed"] else 0
+    return 1 if totals.failed else 0

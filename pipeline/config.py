@@ -19,12 +19,13 @@ from lrp_module.zoo import MODEL_NAMES
 
 from .classes import ClassesError, read_classes_file
 from .datasets.layouts import LAYOUTS
+from .errors import PipelineError
 from .faithfulness import region_count
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration value is wrong; the message names the key and where it came from."""
 
 

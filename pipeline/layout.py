@@ -17,9 +17,14 @@ SHARD_FILE = re.compile(rf"^shard-\d{{{SHARD_DIGITS}}}\.(h5|parquet)$")
 REPORT_IMAGE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\.(png|jpg)$")
 REPORT_OWN_FILES = "report-files.json"  # the report folder's list of the files the report wrote (report/build.py)
 HEATMAP_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*-(heatmap|image|overlay)\.png$")
-# pipeline/spray's outputs (outputs.py, virelay.py): the strategies of a run are its own files too
-SPRAY_FILE = re.compile(r"^(clusters\.parquet|summary\.json|cluster_means\.h5|project\.yaml|label-map\.json|"
-                        r"attribution\.h5|dataset\.h5|analysis\.h5)$")
+# pipeline/spray's outputs in RUN/spray/ (outputs.py: the analysis; virelay.py: the ViRelAy project), named here
+# only: the strategies of a run are its own files too
+SPRAY_CLUSTERS, SPRAY_SUMMARY, SPRAY_MEANS = "clusters.parquet", "summary.json", "cluster_means.h5"
+SPRAY_PROJECT, SPRAY_LABEL_MAP, SPRAY_ATTRIBUTION, SPRAY_DATASET, SPRAY_ANALYSIS = (
+    "project.yaml", "label-map.json", "attribution.h5", "dataset.h5", "analysis.h5")
+SPRAY_FILES = (SPRAY_CLUSTERS, SPRAY_SUMMARY, SPRAY_MEANS, SPRAY_PROJECT, SPRAY_LABEL_MAP, SPRAY_ATTRIBUTION,
+               SPRAY_DATASET, SPRAY_ANALYSIS)
+SPRAY_FILE = re.compile(rf"^({'|'.join(re.escape(name) for name in SPRAY_FILES)})$")
 
 
 def shard_name(index: int) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,12 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from export.sidecar import ArtifactMetadata
 from lrp_module.files import atomic, sha256_file
 
 from .artifact_cache import ResolvedWeights
 from .config import RunConfig
 from .datasets.records import ImageRecord
 from .layout import RunLayout
+from .run_manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from .schema import FAILURE_SCHEMA
 from .shard_runner import InvocationWork
 from .writers import write_virtual_dataset
@@ -33,7 +36,7 @@ class RunPlan:
     layout: RunLayout
     shards: list[list[ImageRecord]]
     weights: ResolvedWeights
-    artifact: dict[str, Any]  # the artifact's sidecar metadata (lrp.json "metadata")
+    artifact: ArtifactMetadata  # the artifact's sidecar metadata (lrp.json "metadata")
     dataset: dict[str, Any]  # how the dataset was read (layout, label and box sources)
     started: float
     classes: dict[str, Any] | None = None  # the model's classes (classes.ModelClasses.record())
@@ -43,8 +46,9 @@ def finish(plan: RunPlan, work: InvocationWork) -> dict:
     """Write the closing files; returns the manifest."""
     layout, shards = plan.layout, plan.shards
     previous = _previous_manifest(layout)
-    invocation = len(previous.get("invocations", [])) + 1
-    entries, failures = _shard_entries(layout, shards, previous, work, invocation)
+    earlier = previous.invocations if previous else ()
+    invocation = len(earlier) + 1
+    entries, failures = _shard_entries(layout, shards, previous.shards if previous else (), work, invocation)
     write_virtual_dataset(layout.virtual_dataset, [layout.relevance_shard(i) for i in range(len(shards))],
                           [e["explained"] for e in entries], plan.config.size, plan.config.size,
                           plan.config.map_dtype)
@@ -55,23 +59,22 @@ def finish(plan: RunPlan, work: InvocationWork) -> dict:
     this = {"invocation": invocation, "started": plan.started, "seconds": seconds,
             "shards_explained": sorted(work.workers), "retries": work.retries, **work.timings(),
             "dataset": plan.dataset}
-    invocations = [*previous.get("invocations", []), this]
     artifact = plan.artifact
     manifest = {
         "config": asdict(plan.config), "digest": plan.config.digest(),
-        "weights": artifact["weights"], "random_weights": plan.weights.choice == "random",
-        "weights_warning": plan.weights.warning, "artifact": artifact, "classes": plan.classes,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, **artifact["versions"]},
+        "weights": artifact.record["weights"], "random_weights": plan.weights.choice == "random",
+        "weights_warning": plan.weights.warning, "artifact": dict(artifact.record), "classes": plan.classes,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, **artifact.versions},
         "dataset": plan.dataset,
         "totals": {"images": sum(len(s) for s in shards), "explained": sum(e["explained"] for e in entries),
                    "failed": all_failures.num_rows},
         "failure_reasons": _reason_counts(all_failures),
-        "retries": _summed_retries(invocations),
+        "retries": _summed_retries([*(i.retries for i in earlier), work.retries]),
         "precision": _precision(layout),
         "shards": entries,
         "timings": {"seconds_this_invocation": seconds,
-                    "seconds_all_invocations": sum(i.get("seconds", 0.0) for i in invocations), **work.timings()},
-        "invocations": invocations,
+                    "seconds_all_invocations": sum(i.seconds for i in earlier) + seconds, **work.timings()},
+        "invocations": [*(i.record for i in earlier), this],
     }
     with atomic(layout.manifest) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
@@ -80,10 +83,12 @@ def finish(plan: RunPlan, work: InvocationWork) -> dict:
     return manifest
 
 
-def _shard_entries(layout: RunLayout, shards: list[list[ImageRecord]], previous: dict, work: InvocationWork,
-                   invocation: int) -> tuple[list[dict], list[pa.Table]]:
-    """Each shard's manifest entry (files, hashes, counts, provenance) and its failures table."""
-    earlier = {e.get("shard"): e for e in previous.get("shards", []) if isinstance(e, dict)}
+def _shard_entries(layout: RunLayout, shards: list[list[ImageRecord]], previous: tuple[ShardEntry, ...],
+                   work: InvocationWork, invocation: int) -> tuple[list[dict], list[pa.Table]]:
+    """Each shard's manifest entry (files, hashes, counts, provenance) and its failures table; a shard this
+    invocation did not explain keeps the provenance its `previous` entry recorded while its statistics are the
+    same."""
+    earlier = {e.shard: e for e in previous}
     entries, failures = [], []
     for index, shard in enumerate(shards):
         h5, stats, failed = layout.relevance_shard(index), layout.stats_shard(index), layout.failure_shard(index)
@@ -95,28 +100,32 @@ def _shard_entries(layout: RunLayout, shards: list[list[ImageRecord]], previous:
                  "stats_sha256": sha256_file(stats), "worker": None, "invocation": None}
         if index in work.workers:
             entry.update(worker=work.workers[index], invocation=invocation)
-        elif (old := earlier.get(index)) and old.get("stats_sha256") == entry["stats_sha256"]:
-            entry.update(worker=old.get("worker"), invocation=old.get("invocation", 1))
+        elif (old := earlier.get(index)) and old.stats_sha256 == entry["stats_sha256"]:
+            entry.update(worker=old.worker, invocation=old.invocation)
         entries.append(entry)
     return entries, failures
 
 
-def _previous_manifest(layout: RunLayout) -> dict:
+def _previous_manifest(layout: RunLayout) -> Manifest | None:
+    """The manifest an earlier invocation wrote; None when there is none or it is unreadable (then it is written
+    anew, without the earlier provenance)."""
+    if not layout.manifest.is_file():
+        return None
     try:
-        return json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+        return read_manifest(layout)
+    except ManifestError:
+        return None
 
 
-def _summed_retries(invocations: list[dict]) -> dict:
+def _summed_retries(invocations: list[Mapping[str, float]]) -> dict:
     """Retries over every invocation of the run (each invocation's own counts are in `invocations`)."""
     total: dict = {"total": 0}
-    for item in invocations:
-        for key, value in (item.get("retries") or {}).items():
-            if isinstance(value, (int, float)) and key != "timeout_s":
-                total[key] = total.get(key, 0) + value
-            elif key == "timeout_s":
+    for retries in invocations:
+        for key, value in retries.items():
+            if key == "timeout_s":
                 total[key] = value
+            else:
+                total[key] = total.get(key, 0) + value
     return total
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lrp_module.files import temporary_path
 
+from .errors import PipelineError
 from .layout import RunLayout
 
 STATS_BYTES_PER_IMAGE = 1024  # a Parquet row and its share of the failures / manifest files, generously
@@ -14,7 +15,7 @@ FIXED_BYTES = 256 * 1024  # run.json, manifest, virtual dataset, failures
 COMPRESSED_SHARE = 0.25  # gzip+shuffle keeps 0.38 of a float16 VGG16 map (README); 0.25 errs on "enough"
 
 
-class OutputCheckError(RuntimeError):
+class OutputCheckError(PipelineError, RuntimeError):
     """The run directory cannot hold this run; the message names it and says what to do."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from lrp_module import demo_model
@@ -68,8 +69,8 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
     if weights.warning:
         print(f"\n{'!' * 100}\n{weights.warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     artifact, sidecar = cached_artifact(config, weights.choice)  # missing weights fail here, before the run dir
-    metadata = sidecar["metadata"]
-    classes = _classes(config, metadata["outputs"]["logits"][1], metadata)  # the count: the artifact's logits
+    metadata = sidecar.metadata
+    classes = _classes(config, metadata.class_count, metadata.class_names, metadata.weights.kind)  # its logits
     _check_target(config, classes.count)
     check_classes(records, classes, config.model, config.root)
     classifier = cached_classifier(config, weights.choice, artifact) if config.faithfulness else None
@@ -78,8 +79,9 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
     todo = run_folder.unfinished(layout, shards)
     settings = WorkerSettings.from_config(
         config, strict=strict, class_names=classes.names or (),
-        attributes={"config": asdict(config), "lrp": {k: metadata[k] for k in ("composite", "top_k", "weights")}},
-        start=metadata["composite"].get("start", "logit"),
+        attributes={"config": asdict(config),
+                    "lrp": {k: v for k, v in metadata.record.items() if k in ("composite", "top_k", "weights")}},
+        start=metadata.start,
         # the precision probe: the actor explaining shard 0 recomputes its first batch in float64
         probe=ProbeModel(config.model, weights.choice, config.composite, config.top_k),
         flipping=Flipping(str(classifier.resolve()), config.flip_steps, config.flip_patch) if classifier else None)
@@ -97,13 +99,12 @@ def _known_class_count(config: RunConfig) -> int | None:
     return 1000 if source is None else head_classes(config.model, source)
 
 
-def _classes(config: RunConfig, count: int, metadata: dict | None) -> ModelClasses:
-    """The model's classes (pipeline/classes.py); a --classes file that does not fit is a RunError (exit 2)."""
-    kind = (metadata or {}).get("weights", {}).get("kind")
-    imagenet_head = config.model not in demo_model.NAMES and kind in (None, "random", "file")
+def _classes(config: RunConfig, count: int, names: Sequence[str] | None, weights_kind: str | None) -> ModelClasses:
+    """The model's classes (pipeline/classes.py) from the artifact's (or the model's) class names and weights kind
+    (None: not known yet); a --classes file that does not fit is a RunError (exit 2)."""
+    imagenet_head = config.model not in demo_model.NAMES and weights_kind in (None, "random", "file")
     try:
-        return model_classes(count, config.model, (metadata or {}).get("class_names"), config.classes,
-                             imagenet_head)
+        return model_classes(count, config.model, list(names) if names else None, config.classes, imagenet_head)
     except ClassesError as error:
         raise RunError(str(error)) from None
 
@@ -115,7 +116,7 @@ def _known_classes(config: RunConfig) -> ModelClasses | None:
     if count is None:
         return None
     names = demo_model.class_names(config.model) if config.model in demo_model.NAMES else None
-    return _classes(config, count, {"class_names": names})
+    return _classes(config, count, names, None)
 
 
 def _check_target(config: RunConfig, classes: int | None) -> None:

@@ -1,9 +1,8 @@
-"""Reading a run folder for analysis (the report, SpRAy): is it a run, its manifest, its statistics by column
-(Parquet projection, no map read), and the maps of chosen rows, shard file by shard file. Each reader passes its
-own error class, so that its messages name the culprit in its own terms."""
+"""Reading a run folder for analysis (the report, SpRAy): is it a run, the side of its maps, its statistics by column
+(Parquet projection, no map read), and the maps of chosen rows, shard file by shard file (its manifest:
+run_manifest.py). Each reader passes its own error class, so that its messages name the culprit in its own terms."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from .layout import RunLayout
+from .run_manifest import Manifest
 
 
 def open_run_folder(root: str | Path, error: type[Exception]) -> RunLayout:
@@ -28,25 +28,12 @@ def open_run_folder(root: str | Path, error: type[Exception]) -> RunLayout:
     return layout
 
 
-def read_json(path: Path, error: type[Exception]) -> dict:
-    """A run's JSON record ({} when missing); `error` when it is not valid JSON."""
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as problem:
-        raise error(f"{path}: not valid JSON ({problem})") from None
-
-
-def run_config(layout: RunLayout, manifest: dict, error: type[Exception]) -> dict:
-    """The run's configuration: the manifest's, or (an unfinished run: no manifest yet) the identity run.json
-    recorded when the run started."""
-    return manifest.get("config") or read_json(layout.run_file, error).get("identity") or {}
-
-
-def map_size(layout: RunLayout, config: dict, error: type[Exception]) -> int:
-    """The side of the run's (square) maps: the configuration's `size`, else the shape the shards store; never a
-    guess (a wrong size makes views of the shards unreadable)."""
-    if config.get("size"):
-        return int(config["size"])
+def map_size(layout: RunLayout, manifest: Manifest, error: type[Exception]) -> int:
+    """The side of the run's (square) maps: the recorded configuration's `size` (manifest.json, or run.json for an
+    unfinished run), else the shape the shards store; never a guess (a wrong size makes views of the shards
+    unreadable)."""
+    if manifest.config.size:
+        return manifest.config.size
     for shard in sorted((layout.root / RunLayout.RELEVANCE).glob("shard-*.h5")):
         try:
             with h5py.File(shard, "r") as handle:

@@ -55,7 +55,7 @@ class ShardScheduler:
     """Runs shards on `count` actors made by `make_actor`; calls `on_result(result)` for every finished shard
     (the worker's ShardResult, or the one `write_failed` returns for a shard given up)."""
 
-    def __init__(self, ray, make_actor: Callable[[], Any], count: int, shards: list[list[ImageRecord]], out: str,
+    def __init__(self, *, ray, make_actor: Callable[[], Any], count: int, shards: list[list[ImageRecord]], out: str,
                  timeout_s: float, retries: int, on_result: Callable[[ShardResult], None],
                  on_retry: Callable[[], None] = lambda: None,
                  write_failed: Callable[[int, str], ShardResult] | None = None):

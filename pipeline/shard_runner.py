@@ -130,9 +130,10 @@ def run_shards(config: RunConfig, artifact: Path, settings: WorkerSettings, shar
                   dynamic_ncols=True) as bar:
             tracker = Progress(bar, settings.strict)
             scheduler = ShardScheduler(
-                ray, lambda: remote.remote(str(artifact.resolve()), settings), min(plan.count, len(todo)), shards,
-                str(out.resolve()), timeout, config.shard_retries, tracker.result, tracker.retry,
-                lambda index, reason: write_failed_shard(out, index, shards[index], reason, settings))
+                ray=ray, make_actor=lambda: remote.remote(str(artifact.resolve()), settings),
+                count=min(plan.count, len(todo)), shards=shards, out=str(out.resolve()), timeout_s=timeout,
+                retries=config.shard_retries, on_result=tracker.result, on_retry=tracker.retry,
+                write_failed=lambda index, reason: write_failed_shard(out, index, shards[index], reason, settings))
             try:
                 counts = scheduler.run(todo)
             except SchedulingError as error:

@@ -13,6 +13,7 @@ import torch
 import lrp_module as lrp
 from export import ArtifactError, ExportConfig, ExportError, export_artifacts, load_artifact, read_metadata
 from export.artifacts import FILENAMES, SIDECAR, write_artifacts
+from export.sidecar import ArtifactSidecar
 from export.verify import run_fresh
 from lrp_module.oracle import FLOOR, LOGITS_FLOOR, Float64Oracle, bound, compare
 from lrp_module.zoo import WeightsError, WeightsInfo
@@ -80,6 +81,18 @@ def test_non_default_size_per_channel_and_other_composites(tmp_path):
     for composite in ("montavon", "seed", "epsilon_alpha2_beta1"):
         model, record, vgg = _export(tmp_path / composite, composite=composite, formats=("onnx",), top_k=0.05)
         _compare(tmp_path / composite / "lrp.onnx", model, vgg, 2, (64, 64))
+
+
+def test_the_sidecar_reads_back_as_the_export_wrote_it(tmp_path):
+    """export/sidecar.py reads what export/artifacts.py writes: the artifact's classes, input size and start."""
+    model, record, _ = _export(tmp_path, composite="epsilon_plus_flat", size=(48, 64), formats=("torchscript",),
+                               verify=False)
+    sidecar = ArtifactSidecar.read(tmp_path / SIDECAR)
+    assert sidecar.artifacts == record["artifacts"] and sidecar.verification is None
+    assert sidecar.metadata.class_count == model.num_classes and sidecar.metadata.input_size == (48, 64)
+    assert sidecar.metadata.start == model.composite.start and sidecar.metadata.weights.kind == INFO.kind
+    assert sidecar.metadata.record == json.loads(json.dumps(record["metadata"]))  # as JSON keeps it: lists
+    assert set(sidecar.precision) == set(record["precision"])
 
 
 def test_metadata_inside_each_artifact_and_sidecar(tmp_path):

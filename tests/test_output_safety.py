@@ -241,7 +241,7 @@ def test_cached_artifact_is_rebuilt_unless_it_is_what_we_built(artifact, good_da
     (path.parent / "lrp.sha256").unlink()  # a cache from elsewhere, without our record
     cached_artifact(config, "random")
     assert len(built) == 3 and "no lrp.sha256 record" in capsys.readouterr().err
-    assert sidecar["metadata"]["weights"]["kind"] == "random"
+    assert sidecar.metadata.weights.kind == "random"
 
 
 def test_cached_classifier_is_rebuilt_unless_it_is_what_we_built(artifact, good_dataset, tmp_path, monkeypatch,

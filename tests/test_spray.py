@@ -17,6 +17,7 @@ from sklearn.metrics import adjusted_rand_score
 from bench.spray_maps import planted_map, planted_maps
 from bench.synthetic_run import stats_table, synthesise_run
 from pipeline.cli import main as cli_main
+from pipeline.layout import SPRAY_FILES
 from pipeline.spray import cluster, features, graph
 from pipeline.spray.analyse import SprayParams, analyse_class
 from pipeline.spray.inputs import open_run_index
@@ -25,6 +26,7 @@ from pipeline.spray.run import SprayOptions, spray
 
 pytestmark = pytest.mark.timeout(300)
 SIZE = 32
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sum_pool_and_normalisation_follow_corelays_recipes():
@@ -319,6 +321,17 @@ def test_options_are_checked_before_any_work_naming_the_option(small_run, capsys
     assert not (small_run / "spray").exists()
 
 
+def test_spray_names_its_files_only_through_run_layout():
+    """RunLayout's SPRAY_FILES is the one list of SpRAy's file names (what --overwrite and a second analysis may
+    delete): no module of pipeline/spray spells one of them out."""
+    import ast
+
+    spelled = [f"{path.name}: {node.value}" for path in sorted((ROOT / "pipeline" / "spray").glob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Constant) and node.value in SPRAY_FILES]
+    assert not spelled, spelled
+
+
 def test_spray_replaces_its_outputs_as_a_set(small_run, tmp_path, capsys, monkeypatch, local_ray):
     """Issue 19.7 and 19.15: `--out DIR` prints DIR; a second spray with other options leaves none of the first's
     files; a spray that fails while writing (a full disk) is one line, exit 2, and leaves the previous set whole; a
@@ -331,7 +344,7 @@ def test_spray_replaces_its_outputs_as_a_set(small_run, tmp_path, capsys, monkey
     common = ["spray", str(small_run), "--out", str(out), "--grid", "8", "--no-embedding", "--no-progress"]
     assert cli_main([*common, "--no-virelay-images"]) == 0
     assert f"-> {out}\n" in capsys.readouterr().out
-    assert {"project.yaml", "attribution.h5", "dataset.h5", "analysis.h5"} <= set(_files(out))
+    assert set(_files(out)) == set(SPRAY_FILES)  # RunLayout's list is every file SpRAy writes, and only those
     assert cli_main([*common, "--no-virelay", "--classes", "1"]) == 0
     capsys.readouterr()
     second = _files(out)

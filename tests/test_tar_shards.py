@@ -269,6 +269,7 @@ def test_virelay_dataset_crops_tar_members_from_the_member_column(tmp_path):
     import h5py
     import pandas as pd
 
+    from pipeline.run_manifest import Manifest
     from pipeline.spray.inputs import RunIndex
     from pipeline.spray.virelay import write_dataset
 
@@ -276,7 +277,7 @@ def test_virelay_dataset_crops_tar_members_from_the_member_column(tmp_path):
         _add(archive, "a.jpg", _jpeg(200))
     (record,) = load_records(tmp_path / "s.tar")
     table = pd.DataFrame({"path": [record.path], "member": [record.member.name], "label": [3]})
-    index = RunIndex(tmp_path, {"config": {"size": 32}}, table, ["c"] * 10, ["w"] * 10, size=32)
+    index = RunIndex(tmp_path, Manifest(tmp_path / "manifest.json", False), table, ["c"] * 10, ["w"] * 10, size=32)
     assert write_dataset(tmp_path / "dataset.h5", index, threads=1) == 0  # none unreadable
     with h5py.File(tmp_path / "dataset.h5") as handle:
         assert handle["data"][0].mean() > 150

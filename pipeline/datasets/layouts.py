@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..classes import ClassList, imagenet_classes
+from ..class_list import ClassList, imagenet_classes
 from .records import Box, DatasetError, ImageRecord, TarMember
 from .tar_shards import Entry, list_shard
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import PipelineError
+
 Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in original image pixels
 
 
@@ -36,5 +38,5 @@ class ImageRecord:
         return self.member.name if self.member else None
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """A dataset cannot be read as the layout says; the message names the file."""

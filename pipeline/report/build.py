@@ -193,13 +193,13 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
     sections.append(("failures", "Failures", html.section("failures", "Failures", _failures_section(run))))
 
     config = run.config
-    dataset = config.get("dataset") or Path(str(config.get("root") or run.root.name)).name
-    title = " ".join(["LRP audit:", " / ".join(str(config[k]) for k in ("model", "composite") if config.get(k))
+    dataset = config.dataset or Path(config.root or run.root.name).name
+    title = " ".join(["LRP audit:", " / ".join(name for name in (config.model, config.composite) if name)
                       or run.root.name, f"on {dataset}"])
     warnings = [] if run.complete else [
         f"INCOMPLETE RUN: no manifest.json or _SUCCESS in {run.root} (stopped, or still running): this report "
         "counts only the shards finished so far; run the same explain command again to finish it."]
-    if run.manifest.get("random_weights"):
+    if run.manifest.random_weights:
         warnings.append("RANDOM weights: this run's maps say nothing about a trained model.")
     warning = " ".join(warnings) or None
     write_text_atomic(folder / "index.html", html.page(title, warning, sections, f"{IMAGE_FOLDER}/colour-bar.png"))

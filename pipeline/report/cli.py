@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lrp_module.files import OutputError
-
+from ..errors import PipelineError, lower_layer_errors
 from .build import build_report, write_heatmaps
-from .heatmap import COLOUR_MAPS, DEFAULT_COLOUR_MAP, ColourMapError
-from .run_data import ReportError
+from .heatmap import COLOUR_MAPS, DEFAULT_COLOUR_MAP
 
 REPORT_COMMANDS = ("report", "heatmaps")
 
@@ -32,12 +30,13 @@ def add_report_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     try:
-        if args.command == "report":
-            build_report(args.run, args.out, per_class=args.per_class, gallery=args.gallery, cmap=args.cmap)
-        else:
-            written = write_heatmaps(args.run, args.ids.split(","), args.out, cmap=args.cmap)
-            print(f"{len(written)} files -> {written[0].parent}")
-    except (ReportError, ColourMapError, OutputError) as error:
+        with lower_layer_errors():
+            if args.command == "report":
+                build_report(args.run, args.out, per_class=args.per_class, gallery=args.gallery, cmap=args.cmap)
+            else:
+                written = write_heatmaps(args.run, args.ids.split(","), args.out, cmap=args.cmap)
+                print(f"{len(written)} files -> {written[0].parent}")
+    except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

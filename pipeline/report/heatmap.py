@@ -9,6 +9,8 @@ import numpy as np
 from matplotlib.colors import LinearSegmentedColormap
 from PIL import Image
 
+from ..errors import PipelineError
+
 # Anchor colours along the normalised value mapped from [-1, 1] to [0, 1]; 0.5 (relevance zero) is the centre.
 COLOUR_MAPS: dict[str, list[tuple[float, str]]] = {
     # negative: cyan -> blue -> black at zero -> red -> yellow -> white: positive
@@ -22,7 +24,7 @@ LEVELS = 255  # odd: index 127 is exactly zero, and -x and x sit at mirrored ind
 CENTRE = LEVELS // 2
 
 
-class ColourMapError(ValueError):
+class ColourMapError(PipelineError, ValueError):
     """An unknown colour map name."""
 
 

@@ -10,34 +10,32 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..run_reader import map_pieces, open_run_folder, read_json, read_stats
+from ..errors import PipelineError
+from ..run_manifest import Manifest, RecordedConfig, read_manifest
+from ..run_reader import map_pieces, map_size, open_run_folder, read_stats
 
 # Never needed by the report (wide list / repeated string columns); everything else is read.
 UNUSED_COLUMNS = ("top5", "wnid")
 
 
-class ReportError(ValueError):
+class ReportError(PipelineError, ValueError):
     """The run cannot be reported on; the message names the culprit."""
 
 
 @dataclass
 class RunData:
     root: Path
-    manifest: dict
+    manifest: Manifest
+    size: int  # side of the (square) maps and crops: run_reader.map_size
     stats: pd.DataFrame
     failures: pd.DataFrame
     list_columns: list[str] = field(default_factory=list)  # per-image curves (list<float>), if the run has any
     complete: bool = True  # manifest.json and _SUCCESS exist: the run finished
 
     @property
-    def config(self) -> dict:
+    def config(self) -> RecordedConfig:
         """The run's configuration: the manifest's, or (unfinished run) what run.json recorded when it started."""
-        return self.manifest.get("config") or self.manifest.get("identity") or {}
-
-    @property
-    def size(self) -> int:
-        """Side of the (square) maps and crops."""
-        return int(self.config.get("size") or 224)
+        return self.manifest.config
 
     @property
     def has_labels(self) -> bool:
@@ -49,10 +47,7 @@ def open_run(root: str | Path) -> RunData:
     layout = open_run_folder(root, ReportError)
     root = layout.root
     complete = layout.manifest.is_file() and layout.success.is_file()
-    if layout.manifest.is_file():
-        manifest = read_json(layout.manifest, ReportError)
-    else:  # unfinished: only run.json's identity, no totals (they are counted)
-        manifest = {"identity": read_json(layout.run_file, ReportError).get("identity", {})}
+    manifest = read_manifest(layout)  # unfinished: only run.json's identity, no totals (they are counted)
     table = read_stats(layout, ReportError, leave_out=UNUSED_COLUMNS)
     list_columns = [f.name for f in table.schema if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))
                     and not pa.types.is_list(f.type.value_type)]  # curves; not the boxes (lists of boxes)
@@ -61,8 +56,8 @@ def open_run(root: str | Path) -> RunData:
     tables = [pq.read_table(p).to_pandas() for p in failure_files]
     failures = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=["image_id", "path", "reason", "shard"])
-    return RunData(root=root, manifest=manifest, stats=stats, failures=failures, list_columns=list_columns,
-                   complete=complete)
+    return RunData(root=root, manifest=manifest, size=map_size(layout, manifest, ReportError), stats=stats,
+                   failures=failures, list_columns=list_columns, complete=complete)
 
 
 def read_maps(root: Path, rows: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from ..layout import RunLayout
 from ..spray.outputs import CLUSTERS_FILE, SUMMARY_FILE, read_means
 from . import html
 from .heatmap import heatmap_image
@@ -22,7 +23,6 @@ from .plots import _figure, _save
 from .run_data import ReportError, RunData, read_maps
 from .tiles import members, render
 
-SPRAY_FOLDER = "spray"
 CLASSES_SHOWN = 6  # classes with pictures; the table lists every analysed class
 TILES_PER_CLUSTER = 3
 EIGENVALUES_SHOWN = 16
@@ -45,7 +45,7 @@ class Strategies:
 
 def load(run_root: Path) -> Strategies | None:
     """RUN/spray/'s summary and clusters, None when the run has no SpRAy analysis."""
-    folder = run_root / SPRAY_FOLDER
+    folder = RunLayout(run_root).spray
     summary_file, clusters_file = folder / SUMMARY_FILE, folder / CLUSTERS_FILE
     if not (summary_file.is_file() and clusters_file.is_file()):
         return None

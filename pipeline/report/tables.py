@@ -52,22 +52,22 @@ def _has(stats: pd.DataFrame, column: str) -> bool:
 def summary(run: RunData, extra: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """(field, value) rows describing the run: configuration, weights, totals, accuracy, localisation, AOPC."""
     m, stats = run.manifest, run.stats
-    config, weights, totals = run.config, m.get("weights", {}) or {}, m.get("totals", {})
-    weights_text = " ".join(str(weights.get(k)) for k in ("kind", "source") if weights.get(k)) or "–"
-    if weights.get("sha256"):
-        weights_text += f" (sha256 {str(weights['sha256'])[:12]}…)"
+    config, weights, totals = run.config, m.weights, m.totals
+    weights_text = " ".join(value for value in (weights.kind, weights.source) if value) or "–"
+    if weights.sha256:
+        weights_text += f" (sha256 {weights.sha256[:12]}…)"
     rows = [
         ("run", str(run.root)),
-        ("dataset", f"{config.get('dataset', '–')} ({config.get('root', '–')})"),
-        ("model", str(config.get("model", "–"))),
+        ("dataset", f"{_known(config.dataset)} ({_known(config.root)})"),
+        ("model", _known(config.model)),
         ("weights", weights_text + ("  — RANDOM weights: the maps say nothing about a trained model"
-                                    if m.get("random_weights") else "")),
-        ("composite", str(config.get("composite", "–"))),
-        ("top-k", fmt(config.get("top_k"))),
-        ("target", str(config.get("target", "–"))),
-        ("input / map size", f"{run.size} x {run.size} ({config.get('map_dtype', '?')})"),
-        ("images", (f"{fmt(totals['images'])} in the dataset, {fmt(totals.get('explained', len(stats)))} "
-                    f"explained, {fmt(totals.get('failed', len(run.failures)))} failed") if run.complete and totals
+                                    if m.random_weights else "")),
+        ("composite", _known(config.composite)),
+        ("top-k", fmt(config.top_k)),
+        ("target", _known(config.target)),
+        ("input / map size", f"{run.size} x {run.size} ({_known(config.map_dtype, '?')})"),
+        ("images", (f"{fmt(totals.images)} in the dataset, {fmt(totals.explained)} explained, "
+                    f"{fmt(totals.failed)} failed") if run.complete and totals
          else f"{fmt(len(stats))} explained, {fmt(len(run.failures))} failed so far (the run is incomplete)"),
     ]
     accuracy, labelled = _rate(stats["correct"]) if len(stats) else (None, 0)
@@ -80,14 +80,19 @@ def summary(run: RunData, extra: list[tuple[str, str]] = ()) -> list[tuple[str, 
         rows.append(("relevance mass in box", fmt(stats["positive_in_box"].mean())))
     if _has(stats, "conservation"):
         rows.append(("conservation (median)", _conservation(stats)))
-    if m.get("precision"):
-        rows.append(("precision (float64 probe)", precision_text(m["precision"])))
+    if m.precision:
+        rows.append(("precision (float64 probe)", precision_text(m.precision)))
     if _has(stats, "aopc_morf"):
         text = f"MoRF {fmt(stats['aopc_morf'].mean())}"
         if _has(stats, "aopc_random"):
             text += f", random order {fmt(stats['aopc_random'].mean())} (higher MoRF than random: faithful)"
         rows.append(("AOPC (mean)", text))
     return rows + list(extra)
+
+
+def _known(value: object, unknown: str = "–") -> str:
+    """A recorded configuration value for the summary; `unknown` where the run did not record it."""
+    return unknown if value is None else str(value)
 
 
 def _conservation(stats: pd.DataFrame) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lrp_module.files import OutputError
-
+from ..errors import PipelineError, lower_layer_errors
 from .analyse import SprayParams
 from .features import VARIANTS
 from .inputs import BY, SprayRunError
@@ -59,8 +58,9 @@ def run_spray_command(args: argparse.Namespace) -> int:
         options = SprayOptions(by=args.by, variant=args.variant, grid=args.grid, min_images=args.min_images,
                                params=params, classes=_classes(args.classes), virelay=not args.no_virelay,
                                virelay_images=not args.no_virelay_images, out=args.out)
-        summary = spray(args.run, options, progress=not args.no_progress)
-    except (SprayRunError, OutputError) as error:
+        with lower_layer_errors():
+            summary = spray(args.run, options, progress=not args.no_progress)
+    except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     classes = summary["classes"]

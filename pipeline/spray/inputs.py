@@ -9,21 +9,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..run_reader import map_size, open_run_folder, read_json, read_stats, run_config
+from lrp_module.demo_model import NAMES as DEMO_MODELS
+
+from ..classes import model_classes
+from ..errors import PipelineError
+from ..run_manifest import Manifest, read_manifest
+from ..run_reader import map_size, open_run_folder, read_stats
 
 COLUMNS = ("image_id", "path", "wnid", "label", "label_name", "pred", "pred_name", "target", "pred_probability",
            "target_probability", "shard", "row")
 BY = ("pred", "label")
 
 
-class SprayRunError(ValueError):
+class SprayRunError(PipelineError, ValueError):
     """The run cannot be analysed; the message names the culprit."""
 
 
 @dataclass
 class RunIndex:
     root: Path
-    manifest: dict
+    manifest: Manifest
     table: pd.DataFrame  # COLUMNS + `index` (position in dataset order), sorted by it
     class_names: list[str]
     wnids: list[str]
@@ -38,26 +43,22 @@ class RunIndex:
         return column.fillna(-1).astype(np.int64)
 
 
-def _class_table(manifest: dict, table: pd.DataFrame) -> tuple[list[str], list[str]]:
+def _class_table(manifest: Manifest, table: pd.DataFrame) -> tuple[list[str], list[str]]:
     """Exactly the model's classes: their names and ids as the run recorded them (manifest "classes"; for a run
     made before that, rebuilt from its artifact by the same rule). The id is the class's WordNet id where the
     model's classes have them (ImageNet's, a --classes TSV, the demos' own), else `class-<index>`; a class without
     a name is called `class <index>`: nothing is invented from the dataset or from ImageNet."""
-    from lrp_module.demo_model import NAMES as DEMO_MODELS
-
-    from ..classes import ModelClasses, model_classes
-
-    if manifest.get("classes"):
-        classes = ModelClasses.from_record(manifest["classes"])
-    else:
-        artifact = manifest.get("artifact") or {}
+    classes = manifest.classes
+    if classes is None:
+        artifact = manifest.artifact
         seen = max(int(table["pred"].max()) if len(table) else -1,
                    int(table["label"].max()) if table["label"].notna().any() else -1) + 1
-        count = int((artifact.get("outputs") or {}).get("logits", [None, seen])[1])
-        model = str(manifest.get("config", {}).get("model", ""))
-        kind = (artifact.get("weights") or {}).get("kind")
-        classes = model_classes(count, model, artifact.get("class_names"), None,
-                                model not in DEMO_MODELS and kind in (None, "random", "file"))
+        count = artifact.class_count if artifact and artifact.class_count else seen
+        model = manifest.config.model or ""
+        kind = artifact.weights.kind if artifact else None
+        names = list(artifact.class_names) if artifact and artifact.class_names else None
+        imagenet_head = model not in DEMO_MODELS and kind in (None, "random", "file")
+        classes = model_classes(count, model, names, None, imagenet_head)
     names = list(classes.names) if classes.names else [f"class {i}" for i in range(classes.count)]
     wnids = list(classes.wnids) if classes.wnids else [f"class-{i}" for i in range(classes.count)]
     return names, wnids
@@ -66,13 +67,13 @@ def _class_table(manifest: dict, table: pd.DataFrame) -> tuple[list[str], list[s
 def open_run_index(root: str | Path) -> RunIndex:
     """Read the run's statistics (the columns above) and manifest; SprayRunError when it is not a run."""
     layout = open_run_folder(root, SprayRunError)
-    manifest = read_json(layout.manifest, SprayRunError)
+    manifest = read_manifest(layout)
     table = read_stats(layout, SprayRunError, COLUMNS, optional=("member",)).to_pandas()
     if table.empty:
         raise SprayRunError(f"{root}: the run explained no image")
     table = table.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)
     table["index"] = np.arange(len(table), dtype=np.int64)  # = the row of relevance.h5 (shards in order, rows in order)
     names, wnids = _class_table(manifest, table)
-    size = map_size(layout, run_config(layout, manifest, SprayRunError), SprayRunError)
+    size = map_size(layout, manifest, SprayRunError)
     complete = layout.manifest.is_file() and layout.success.is_file()
     return RunIndex(layout.root, manifest, table, names, wnids, size, complete)

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 from lrp_module.files import atomic
 
 from ..h5_writing import h5_atomic
+from ..layout import SPRAY_CLUSTERS as CLUSTERS_FILE
+from ..layout import SPRAY_MEANS as MEANS_FILE
+from ..layout import SPRAY_SUMMARY as SUMMARY_FILE
 from .inputs import RunIndex
 
-CLUSTERS_FILE = "clusters.parquet"
-SUMMARY_FILE = "summary.json"
-MEANS_FILE = "cluster_means.h5"
 # A class is a Clever-Hans candidate when, under its chosen k, one cluster is small and tight: at most this share of
 # the class's images, with members whose neighbours are much closer than the class's typical neighbour distance.
 CANDIDATE_MAX_SHARE = 0.5

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..layout import SPRAY_FILE, TEMPORARY
+from ..layout import SPRAY_FILE, TEMPORARY, RunLayout
 from ..output_set import check_replaceable, replaced_as_set
 from ..ray_session import start_ray
 from . import outputs
@@ -20,6 +20,7 @@ from .analyse import ClassAnalysis, SprayParams, analyse_class
 from .features import VARIANTS, cluster_mean_maps, read_class_features
 from .graph import REDUCED_DIMS
 from .inputs import BY, RunIndex, SprayRunError, open_run_index
+from .virelay import PROJECT_FILE, write_project
 
 TASK_CPUS = 0.5  # Ray's accounting: fractional, so that class tasks never starve other Ray work on small machines
 
@@ -178,15 +179,13 @@ def spray(run_dir: str | Path, options: SprayOptions = SprayOptions(), progress:
         raise SprayRunError(f"{index.root}: no class has {options.min_images} or more images to analyse "
                             f"(by {options.by}; --min-images lowers the bar)")
     options.check_against(index, jobs)
-    out = Path(options.out) if options.out else index.root / "spray"
+    out = Path(options.out) if options.out else RunLayout(index.root).spray
     check_replaceable(out, own_files, "SpRAy")  # before any work; checked again when swapped in
     results = _run_tasks(index.root, jobs, options, progress)
     results = {cls: results[cls] for cls in sorted(results)}
     with replaced_as_set(out, own_files, "SpRAy") as folder:  # the whole set, or the previous one left whole
         summary = outputs.write_all(folder, index, results, skipped, options, time.time() - started, out)
         if options.virelay:
-            from .virelay import PROJECT_FILE, write_project
-
             summary["virelay"] = write_project(folder, index, results, options)
             summary["virelay"]["open_with"] = f"virelay {out / PROJECT_FILE}"
             outputs.write_summary(folder, summary)

@@ -33,13 +33,12 @@ import yaml
 from lrp_module.files import atomic
 
 from ..h5_writing import h5_atomic
+from ..layout import SPRAY_ANALYSIS as ANALYSIS_FILE
+from ..layout import SPRAY_ATTRIBUTION as ATTRIBUTION_FILE
+from ..layout import SPRAY_DATASET as DATASET_FILE
+from ..layout import SPRAY_LABEL_MAP as LABEL_MAP_FILE
+from ..layout import SPRAY_PROJECT as PROJECT_FILE
 from .inputs import RunIndex
-
-PROJECT_FILE = "project.yaml"
-LABEL_MAP_FILE = "label-map.json"
-ATTRIBUTION_FILE = "attribution.h5"
-DATASET_FILE = "dataset.h5"
-ANALYSIS_FILE = "analysis.h5"
 
 
 def labels_array(table: pd.DataFrame, classes: int) -> np.ndarray:
@@ -161,20 +160,19 @@ def write_analysis(path: Path, index: RunIndex, results: dict, variant: str) -> 
 
 
 def write_project_file(path: Path, index: RunIndex, variant: str) -> None:
-    config = index.manifest.get("config", {})
-    target = str(config.get("target", "predicted"))
+    config = index.manifest.config
     project = {
         "name": f"{index.root.name} (SpRAy {variant})",
-        "model": str(config.get("model", "unknown")),
+        "model": config.model or "unknown",
         "label_map": LABEL_MAP_FILE,
         "attributions": {
-            "attribution_method": f"LRP {config.get('composite', '?')}",
-            "attribution_strategy": "true_label" if target == "label" else "predicted_label",
+            "attribution_method": f"LRP {config.composite or '?'}",
+            "attribution_strategy": "true_label" if config.target == "label" else "predicted_label",
             "sources": [ATTRIBUTION_FILE],
         },
         # no "-" in the method's name: the server maps it to "_"
         "analyses": [{"analysis_method": f"spray_{variant}", "sources": [ANALYSIS_FILE]}],
-        "dataset": {"name": str(config.get("dataset", index.root.name)), "type": "hdf5", "path": DATASET_FILE,
+        "dataset": {"name": config.dataset or index.root.name, "type": "hdf5", "path": DATASET_FILE,
                     "input_width": index.size, "input_height": index.size,
                     "up_sampling_method": "none", "down_sampling_method": "none"},
     }
