@@ -35,7 +35,6 @@ from .reading import expect
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns, stats_rows
 from .writers import compress_map, write_parquet, write_relevance
 
-
 NO_LABEL = "no label: --target label explains each image's labelled class, and this image has none"
 
 
