@@ -62,7 +62,7 @@ endif
 endif
 endif
 
-.PHONY: venv test lint test-precision bench bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay
 
 venv: $(STAMP)
@@ -103,6 +103,11 @@ test-precision: $(STAMP)
 	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
 bench: bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
+
+# A new user's first run timed by phase: set-up (a fresh temporary venv + the pinned install), then `make explain`'s
+# command with a fresh artifact cache (artifact build, Ray start, explain, probe, finish); BENCH_ARGS=--skip-setup
+bench-first-run: $(STAMP)
+	$(call job,bench.first_run,BENCH_ARGS)
 
 bench-lrp: $(STAMP)
 	$(call job,bench.lrp_speed,BENCH_ARGS)

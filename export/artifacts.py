@@ -205,12 +205,15 @@ def export_artifacts(config: ExportConfig, out_dir: str | os.PathLike, verify: b
 
 
 def reference_batch(lrp: LRPModel, source: nn.Module, config: ExportConfig) -> Reference:
-    """The verification batch (another size than the export's) with its float64 and eager float32 outputs."""
+    """The verification batch (another size than the export's) with its float64 and eager float32 outputs. The
+    float64 pass goes one image at a time, and its oracle is dropped before eager float32 runs: the check holds the
+    float64 weights and one image's float64 activations at once, not a batch's (issue 20.4)."""
     x, target = example_inputs(config, batch=config.example_batch + 1, seed=1)
-    outputs = {}
-    for kind, (logits, relevance) in (("float64", Float64Oracle.like(source, lrp).explain(x, target)),
-                                      ("eager", lrp.explain(x, target))):
-        outputs[kind] = {"logits": logits, "relevance": relevance.sum(1) if config.channel_sum else relevance}
+    float64 = Float64Oracle.like(source, lrp).explain_each(x, target, channel_sum=config.channel_sum)
+    eager_logits, eager_relevance = lrp.explain(x, target)
+    eager = (eager_logits, eager_relevance.sum(1) if config.channel_sum else eager_relevance)
+    outputs = {kind: {"logits": logits, "relevance": relevance}
+               for kind, (logits, relevance) in (("float64", float64), ("eager", eager))}
     return Reference(x, target, outputs["float64"], outputs["eager"])
 
 

@@ -22,14 +22,28 @@ class Flipping:
     patch: int
 
 
+# How many images the precision probe recomputes in float64: one per this many images of the run, at least one,
+# at most PROBE_MAX_IMAGES. One float64 image costs about four float32 ones on a CPU (eager, no oneDNN), plus a few
+# seconds to build the float64 model, so a fixed 8 doubled a small run; a wrong float32 path shows on any image.
+IMAGES_PER_PROBE_IMAGE = 200
+PROBE_MAX_IMAGES = 8
+
+
+def probe_images(run_images: int) -> int:
+    """The images the probe recomputes for a run of `run_images`: bounded whatever the run's size."""
+    return max(1, min(PROBE_MAX_IMAGES, run_images // IMAGES_PER_PROBE_IMAGE))
+
+
 @dataclass(frozen=True)
 class ProbeModel:
-    """What the precision probe rebuilds eagerly in float64 (the actor of shard 0 runs it on its first batch)."""
+    """What the precision probe rebuilds eagerly in float64 (the actor of shard 0 runs it on the first `images`
+    images of its first batch, one at a time), and how many images it recomputes (`probe_images`)."""
 
     model: str
     weights: str
     composite: str
     top_k: float
+    images: int = 1
 
 
 @dataclass(frozen=True)
@@ -78,3 +92,4 @@ class ShardResult:
     worker: Mapping[str, Any] | None = None  # node, host and process that explained it (None: written by the driver)
     write_error: str | None = None
     stopped_at: Mapping[str, Any] | None = None
+    probe_seconds: float | None = None  # the precision probe's own time (shard 0 only), part of `seconds`

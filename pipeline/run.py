@@ -20,7 +20,7 @@ from . import run_folder
 from .artifact_cache import cached_artifact, cached_classifier, resolve_weights
 from .classes import ClassesError, ModelClasses, check_classes, model_classes
 from .config import RunConfig
-from .contracts import Flipping, ProbeModel, WorkerSettings
+from .contracts import Flipping, ProbeModel, WorkerSettings, probe_images
 from .datasets import DatasetFiles, load_dataset
 from .errors import RunError, StrictStop
 from .layout import RunLayout
@@ -68,7 +68,9 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
     weights = resolve_weights(config)
     if weights.warning:
         print(f"\n{'!' * 100}\n{weights.warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
+    building = time.time()
     artifact, sidecar = cached_artifact(config, weights.choice)  # missing weights fail here, before the run dir
+    artifact_seconds = time.time() - building
     metadata = sidecar.metadata
     classes = _classes(config, metadata.class_count, metadata.class_names, metadata.weights.kind)  # its logits
     _check_target(config, classes.count)
@@ -82,10 +84,14 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
         attributes={"config": asdict(config),
                     "lrp": {k: v for k, v in metadata.record.items() if k in ("composite", "top_k", "weights")}},
         start=metadata.start,
-        # the precision probe: the actor explaining shard 0 recomputes its first batch in float64
-        probe=ProbeModel(config.model, weights.choice, config.composite, config.top_k),
+        # the precision probe: the actor explaining shard 0 recomputes the first images of its first batch in
+        # float64, as many as contracts.probe_images allows for the run's size
+        probe=ProbeModel(config.model, weights.choice, config.composite, config.top_k, probe_images(len(records))),
         flipping=Flipping(str(classifier.resolve()), config.flip_steps, config.flip_patch) if classifier else None)
+    before_ray = time.time() - started
     work = run_shards(config, artifact, settings, shards, todo, progress) if todo else InvocationWork()
+    if work.phases:  # the manifest's timings: seconds per phase (bench/first_run.py)
+        work.phases.update(before_ray_s=before_ray, artifact_s=artifact_seconds)
     return finish(RunPlan(config, layout, shards, weights, metadata, dataset.manifest(), started, classes.record()),
                   work)
 

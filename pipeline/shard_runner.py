@@ -43,13 +43,16 @@ class InvocationWork:
     actor_peak_rss_mb: float = 0.0
     retries: dict[str, Any] = field(default_factory=lambda: {"total": 0})
     workers: dict[int, Any] = field(default_factory=dict)  # shard -> the node / host / process that explained it
+    # seconds per phase of this invocation (bench/first_run.py reads them): before_ray_s (checks, dataset, artifact),
+    # artifact_s (its build or cache load), ray_start_s, explain_s (the shards), probe_s (shard 0's precision probe)
+    phases: dict[str, float] = field(default_factory=dict)
 
     def timings(self) -> dict[str, Any]:
         if not self.images:  # every shard was done already
             return {}
         return {"images_this_invocation": self.images, "explain_seconds": self.seconds,
                 "images_per_second": self.images / self.seconds if self.seconds else None,
-                "actor_peak_rss_mb": self.actor_peak_rss_mb}
+                "actor_peak_rss_mb": self.actor_peak_rss_mb, **({"phases": self.phases} if self.phases else {})}
 
 
 def check_device(config: RunConfig) -> None:
@@ -92,6 +95,7 @@ class Progress:
         self.bar, self.strict = bar, strict
         self.failed = self.retries = 0
         self.peak_rss_mb = 0.0
+        self.probe_seconds: float | None = None
         self.workers: dict[int, Any] = {}
 
     def result(self, result: ShardResult) -> None:
@@ -99,6 +103,8 @@ class Progress:
         self.failed += result.failed
         self.peak_rss_mb = max(self.peak_rss_mb, result.peak_rss_mb)
         self.workers[result.shard] = result.worker
+        if result.probe_seconds is not None:
+            self.probe_seconds = result.probe_seconds
         self.bar.update(result.explained + result.failed)
         self.bar.set_postfix(failed=self.failed, retries=self.retries)
 
@@ -111,7 +117,9 @@ def run_shards(config: RunConfig, artifact: Path, settings: WorkerSettings, shar
                todo: list[int], progress: bool) -> InvocationWork:
     """Explain the shards in `todo` on Ray actors; raises RunError when the run cannot go on."""
     out = Path(config.out)
+    starting = time.time()
     ray, started_ray = start_ray()
+    ray_start_seconds = time.time() - starting
     try:
         plan = plan_actors(ray, config)
         settings = dataclasses.replace(settings, device=plan.device, threads=plan.threads)
@@ -139,9 +147,13 @@ def run_shards(config: RunConfig, artifact: Path, settings: WorkerSettings, shar
             except SchedulingError as error:
                 raise RunError(str(error)) from None
         RunLayout(out).sweep_temporary()  # files dead actors had begun
-        return InvocationWork(images=images, seconds=time.time() - begun, actor_peak_rss_mb=tracker.peak_rss_mb,
+        seconds = time.time() - begun
+        phases = {"ray_start_s": ray_start_seconds, "explain_s": seconds}
+        if tracker.probe_seconds is not None:
+            phases["probe_s"] = tracker.probe_seconds
+        return InvocationWork(images=images, seconds=seconds, actor_peak_rss_mb=tracker.peak_rss_mb,
                               retries={"total": tracker.retries, **counts, "timeout_s": timeout},
-                              workers=tracker.workers)
+                              workers=tracker.workers, phases=phases)
     finally:
         if started_ray:
             ray.shutdown()

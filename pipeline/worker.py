@@ -24,7 +24,7 @@ from lrp_module.oracle import Float64Oracle, probe_record
 from lrp_module.zoo import build_model
 
 from . import stats as statistics
-from .contracts import ShardResult, WorkerSettings
+from .contracts import ProbeModel, ShardResult, WorkerSettings
 from .datasets.records import ImageRecord
 from .faithfulness import flip_statistics
 from .faults import inject_fault
@@ -34,9 +34,6 @@ from .preprocess import DecodeError, Preprocessing, load
 from .reading import expect
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns, stats_rows
 from .writers import compress_map, write_parquet, write_relevance
-
-PROBE_IMAGES = 8  # the precision probe: shard 0's first batch, at most this many images, recomputed in float64
-
 
 NO_LABEL = "no label: --target label explains each image's labelled class, and this image has none"
 
@@ -115,7 +112,7 @@ class ShardExplainer:
         batch = self.settings.batch_size
         pending: list = []
         probe = index == 0 and self.settings.probe is not None  # the run's precision probe: shard 0's first batch
-        precision = None
+        precision, probe_seconds = None, None
         try:
             for record in records:
                 item = next(decoded)
@@ -140,7 +137,9 @@ class ShardExplainer:
                                                                       self.settings.compression))
                             rows.append(row)
                         if probe and precision is None:
+                            probe_started = time.perf_counter()
                             precision = self._probe(*outputs)
+                            probe_seconds = time.perf_counter() - probe_started
                         if strict and failures:
                             return self._stopped(index, failures[0], started)
                     except Exception as error:  # an image that breaks the model: record it, go on
@@ -162,7 +161,7 @@ class ShardExplainer:
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
             return _result(index, started, explained=0, failed=0, write_error=str(error))
         return _result(index, started, explained=len(rows), failed=len(failures),
-                       reasons=tuple(f["reason"] for f in failures))
+                       reasons=tuple(f["reason"] for f in failures), probe_seconds=probe_seconds)
 
     def _stopped(self, index: int, failure: dict, started: float) -> ShardResult:
         """--strict: the shard's result at its first failure; nothing of the shard is written."""
@@ -211,17 +210,17 @@ class ShardExplainer:
         return list(relevance.numpy()), rows, (x, target, relevance)
 
     def _probe(self, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor) -> dict:
-        """The first images recomputed in float64 on the CPU with eager LRPModel, built from the same model,
-        weights, composite and top-k: how far this device's float32 maps are from float64 (lrp_module.oracle)."""
+        """The first `probe.images` images of this batch recomputed in float64 on the CPU with eager LRPModel, built
+        from the same model, weights, composite and top-k: how far this device's float32 maps are from float64
+        (lrp_module.oracle). A bounded number of images (contracts.probe_images), one at a time: a float32 path
+        that is wrong shows on any real image, and the cost stays a few float32 images' worth of time and one
+        image's float64 activations above the float64 weights, whatever the run's size (issue 20.4)."""
         spec = self.settings.probe
-        n = min(PROBE_IMAGES, x.shape[0])
+        n = min(spec.images, x.shape[0])
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # random weights warn; the driver has said so loudly already
-                model, _ = build_model(spec.model, spec.weights)
-            oracle = Float64Oracle(model, spec.composite, top_k=spec.top_k, copy_model=False)
-            _, reference = oracle.explain(x[:n], target[:n])
-            return probe_record(relevance[:n], reference.sum(1), x.device)
+            oracle = _probe_oracle(spec)
+            _, reference = oracle.explain_each(x[:n], target[:n], channel_sum=True)
+            return probe_record(relevance[:n], reference, x.device)
         except Exception as error:  # the probe must not cost the shard; say why it is missing
             return {"reference": "float64-cpu", "images": 0, "error": f"{type(error).__name__}: {error}"}
 
@@ -232,6 +231,15 @@ class ShardExplainer:
         if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
             return torch.full((len(records),), int(mode))
         return torch.full((len(records),), -1)
+
+
+def _probe_oracle(spec: ProbeModel) -> Float64Oracle:
+    """The probe's float64 oracle, built from a fresh copy of the run's model that is converted in place and then
+    dropped (the oracle holds its own weights), so the float64 weights are held once while the probe runs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights warn; the driver has said so loudly already
+        model, _ = build_model(spec.model, spec.weights)
+    return Float64Oracle(model, spec.composite, top_k=spec.top_k, copy_model=False)
 
 
 def _empty_map_reason(row: dict) -> str | None:

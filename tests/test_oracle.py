@@ -124,3 +124,22 @@ def test_measures():
     assert oracle.correlation(constant, constant)[0] == 1.0 and oracle.correlation(reference[:1], constant)[0] == 0.0
     assert oracle.relative_error(torch.zeros(1, 3), torch.zeros(1, 3))[0] == 0.0
     assert oracle.bound(1e-6) == oracle.FLOOR and oracle.bound(1e-2) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("top_k", [0.0, 0.1])
+def test_explain_each_is_the_batch_one_image_at_a_time(setting, monkeypatch, top_k):
+    """The probe's and the export check's float64 pass (issue 20.4): one image per LRPModel call, so its memory is
+    one image's whatever the batch, with each image's result that of the batch (per-image targets kept)."""
+    model, x = setting
+    reference = oracle.Float64Oracle(model, "epsilon_gamma_box", top_k=top_k)
+    target = torch.tensor([-1, 3, 7])
+    logits, relevance = reference.explain(x, target)
+    batches = []
+    explain = reference.lrp.explain
+    monkeypatch.setattr(reference.lrp, "explain", lambda x, target: batches.append(x.shape[0]) or explain(x, target))
+    each_logits, each_relevance = reference.explain_each(x, target)
+    assert batches == [1, 1, 1]
+    torch.testing.assert_close(each_logits, logits, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(each_relevance, relevance, rtol=1e-9, atol=1e-12)
+    _, summed = reference.explain_each(x, target, channel_sum=True)
+    torch.testing.assert_close(summed, relevance.sum(1), rtol=1e-9, atol=1e-12)

@@ -20,6 +20,7 @@ from lrp_module.zoo import build_vgg
 from pipeline import stats
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
+from pipeline.contracts import IMAGES_PER_PROBE_IMAGE, PROBE_MAX_IMAGES, probe_images
 from pipeline.datasets import load_records
 from pipeline.preprocess import load
 from pipeline.run import RunError, explain
@@ -90,22 +91,35 @@ def test_end_to_end(dataset, tmp_path, local_ray):
     # conservation: the map's sum over the start relevance (the target logit), and the share absorbed
     np.testing.assert_allclose(table.conservation, table.relevance_sum / table.target_logit, rtol=1e-5)
     np.testing.assert_allclose(table.absorbed, 1 - table.conservation, rtol=1e-5, atol=1e-6)
-    # the precision probe: shard 0's first batch (batch_size 2) recomputed in float64 on the CPU
+    # the precision probe: shard 0's first image(s) (probe_images: one for a run this small) recomputed in float64
     probe = manifest["precision"]
     assert set(probe) == {"reference", "images", "device", "dtype", "tf32", "cudnn_benchmark", "cudnn_deterministic",
                           "onednn", "max_relative_error", "correlation"}
-    assert probe["reference"] == "float64-cpu" and probe["images"] == 2 and probe["device"].startswith("cpu")
+    probed = probe_images(7)
+    assert probe["reference"] == "float64-cpu" and probe["images"] == probed and probe["device"].startswith("cpu")
     assert probe["dtype"] == "float32" and probe["tf32"] is False and probe["cudnn_benchmark"] is None
-    first = compare(maps[:2], reference[:2])  # shard 0's first batch are the first two images in dataset order
+    first = compare(maps[:probed], reference[:probed])  # shard 0's first images are the first in dataset order
     assert probe["max_relative_error"]["max"] == pytest.approx(first.worst, rel=1e-3, abs=1e-9)
     assert probe["correlation"]["min"] == pytest.approx(float(first.correlation.min()), abs=1e-9)
     assert probe == json.loads((out / "precision.json").read_text()) and manifest["config"]["precision"] == "fp32"
+    phases = manifest["timings"]["phases"]  # seconds per phase, for bench/first_run.py; the probe inside explain
+    assert set(phases) == {"before_ray_s", "artifact_s", "ray_start_s", "explain_s", "probe_s"}
+    assert 0 < phases["artifact_s"] < phases["before_ray_s"] and 0 < phases["probe_s"] < phases["explain_s"]
     assert table.pred.tolist() == logits.argmax(1)[order].tolist()
     assert table.label.tolist() == [0, 0, 281, 281, 967, 967] and table.wnid[2] == "n02123045"
     assert table.label_name[2] == "tabby" and table.correct.notna().all()
     assert table.shard.str.startswith("relevance/shard-").all()
     duckdb = pytest.importorskip("duckdb")
     assert duckdb.sql(f"select count(*) from '{out}/stats/*.parquet'").fetchall()[0][0] == 6
+
+
+def test_probe_images_are_bounded_whatever_the_run_size():
+    """The probe's float64 work (issue 20.4): one image for a small run, more for a large one, never more than
+    PROBE_MAX_IMAGES however large; so its share of a run's time shrinks as the run grows."""
+    counts = [probe_images(n) for n in (1, 9, IMAGES_PER_PROBE_IMAGE - 1, 2 * IMAGES_PER_PROBE_IMAGE, 50_000,
+                                        10**9)]
+    assert counts[:3] == [1, 1, 1] and counts[3] == 2 and counts == sorted(counts)
+    assert counts[-1] == PROBE_MAX_IMAGES and counts[-2] <= PROBE_MAX_IMAGES
 
 
 def test_resume_redoes_only_missing_shards(dataset, tmp_path, local_ray):
