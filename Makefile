@@ -63,7 +63,7 @@ endif
 endif
 
 .PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
-	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay
+	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
 
 venv: $(STAMP)
 
@@ -91,7 +91,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # The precision-sensitive tests (marked `precision`) again under oneDNN's other kernel paths, which any x86 CPU
-# offers, and with oneDNN off: CI on one CPU then proves they pass on others (README, Correctness).
+# offers, and with oneDNN off: CI on one CPU then proves they pass on others (docs/correctness.md).
 PRECISION_PATHS := ONEDNN_MAX_CPU_ISA=AVX2 ONEDNN_MAX_CPU_ISA=SSE41 LRP_MKLDNN=0
 
 test-precision: $(STAMP)
@@ -201,6 +201,10 @@ $(SHAPES_HANS_DIR)/hans.csv: demo/shapes.py demo/shapes_hans.py | $(STAMP)
 
 train-demo-hans: $(STAMP)
 	$(PY) -m demo.train --model vgg-shapes-hans
+
+# docs/outputs.md is generated from pipeline/layout.py and pipeline/schema.py; tests/test_docs.py fails when it is stale
+docs: $(STAMP)
+	$(PY) -m pipeline.outputs_doc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

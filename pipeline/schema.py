@@ -39,7 +39,7 @@ STATS_COLUMNS = (
     Column("member", pa.string(), "the image's member name in the tar shard `path` (null: `path` is the image)",
            "record"),
     Column("wnid", pa.string(), "WordNet id of the label", "record"),
-    Column("label", pa.int64(), "ILSVRC class index of the label (torchvision's)", "record"),
+    Column("label", pa.int64(), "class index of the label in the model's classes (ILSVRC's for ImageNet)", "record"),
     Column("label_name", pa.string(), "class name of the label", "record"),
     Column("pred", pa.int64(), "predicted class index", "prediction", False),
     Column("pred_name", pa.string(), "predicted class name", "record"),  # looked up in the dataset's class names

@@ -1,0 +1,168 @@
+"""Writes docs/outputs.md from the code that defines a run folder: the files from `RunLayout` (which of them
+`--overwrite` deletes is asked of `RunLayout.own_files` itself) and the columns from `STATS_SCHEMA` /
+`FAILURE_SCHEMA` (names, types, docs), so the page cannot drift; `tests/test_docs.py` fails when it is stale.
+
+Run `python -m pipeline.outputs_doc` (or `make docs`) after changing either."""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+from .layout import REPORT_OWN_FILES, RunLayout, shard_name
+from .schema import FAILURE_SCHEMA, STATS_SCHEMA
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "outputs.md"
+COMMAND = "python -m pipeline.outputs_doc"
+
+# What each file of a run folder holds, by its name in the folder (`{shard}` stands for shard-00042). Every name is
+# checked against RunLayout when the page is written: a name the layout does not know stops the generator.
+FILES: dict[str, str] = {
+    "run.json": "the configuration's identity, written when the run starts: what marks a folder as a run folder",
+    "relevance/{shard}.h5": "`relevance` (N, H, W) maps, float16 by default (`map_dtype: float32` on request; "
+                            "float16 keeps ~3 significant digits and flushes values below 6e-5, which matters for "
+                            "random weights' tiny maps), one image per chunk, gzip + shuffle; beside it `image_id`, "
+                            "`path`, `label` (-1: none), `pred`, `target`; the configuration as attributes",
+    "stats/{shard}.parquet": "one row per explained image, the columns below",
+    "failures/{shard}.parquet": "the shard's images that could not be read or explained, the failure columns below",
+    "relevance.h5": "an HDF5 virtual dataset presenting all shards as one (N, H, W) `relevance` in dataset order: it "
+                    "holds no maps, reads `relevance/shard-*.h5` relative to itself, and a copy without those "
+                    "shards reads as NaN without an error (HDF5's fill value); its attributes `note` and `shards` "
+                    "say so. Copy or move the run folder whole",
+    "failures.parquet": "every image that could not be read or explained, with the reason (all shards' failures)",
+    "precision.json": "the precision probe: the actor of shard 0 recomputes its first batch (at most 8 images) in "
+                      "float64 on the CPU with eager `LRPModel` and records `reference`, `images`, `device`, the "
+                      "numeric settings (`dtype`, `tf32`, `cudnn_benchmark`, `cudnn_deterministic`, `onednn`), "
+                      "`max_relative_error` {`max`, `median`} and `correlation` {`min`, `median`}; also in the "
+                      "manifest's `\"precision\"` ([correctness.md](correctness.md))",
+    "manifest.json": "configuration, versions, weights and their hash, the artifact's metadata, the model's classes, "
+                     "the dataset's layout and files, shards with row counts, sha256 and provenance (node, process, "
+                     "invocation), totals, failure reasons, retries, the precision probe, every invocation's timing",
+    "_SUCCESS": "written last, when every shard is done",
+    "run.lock": "present while a process (`explain`, `report`, `heatmaps`, `spray`) uses the folder "
+                "([reliability.md](reliability.md#one-process-per-run-folder)); `--overwrite` leaves it to its holder",
+    "report/index.html": "the audit report (`make report`, [report.md](report.md))",
+    f"report/{REPORT_OWN_FILES}": "the list of the files the report wrote",
+    "report/img/tile.png": "the report's pictures (`.png`, `.jpg`)",
+    "heatmaps/ID-heatmap.png": "`make heatmaps`: `<id>-heatmap.png`, `<id>-image.png`, `<id>-overlay.png`",
+    "spray/clusters.parquet": "`make spray` ([spray.md](spray.md)): each image's strategy cluster per k, the 2-D "
+                              "picture, an outlier score",
+    "spray/summary.json": "per class: eigengap, k*, cluster sizes, candidates, skipped classes",
+    "spray/cluster_means.h5": "each cluster's mean map (the report's Strategies section)",
+    "spray/project.yaml": "the ViRelAy project (with `label-map.json`, `attribution.h5`, `dataset.h5`, "
+                          "`analysis.h5`)",
+    ".tmp-1234-manifest.json": "a file being written (`.tmp-<pid>-<name>`); renamed when complete, swept by the "
+                               "next run",
+}
+# files RunLayout must count as the run's own although the table names only one of them
+ALSO_OWN = ("heatmaps/ID-image.png", "heatmaps/ID-overlay.png", "report/img/tile.jpg", "spray/label-map.json",
+            "spray/attribution.h5", "spray/dataset.h5", "spray/analysis.h5")
+USER_FILE = "notes.txt"  # what a user keeps in OUT: never the run's
+
+
+def _actual(name: str) -> str:
+    return name.replace("{shard}", shard_name(42))
+
+
+def own_files() -> set[str]:
+    """The documented names that RunLayout counts as the run's own, asked of RunLayout on a scratch folder."""
+    with tempfile.TemporaryDirectory() as scratch:
+        layout = RunLayout(scratch)
+        for name in (*map(_actual, FILES), *ALSO_OWN, USER_FILE):
+            path = Path(scratch) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        own = {layout.relative(path) for path in layout.own_files()}
+    unknown = sorted({*map(_actual, FILES), *ALSO_OWN} - own)
+    if unknown or USER_FILE in own:
+        raise SystemExit(f"docs/outputs.md: RunLayout does not count {', '.join(unknown) or USER_FILE} as the run's "
+                         f"own file; update FILES in pipeline/outputs_doc.py")
+    return own
+
+
+def _type(kind: pa.DataType) -> str:
+    return str(kind).replace("<item: ", "<").replace("list<element: ", "list<")
+
+
+def _columns(schema: pa.Schema) -> list[str]:
+    rows = ["| column | type | null | what it holds |", "|---|---|---|---|"]
+    for field in schema:
+        doc = (field.metadata or {}).get(b"doc", b"").decode()
+        if not doc:
+            raise SystemExit(f"docs/outputs.md: column {field.name} has no doc in pipeline/schema.py")
+        rows.append(f"| `{field.name}` | {_type(field.type)} | {'yes' if field.nullable else 'no'} | "
+                    f"{doc.replace('|', '/')} |")
+    return rows
+
+
+def render() -> str:
+    """The page's text."""
+    own_files()
+    files = ["| file | what it holds |", "|---|---|"]
+    files += [f"| `{_actual(name).replace(shard_name(42), 'shard-NNNNN')}` | {doc} |" for name, doc in FILES.items()]
+    return "\n".join([
+        f"<!-- generated by `{COMMAND}` from pipeline/layout.py and pipeline/schema.py: do not edit -->",
+        "# Outputs: the run folder",
+        "",
+        "Everything `make explain` writes goes into `OUT` (default `runs/<dataset>-<model>-<composite>`). Every file",
+        "is written under a temporary name and renamed when complete; a shard is done when its three files exist.",
+        "Names come from `RunLayout` (`pipeline/layout.py`), columns from `STATS_SCHEMA` (`pipeline/schema.py`),",
+        "where every column is declared once with its type and this description (also stored as each Parquet",
+        "field's `doc` metadata).",
+        "",
+        "## Files",
+        "",
+        *files,
+        "",
+        "`--overwrite` deletes only these files (the lock aside) and removes a folder only when that leaves it empty;",
+        "anything else in OUT stays. Reruns, locks and exit codes: [reliability.md](reliability.md).",
+        "",
+        "## Statistics columns (`stats/shard-NNNNN.parquet`)",
+        "",
+        "Joinable with the maps: `shard` and `row` name the map's file and row. Localisation columns need boxes,",
+        "faithfulness columns `faithfulness: true`; the pixel-flipping method:",
+        "[correctness.md](correctness.md#faithfulness-pixel-flipping); `conservation` and `absorbed`:",
+        "[correctness.md](correctness.md#conservation).",
+        "",
+        *_columns(STATS_SCHEMA),
+        "",
+        "## Failure columns (`failures.parquet`, `failures/shard-NNNNN.parquet`)",
+        "",
+        *_columns(FAILURE_SCHEMA),
+        "",
+        "## Reading a run",
+        "",
+        "```python",
+        "import h5py, pandas as pd, pyarrow.dataset as ds, duckdb",
+        'run = "runs/sample-vgg16-epsilon_gamma_box"',
+        'stats = pd.read_parquet(f"{run}/stats")                                  # pandas',
+        'table = ds.dataset(f"{run}/stats", format="parquet").to_table()          # pyarrow',
+        "duckdb.sql(f\"select pred_name, avg(gini) from '{run}/stats/*.parquet' group by 1\").show()",
+        'with h5py.File(f"{run}/relevance.h5") as f:                              # all maps as one dataset',
+        '    first = f["relevance"][0]',
+        "row = stats.iloc[0]",
+        'with h5py.File(f"{run}/{row.shard}") as f:                               # one map from its shard',
+        '    same = f["relevance"][row.row]',
+        "```",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write docs/outputs.md (`--check`: exit 1 when the committed page differs)."""
+    argv = sys.argv[1:] if argv is None else argv
+    text = render()
+    if "--check" in argv:
+        if not DOC.is_file() or DOC.read_text() != text:
+            print(f"docs/outputs.md is stale: run `{COMMAND}` (or `make docs`)", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
