@@ -19,7 +19,7 @@ import torch
 
 from bench import write_results
 from lrp_module import LRPModel
-from lrp_module.oracle import Float64Oracle, probe_record
+from lrp_module.oracle import Float64Oracle, numeric_settings, probe_record
 from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
 from lrp_module.zoo import build_model
 
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                 relevance = explainer.explain(x.to(args.device))[1].sum(1).cpu()
                 row = {"model": model_name, "composite": composite, "size": size, "inputs": kind,
                        "requested_tf32": tf32, "requested_cudnn_benchmark": benchmark,
-                       **probe_record(relevance, references[kind], args.device),
-                       "cpu_float32": probe_record(cpu.explain(x)[1].sum(1), references[kind], "cpu")}
+                       **probe_record(relevance, references[kind], numeric_settings(args.device)),
+                       "cpu_float32": probe_record(cpu.explain(x)[1].sum(1), references[kind],
+                                                    numeric_settings("cpu"))}
                 rows.append(row)
                 print(f"{model_name:<11s}{composite:<19s}{kind:<7s} tf32={tf32!s:<5s} benchmark={benchmark!s:<5s} "
                       f"device {row['max_relative_error']['max']:.2e} corr {row['correlation']['min']:.6f}   "

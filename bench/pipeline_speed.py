@@ -34,7 +34,7 @@ from bench import write_results
 from bench.tar_reading import print_table, tar_reading
 
 DEFAULT_OUT = Path("bench/results/pipeline_speed.json")
-LRP_FORWARDS = 3  # LRP costs about three forward passes (README, Speed: 3.1x on an H200)
+LRP_FORWARDS = 3  # LRP costs about three forward passes (docs/benchmarks.md: 3.1x on an H200)
 PEAK_TFLOPS = {"H200": {"float32": 67.0, "tf32": 495.0}, "H100": {"float32": 67.0, "tf32": 495.0}}  # dense
 
 

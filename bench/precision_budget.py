@@ -5,7 +5,7 @@ onnxruntime, on random and trained weights, under every oneDNN kernel path of th
 
 Each child runs under one path (default = what this CPU picks, ONEDNN_MAX_CPU_ISA=AVX2, =SSE41, mkldnn off) and
 prints JSON rows; the parent prints the table and, per row, the ratio to eager float32 on the same path, which is
-what `lrp_module.oracle.bound` is derived from (README, Correctness).
+what `lrp_module.oracle.bound` is derived from (docs/correctness.md).
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ from torch import nn
 from lrp_module import LRPModel
 from lrp_module.composites import get_composite
 from lrp_module.files import reason, temporary_name
-from lrp_module.oracle import Float64Oracle, probe_record
-from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_STD
+from lrp_module.oracle import Float64Oracle, numeric_settings, probe_record
+from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_RECIPE, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
 
 from .runner import METADATA_KEY
@@ -52,8 +52,8 @@ class ExportConfig:
     composite: str = "epsilon_gamma_box"
     top_k: float = 0.0
     rescale_top_k: bool = False
-    height: int = 224
-    width: int = 224
+    height: int = IMAGENET_RECIPE.crop  # the weights' crop
+    width: int = IMAGENET_RECIPE.crop
     channel_sum: bool = True
     formats: tuple[str, ...] = ("torchscript", "onnx", "torch.export")
     example_batch: int = 2
@@ -263,7 +263,7 @@ def _write_set(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_dir: 
     reference = reference_batch(lrp, source, config)
     record = {"artifacts": written, "metadata": meta, "config": asdict(config), "verification": None,
               "precision": probe_record(reference.eager["relevance"], reference.float64["relevance"],
-                                        lrp.steps[0].weight.device)}
+                                        numeric_settings(lrp.steps[0].weight.device))}
     if verify:
         record["verification"] = verify_artifacts(reference, out_dir, written)
     (out_dir / SIDECAR).write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")

@@ -30,15 +30,18 @@ class AffineStep(nn.Module):
 
     filtered = True
 
-    def __init__(self, name: str, layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | None, relu: bool):
+    def __init__(self, name: str, layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | None, relu: bool,
+                 share: bool = False):
+        """share: hold `weight` and `bias` themselves, not copies (LRPModel(share_weights=True))."""
         super().__init__()
         self.name, self.relu = name, relu
         try:
             self.op = make_op(layer)
         except ValueError as error:
             raise GraphError(f"layer {name}: {error}") from None
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        held = (lambda t: t.detach()) if share else (lambda t: t.detach().clone())
+        self.register_buffer("weight", held(weight))
+        self.register_buffer("bias", None if bias is None else held(bias))
         self.rule: BoundRule | None = None
 
     def bind(self, rule: Rule, ctx: LayerContext) -> None:
@@ -170,12 +173,13 @@ class CatStep(nn.Module):
 
 
 _STEP_MODULES = {
-    StepKind.AFFINE: lambda spec: AffineStep(spec.name, spec.layer.module, spec.weight, spec.bias, spec.relu),
-    StepKind.POOL: lambda spec: PoolStep(spec.name, spec.layer.module),
-    StepKind.ADD: lambda spec: SumStep(spec.name, spec.layer.module, spec.relu),
-    StepKind.FLATTEN: lambda spec: FlattenStep(spec.name),
-    StepKind.RELU: lambda spec: ReLUStep(spec.name),
-    StepKind.CAT: lambda spec: CatStep(spec.name, spec.layer.module.dim),
+    StepKind.AFFINE: lambda spec, share: AffineStep(spec.name, spec.layer.module, spec.weight, spec.bias, spec.relu,
+                                                    share),
+    StepKind.POOL: lambda spec, _: PoolStep(spec.name, spec.layer.module),
+    StepKind.ADD: lambda spec, _: SumStep(spec.name, spec.layer.module, spec.relu),
+    StepKind.FLATTEN: lambda spec, _: FlattenStep(spec.name),
+    StepKind.RELU: lambda spec, _: ReLUStep(spec.name),
+    StepKind.CAT: lambda spec, _: CatStep(spec.name, spec.layer.module.dim),
 }
 # the steps that take a rule, the kind of rule, and the step module's name for messages
 _RULED = {StepKind.AFFINE: (Rule, "AffineStep"), StepKind.POOL: (PoolRule, "PoolStep"),
@@ -216,13 +220,17 @@ class LRPModel(nn.Module):
         rescale_top_k: bool = False,
         channels_last: bool = False,
         composite_params: dict[str, Any] | None = None,
+        share_weights: bool = False,
     ) -> None:
+        """share_weights: the steps hold `model`'s weight tensors (where no batch norm is folded in) instead of
+        copies, for a caller that owns `model` and drops it (the float64 oracle: one copy of a VGG16's 1.1 GB of
+        float64 weights, not two). By default the LRPModel is a snapshot that later changes to `model` do not touch."""
         super().__init__()
         model = model.eval()
         self.composite = get_composite(composite, **(composite_params or {}))
         layers = capture(model)
         specs, self.output = canonize(layers)
-        steps = [_STEP_MODULES[spec.kind](spec) for spec in specs]
+        steps = [_STEP_MODULES[spec.kind](spec, share_weights) for spec in specs]
         rules = _choose_rules(specs, self.composite, len(layers) - 1)
         for step, rule, ctx in zip(steps, rules, prove(specs, rules, self.output)):
             if rule is not None:

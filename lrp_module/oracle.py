@@ -5,13 +5,13 @@ Why float64: on VGGs with random weights LRP in float32 is ill-conditioned (the 
 rounding about a thousandfold), so two correct float32 implementations differ by up to ~1e-3 of a map's maximum,
 and by how much depends on the kernels the CPU's instruction set selects. Each is close to float64, though. An
 implementation is judged by its distance to float64 on the same inputs against a bound derived from eager
-float32's own distance on the same machine (`bound`; the measurements behind it are in the README, Correctness).
+float32's own distance on the same machine (`bound`; the measurements behind it are in docs/correctness.md).
 """
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from .composites import Composite
 from .model import LRPModel
 
 # error(implementation) <= max(MULTIPLE * error(eager float32 here), FLOOR), errors as max |diff| / max |float64|.
-# Measured (README, Correctness): correct implementations lie within 0.04x to 4.3x of eager float32 on the same
+# Measured (docs/correctness.md): correct implementations lie within 0.04x to 4.3x of eager float32 on the same
 # kernel path, with one outlier (zennit's autograd kernels, 170x on one image, 1.0e-3); the worst correct float32
 # error on any path was 7.2e-3. The floor covers both; the smallest defect tested is 0.53, 53x the floor.
 MULTIPLE = 10.0
@@ -87,7 +87,7 @@ class Float64Oracle:
         reference = copy.deepcopy(model) if copy_model else model
         reference = reference.to(device="cpu", dtype=torch.float64).eval()
         self.lrp = LRPModel(reference, composite, top_k=top_k, rescale_top_k=rescale_top_k,
-                            composite_params=composite_params)
+                            composite_params=composite_params, share_weights=True)  # `reference` is the oracle's
 
     @classmethod
     def like(cls, model: nn.Module, lrp: LRPModel) -> Float64Oracle:
@@ -133,7 +133,8 @@ def numeric_settings(device: str | torch.device) -> dict[str, Any]:
     }
 
 
-def probe_record(relevance: Tensor, reference: Tensor, device: str | torch.device) -> dict[str, Any]:
-    """The precision probe as recorded in manifest.json and lrp.json under "precision"."""
-    return {"reference": "float64-cpu", "images": int(relevance.shape[0]), **numeric_settings(device),
+def probe_record(relevance: Tensor, reference: Tensor, numerics: Mapping[str, Any]) -> dict[str, Any]:
+    """The precision probe as recorded in manifest.json and lrp.json under "precision"; `numerics`: the
+    `numeric_settings` of the device that computed `relevance` (read there: TF32 and cuDNN flags are per process)."""
+    return {"reference": "float64-cpu", "images": int(relevance.shape[0]), **numerics,
             **compare(relevance, reference).summary()}

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,7 +99,30 @@ def _load_demo(name: str) -> tuple[dict, WeightsInfo]:
     return demo_model.load_state(path), WeightsInfo(name, "demo", str(path), digest, demo_model.class_names(name))
 
 
-def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Module, WeightsInfo]:
+# The global RNG is the one torch's initialisers draw from: a seeded build holds it under this lock, so that two
+# threads building random models at once (the driver's artifact build and its precision probe) each get the seed's
+# weights, not an interleaving of both.
+_SEEDED_INIT = threading.Lock()
+
+
+def _seeded(build: Callable[[], nn.Module], name: str, seed: int, warn: bool, stacklevel: int = 3) -> nn.Module:
+    """`build()` with the global RNG seeded with `seed` (its state restored afterwards); warns loudly unless the
+    caller has said so already (warn=False), at `stacklevel`: build_model's caller."""
+    with _SEEDED_INIT:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = build()
+        finally:
+            torch.random.set_rng_state(generator_state)
+    if warn:
+        message = f"{name} uses RANDOM weights (seed {seed}): its explanations say nothing about a trained model"
+        warnings.warn(message, stacklevel=stacklevel)
+        log.warning(message)
+    return model
+
+
+def _build_demo(name: str, weights: str | os.PathLike, seed: int, warn: bool) -> tuple[nn.Module, WeightsInfo]:
     """vgg-shapes with its committed weights ("demo"/"auto"/"DEFAULT"), a state-dict file, or "random"."""
     try:
         classes = demo_model.class_names(name)
@@ -107,13 +132,7 @@ def _build_demo(name: str, weights: str | os.PathLike, seed: int) -> tuple[nn.Mo
         raise WeightsError(f"{name} has no ImageNet weights: use 'demo' (the committed trained weights), "
                            "a state-dict file, or 'random'")
     if str(weights) == "random":
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        model = demo_model.build_recorded(name)
-        torch.random.set_rng_state(generator_state)
-        message = f"{name} uses RANDOM weights (seed {seed}): its explanations say nothing about a trained model"
-        warnings.warn(message, stacklevel=3)
-        log.warning(message)
+        model = _seeded(lambda: demo_model.build_recorded(name), name, seed, warn, stacklevel=4)
         return model.eval(), WeightsInfo(name, "random", f"seed={seed}", categories=classes)
     if str(weights) in DEMO_CHOICES:
         state, info = _load_demo(name)
@@ -225,30 +244,25 @@ def head_classes(name: str, path: Path) -> int | None:
 
 
 def build_model(name: str, weights: str | os.PathLike | None, num_classes: int | None = None,
-                seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+                seed: int = 0, warn: bool = True) -> tuple[nn.Module, WeightsInfo]:
     """A torchvision VGG / ResNet (or vgg-shapes) in eval mode and where its weights came from.
 
     weights: "imagenet" (torchvision's, from the hub cache or downloaded), a path to a state-dict file, or
-    "random" (seeded initialisation; warns loudly). None is an error: weights are always chosen explicitly.
+    "random" (seeded initialisation; warns loudly unless warn=False, for a caller that has said so already). None is
+    an error: weights are always chosen explicitly.
     vgg-shapes (the demo model) takes "demo" / "auto" (its committed trained weights), a file or "random".
     """
     _check_name(name)
     if weights is None:
         raise WeightsError(f"no weights given for {name}: use 'imagenet', a state-dict file, or 'random'")
     if name in demo_model.NAMES:
-        return _build_demo(name, weights, seed)
+        return _build_demo(name, weights, seed, warn)
     builder = getattr(torchvision.models, name)
     if str(weights) in IMAGENET_CHOICES:
         state, info = _load_imagenet(name)
         model = builder(num_classes=1000)
     elif str(weights) == "random":
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        model = builder(num_classes=num_classes or 1000)
-        torch.random.set_rng_state(generator_state)
-        message = f"{name} uses RANDOM weights (seed {seed}): its explanations say nothing about a trained model"
-        warnings.warn(message, stacklevel=2)
-        log.warning(message)
+        model = _seeded(lambda: builder(num_classes=num_classes or 1000), name, seed, warn)
         return model.eval(), WeightsInfo(name, "random", f"seed={seed}")
     else:
         state, info = _load_file(name, Path(weights))

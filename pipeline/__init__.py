@@ -1,1 +1,1 @@
-"""The dataset explanation pipeline: `python -m pipeline explain` (see README)."""
+"""The dataset explanation pipeline: `python -m pipeline explain` (README, docs/)."""

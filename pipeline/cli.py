@@ -34,7 +34,7 @@ OPTIONS = [
     ("classes", str, "the model's class names: a file, one name per line, or index<TAB>wnid<TAB>name lines as "
                      "configs/imagenet_classes.tsv (default: the model's own; none for a state dict whose head "
                      "is not ImageNet's)"),
-    ("size", int, "centre-crop size (default 224)"),
+    ("size", int, "centre-crop size (default: configs/run.yaml's, the weights' 224)"),
     ("batch_size", int, "images per forward pass"),
     ("shard_size", int, "images per shard"),
     ("map_dtype", str, "float16 | float32"),

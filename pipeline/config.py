@@ -15,6 +15,7 @@ import yaml
 from lrp_module.composites import COMPOSITES
 from lrp_module.files import sha256_file
 from lrp_module.topk import validate_top_k
+from lrp_module.weights_recipe import IMAGENET_RECIPE
 from lrp_module.zoo import MODEL_NAMES
 
 from .classes import ClassesError, read_classes_file
@@ -40,7 +41,7 @@ class RunConfig:
     composite: str = "epsilon_gamma_box"
     top_k: float = 0.0
     target: str | int = "predicted"
-    size: int = 224
+    size: int = IMAGENET_RECIPE.crop  # the weights' crop; configs/run.yaml says it too
     batch_size: int = 8
     shard_size: int = 64
     map_dtype: str = "float16"
@@ -85,8 +86,8 @@ KEYS = {f.name for f in fields(RunConfig)}
 # fp32: exact float32 everywhere; tf32: CUDA may round matmul / convolution inputs to TF32 (no effect on a CPU).
 # bf16 is not offered: its probe correlation on vgg-shapes has not been measured on a GPU yet.
 PRECISIONS = ("fp32", "tf32")
-# LRP's memory grows with the crop's pixels: VGG16 needs about 150 MB per image at 224 px (README, Speed: 4,993 MB
-# for a batch of 32 on a GPU), so about 50 GB per image at 4096 px: one image still fits an 80 GB GPU; at 8192
+# LRP's memory grows with the crop's pixels: VGG16 needs about 150 MB per image at 224 px (docs/benchmarks.md, GPU:
+# 4,993 MB for a batch of 32), so about 50 GB per image at 4096 px: one image still fits an 80 GB GPU; at 8192
 # (200 GB) none would. Larger sizes are refused in one line instead of failing deep inside the trace.
 MAX_SIZE = 4096
 # a dataset of small images (the shapes) sets its own crop size and pixel-flipping regions

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .config import RunConfig
 
@@ -22,28 +24,16 @@ class Flipping:
     patch: int
 
 
-# How many images the precision probe recomputes in float64: one per this many images of the run, at least one,
-# at most PROBE_MAX_IMAGES. One float64 image costs about four float32 ones on a CPU (eager, no oneDNN), plus a few
-# seconds to build the float64 model, so a fixed 8 doubled a small run; a wrong float32 path shows on any image.
-IMAGES_PER_PROBE_IMAGE = 200
-PROBE_MAX_IMAGES = 8
-
-
-def probe_images(run_images: int) -> int:
-    """The images the probe recomputes for a run of `run_images`: bounded whatever the run's size."""
-    return max(1, min(PROBE_MAX_IMAGES, run_images // IMAGES_PER_PROBE_IMAGE))
-
-
 @dataclass(frozen=True)
-class ProbeModel:
-    """What the precision probe rebuilds eagerly in float64 (the actor of shard 0 runs it on the first `images`
-    images of its first batch, one at a time), and how many images it recomputes (`probe_images`)."""
+class ProbeImages:
+    """What the actor of shard 0 explained for the precision probe (pipeline/precision_probe.py): shard 0's first
+    explained images, in order."""
 
-    model: str
-    weights: str
-    composite: str
-    top_k: float
-    images: int = 1
+    image_ids: tuple[str, ...]
+    inputs: np.ndarray  # (n, C, H, W) float32: the model's inputs, as the actor preprocessed them
+    targets: tuple[int, ...]  # the classes explained (the prediction where the target is `predicted`)
+    relevance: np.ndarray  # (n, H, W) float32: the channel-summed maps, before any storage rounding
+    numerics: Mapping[str, Any]  # lrp_module.oracle.numeric_settings of the actor's device
 
 
 @dataclass(frozen=True)
@@ -63,7 +53,7 @@ class WorkerSettings:
     class_names: tuple[str, ...] = ()
     attributes: Mapping[str, Any] = field(default_factory=dict)  # written to every relevance shard (HDF5 attrs)
     start: str = "logit"  # what LRP starts from: the target's logit, or a softmax (seed); for `conservation`
-    probe: ProbeModel | None = None
+    probe_images: int = 0  # shard 0's first images returned for the driver's precision probe
     flipping: Flipping | None = None
     device: str = "cpu"  # decided by the driver's actor plan
     threads: int = 1  # torch threads of a CPU actor
@@ -92,4 +82,4 @@ class ShardResult:
     worker: Mapping[str, Any] | None = None  # node, host and process that explained it (None: written by the driver)
     write_error: str | None = None
     stopped_at: Mapping[str, Any] | None = None
-    probe_seconds: float | None = None  # the precision probe's own time (shard 0 only), part of `seconds`
+    probe_images: ProbeImages | None = None  # shard 0 only: what the precision probe compares with float64

@@ -69,7 +69,8 @@ class RunLayout:
 
     @property
     def precision(self) -> Path:
-        """The precision probe (shard 0's first batch against float64), written by the actor of shard 0."""
+        """The precision probe (shard 0's first images against float64), written by the driver
+        (pipeline/precision_probe.py)."""
         return self.root / "precision.json"
 
     @property

@@ -130,10 +130,12 @@ def _summed_retries(invocations: list[Mapping[str, float]]) -> dict:
 
 
 def _precision(layout: RunLayout) -> dict:
-    """The precision probe the actor of shard 0 wrote (it stays with the run when a later invocation resumes)."""
+    """The precision probe's record, written by the driver once the shards were done (it stays with the run when a
+    later invocation resumes)."""
     if layout.precision.is_file():
         return json.loads(layout.precision.read_text())
-    return {"reference": "float64-cpu", "images": 0, "error": "no image of shard 0 was explained"}
+    return {"reference": "float64-cpu", "images": 0,
+            "error": "not recorded: the invocation that explained shard 0 stopped before the probe was written"}
 
 
 def _reason_counts(failures: pa.Table) -> dict[str, int]:

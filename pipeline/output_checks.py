@@ -12,7 +12,7 @@ from .layout import RunLayout
 
 STATS_BYTES_PER_IMAGE = 1024  # a Parquet row and its share of the failures / manifest files, generously
 FIXED_BYTES = 256 * 1024  # run.json, manifest, virtual dataset, failures
-COMPRESSED_SHARE = 0.25  # gzip+shuffle keeps 0.38 of a float16 VGG16 map (README); 0.25 errs on "enough"
+COMPRESSED_SHARE = 0.25  # gzip+shuffle kept 0.38 of a float16 VGG16 map when measured; 0.25 errs on "enough"
 
 
 class OutputCheckError(PipelineError, RuntimeError):

@@ -32,8 +32,9 @@ FILES: dict[str, str] = {
                     "shards reads as NaN without an error (HDF5's fill value); its attributes `note` and `shards` "
                     "say so. Copy or move the run folder whole",
     "failures.parquet": "every image that could not be read or explained, with the reason (all shards' failures)",
-    "precision.json": "the precision probe: the actor of shard 0 recomputes its first batch (at most 8 images) in "
-                      "float64 on the CPU with eager `LRPModel` and records `reference`, `images`, `device`, the "
+    "precision.json": "the precision probe: shard 0's first images (one per 200 images of the run, 1 to 8) as the "
+                      "actor computed them in float32, against float64 on the driver's CPU with eager `LRPModel`, "
+                      "computed beside the run; records `reference`, `images`, `device`, the "
                       "numeric settings (`dtype`, `tf32`, `cudnn_benchmark`, `cudnn_deterministic`, `onednn`), "
                       "`max_relative_error` {`max`, `median`} and `correlation` {`min`, `median`}; also in the "
                       "manifest's `\"precision\"` ([correctness.md](correctness.md))",

@@ -17,15 +17,16 @@ from lrp_module import demo_model
 from lrp_module.zoo import head_classes, weights_file
 
 from . import run_folder
-from .artifact_cache import cached_artifact, cached_classifier, resolve_weights
+from .artifact_cache import ResolvedWeights, cached_artifact, cached_classifier, resolve_weights
 from .classes import ClassesError, ModelClasses, check_classes, model_classes
 from .config import RunConfig
-from .contracts import Flipping, ProbeModel, WorkerSettings, probe_images
-from .datasets import DatasetFiles, load_dataset
+from .contracts import Flipping, WorkerSettings
+from .datasets import Dataset, DatasetFiles, ImageRecord, load_dataset
 from .errors import RunError, StrictStop
 from .layout import RunLayout
 from .manifest import RunPlan, finish
 from .output_checks import check_free_space, check_out_placement, check_writable
+from .precision_probe import PrecisionProbe, ProbeModel, probe_images
 from .run_lock import hold_run
 from .shard_runner import InvocationWork, check_device, run_shards
 
@@ -62,12 +63,25 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
         check_classes(records, expected, config.model, config.root)
     check_writable(layout.root)  # before anything is written, the artifact cache included
     shards = run_folder.shards_of(records, config.shard_size)
+    todo = run_folder.unfinished(layout, shards, replace)
     if check_space:
-        remaining = sum(len(shards[i]) for i in run_folder.unfinished(layout, shards, replace))
-        check_free_space(layout.root, remaining, config.size, config.map_dtype, config.compression)
+        check_free_space(layout.root, sum(len(shards[i]) for i in todo), config.size, config.map_dtype,
+                         config.compression)
     weights = resolve_weights(config)
     if weights.warning:
         print(f"\n{'!' * 100}\n{weights.warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
+    probe = start_probe(config, weights.choice, len(records), shards[0]) if 0 in todo else None
+    try:
+        return _run(config, layout, started, replace, strict, progress, dataset, records, shards, weights, probe)
+    finally:
+        if probe is not None:
+            probe.cancel()
+
+
+def _run(config: RunConfig, layout: RunLayout, started: float, replace: bool, strict: bool, progress: bool,
+         dataset: Dataset, records: list[ImageRecord], shards: list[list[ImageRecord]], weights: ResolvedWeights,
+         probe: PrecisionProbe | None) -> dict:
+    """From the artifact on: build or load it, prepare OUT, explain the shards left, finish."""
     building = time.time()
     artifact, sidecar = cached_artifact(config, weights.choice)  # missing weights fail here, before the run dir
     artifact_seconds = time.time() - building
@@ -84,16 +98,21 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
         attributes={"config": asdict(config),
                     "lrp": {k: v for k, v in metadata.record.items() if k in ("composite", "top_k", "weights")}},
         start=metadata.start,
-        # the precision probe: the actor explaining shard 0 recomputes the first images of its first batch in
-        # float64, as many as contracts.probe_images allows for the run's size
-        probe=ProbeModel(config.model, weights.choice, config.composite, config.top_k, probe_images(len(records))),
+        probe_images=probe.job.spec.images if probe else 0,  # shard 0's first images go back for the probe
         flipping=Flipping(str(classifier.resolve()), config.flip_steps, config.flip_patch) if classifier else None)
     before_ray = time.time() - started
-    work = run_shards(config, artifact, settings, shards, todo, progress) if todo else InvocationWork()
+    work = run_shards(config, artifact, settings, shards, todo, progress, probe) if todo else InvocationWork()
     if work.phases:  # the manifest's timings: seconds per phase (bench/first_run.py)
         work.phases.update(before_ray_s=before_ray, artifact_s=artifact_seconds)
     return finish(RunPlan(config, layout, shards, weights, metadata, dataset.manifest(), started, classes.record()),
                   work)
+
+
+def start_probe(config: RunConfig, weights: str, run_images: int, first_shard: list[ImageRecord]) -> PrecisionProbe:
+    """The precision probe's float64 pass, started now in another process: beside the artifact build, Ray's start
+    and the shards (bench/first_run.py measures the run without it by replacing this function)."""
+    spec = ProbeModel(config.model, weights, config.composite, config.top_k, probe_images(run_images))
+    return PrecisionProbe(spec, first_shard, config.size, config.target, config.max_image_bytes).start()
 
 
 def _known_class_count(config: RunConfig) -> int | None:

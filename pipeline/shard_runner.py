@@ -14,10 +14,11 @@ import torch
 from tqdm import tqdm
 
 from .config import RunConfig
-from .contracts import ShardResult, WorkerSettings
+from .contracts import ProbeImages, ShardResult, WorkerSettings
 from .datasets.records import ImageRecord
 from .errors import RunError, StrictStop
 from .layout import RunLayout
+from .precision_probe import PrecisionProbe
 from .ray_session import start_ray
 from .scheduler import SchedulingError, ShardScheduler
 from .worker import ShardExplainer
@@ -44,15 +45,18 @@ class InvocationWork:
     retries: dict[str, Any] = field(default_factory=lambda: {"total": 0})
     workers: dict[int, Any] = field(default_factory=dict)  # shard -> the node / host / process that explained it
     # seconds per phase of this invocation (bench/first_run.py reads them): before_ray_s (checks, dataset, artifact),
-    # artifact_s (its build or cache load), ray_start_s, explain_s (the shards), probe_s (shard 0's precision probe)
+    # artifact_s (its build or cache load), ray_start_s, explain_s (the shards), probe_s (the precision probe's float64
+    # work, in another process beside the others), probe_wait_s (what the run waited for it after the shards)
     phases: dict[str, float] = field(default_factory=dict)
+    probe_peak_rss_mb: float | None = None  # the precision probe's process (pipeline/precision_probe.py)
 
     def timings(self) -> dict[str, Any]:
         if not self.images:  # every shard was done already
             return {}
         return {"images_this_invocation": self.images, "explain_seconds": self.seconds,
                 "images_per_second": self.images / self.seconds if self.seconds else None,
-                "actor_peak_rss_mb": self.actor_peak_rss_mb, **({"phases": self.phases} if self.phases else {})}
+                "actor_peak_rss_mb": self.actor_peak_rss_mb, **({"phases": self.phases} if self.phases else {}),
+                **({"probe_peak_rss_mb": self.probe_peak_rss_mb} if self.probe_peak_rss_mb is not None else {})}
 
 
 def check_device(config: RunConfig) -> None:
@@ -93,9 +97,9 @@ class Progress:
 
     def __init__(self, bar: tqdm, strict: bool) -> None:
         self.bar, self.strict = bar, strict
+        self.probe_images: ProbeImages | None = None  # shard 0's, for the precision probe
         self.failed = self.retries = 0
         self.peak_rss_mb = 0.0
-        self.probe_seconds: float | None = None
         self.workers: dict[int, Any] = {}
 
     def result(self, result: ShardResult) -> None:
@@ -103,8 +107,8 @@ class Progress:
         self.failed += result.failed
         self.peak_rss_mb = max(self.peak_rss_mb, result.peak_rss_mb)
         self.workers[result.shard] = result.worker
-        if result.probe_seconds is not None:
-            self.probe_seconds = result.probe_seconds
+        if result.shard == 0:
+            self.probe_images = result.probe_images
         self.bar.update(result.explained + result.failed)
         self.bar.set_postfix(failed=self.failed, retries=self.retries)
 
@@ -114,8 +118,9 @@ class Progress:
 
 
 def run_shards(config: RunConfig, artifact: Path, settings: WorkerSettings, shards: list[list[ImageRecord]],
-               todo: list[int], progress: bool) -> InvocationWork:
-    """Explain the shards in `todo` on Ray actors; raises RunError when the run cannot go on."""
+               todo: list[int], progress: bool, probe: PrecisionProbe | None = None) -> InvocationWork:
+    """Explain the shards in `todo` on Ray actors; raises RunError when the run cannot go on. `probe`: the run's
+    precision probe (pipeline/precision_probe.py), which writes its record once the shards are done."""
     out = Path(config.out)
     starting = time.time()
     ray, started_ray = start_ray()
@@ -147,13 +152,16 @@ def run_shards(config: RunConfig, artifact: Path, settings: WorkerSettings, shar
             except SchedulingError as error:
                 raise RunError(str(error)) from None
         RunLayout(out).sweep_temporary()  # files dead actors had begun
+        waiting = time.time()
+        phases = {"ray_start_s": ray_start_seconds, "explain_s": waiting - begun}
+        if probe is not None:  # its float64 pass ran in another process beside the start and the shards
+            probe.write(tracker.probe_images, RunLayout(out).precision)
+            phases.update(probe_s=probe.seconds, probe_wait_s=time.time() - waiting)
         seconds = time.time() - begun
-        phases = {"ray_start_s": ray_start_seconds, "explain_s": seconds}
-        if tracker.probe_seconds is not None:
-            phases["probe_s"] = tracker.probe_seconds
         return InvocationWork(images=images, seconds=seconds, actor_peak_rss_mb=tracker.peak_rss_mb,
                               retries={"total": tracker.retries, **counts, "timeout_s": timeout},
-                              workers=tracker.workers, phases=phases)
+                              workers=tracker.workers, phases=phases,
+                              probe_peak_rss_mb=probe.peak_rss_mb if probe is not None else None)
     finally:
         if started_ray:
             ray.shutdown()

@@ -7,24 +7,21 @@ result carries `write_error` for the driver to stop the run. Settings and result
 pipeline/contracts.py."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import socket
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lrp_module.files import OutputError, atomic
-from lrp_module.oracle import Float64Oracle, probe_record
-from lrp_module.zoo import build_model
+from lrp_module.files import OutputError
+from lrp_module.oracle import numeric_settings
 
 from . import stats as statistics
-from .contracts import ProbeModel, ShardResult, WorkerSettings
+from .contracts import ProbeImages, ShardResult, WorkerSettings
 from .datasets.records import ImageRecord
 from .faithfulness import flip_statistics
 from .faults import inject_fault
@@ -111,8 +108,8 @@ class ShardExplainer:
         maps, rows, compressed = [], [], []
         batch = self.settings.batch_size
         pending: list = []
-        probe = index == 0 and self.settings.probe is not None  # the run's precision probe: shard 0's first batch
-        precision, probe_seconds = None, None
+        # the run's precision probe (pipeline/precision_probe.py): shard 0's first images go back to the driver
+        probed = _ProbeCollector(self.settings.probe_images if index == 0 else 0, self.device)
         try:
             for record in records:
                 item = next(decoded)
@@ -136,10 +133,7 @@ class ShardExplainer:
                             compressed.append(self.compressors.submit(compress_map, map_, self.settings.map_dtype,
                                                                       self.settings.compression))
                             rows.append(row)
-                        if probe and precision is None:
-                            probe_started = time.perf_counter()
-                            precision = self._probe(*outputs)
-                            probe_seconds = time.perf_counter() - probe_started
+                        probed.add([record for record, _ in pending], *outputs)
                         if strict and failures:
                             return self._stopped(index, failures[0], started)
                     except Exception as error:  # an image that breaks the model: record it, go on
@@ -153,15 +147,11 @@ class ShardExplainer:
         size = self.settings.size
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
         try:
-            layout = RunLayout(out)
-            if precision is not None:  # before the statistics file that marks the shard done
-                with atomic(layout.precision) as tmp:
-                    tmp.write_text(json.dumps(precision, indent=2))
-            self._write(layout, index, array, rows, failures, [future.result() for future in compressed])
+            self._write(RunLayout(out), index, array, rows, failures, [future.result() for future in compressed])
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
             return _result(index, started, explained=0, failed=0, write_error=str(error))
         return _result(index, started, explained=len(rows), failed=len(failures),
-                       reasons=tuple(f["reason"] for f in failures), probe_seconds=probe_seconds)
+                       reasons=tuple(f["reason"] for f in failures), probe_images=probed.images())
 
     def _stopped(self, index: int, failure: dict, started: float) -> ShardResult:
         """--strict: the shard's result at its first failure; nothing of the shard is written."""
@@ -207,22 +197,7 @@ class ShardExplainer:
                     "boxes": [[list(b) for b in boxes] or None for _, (_, boxes) in chunk],
                     "row": range(offset, offset + len(chunk)), "seconds": [seconds] * len(chunk)}
         rows = stats_rows({**values, **supplied}, len(chunk))
-        return list(relevance.numpy()), rows, (x, target, relevance)
-
-    def _probe(self, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor) -> dict:
-        """The first `probe.images` images of this batch recomputed in float64 on the CPU with eager LRPModel, built
-        from the same model, weights, composite and top-k: how far this device's float32 maps are from float64
-        (lrp_module.oracle). A bounded number of images (contracts.probe_images), one at a time: a float32 path
-        that is wrong shows on any real image, and the cost stays a few float32 images' worth of time and one
-        image's float64 activations above the float64 weights, whatever the run's size (issue 20.4)."""
-        spec = self.settings.probe
-        n = min(spec.images, x.shape[0])
-        try:
-            oracle = _probe_oracle(spec)
-            _, reference = oracle.explain_each(x[:n], target[:n], channel_sum=True)
-            return probe_record(relevance[:n], reference, x.device)
-        except Exception as error:  # the probe must not cost the shard; say why it is missing
-            return {"reference": "float64-cpu", "images": 0, "error": f"{type(error).__name__}: {error}"}
+        return list(relevance.numpy()), rows, (x.cpu(), used, relevance)
 
     def _targets(self, records: list[ImageRecord]) -> torch.Tensor:
         mode = self.settings.target
@@ -233,13 +208,26 @@ class ShardExplainer:
         return torch.full((len(records),), -1)
 
 
-def _probe_oracle(spec: ProbeModel) -> Float64Oracle:
-    """The probe's float64 oracle, built from a fresh copy of the run's model that is converted in place and then
-    dropped (the oracle holds its own weights), so the float64 weights are held once while the probe runs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights warn; the driver has said so loudly already
-        model, _ = build_model(spec.model, spec.weights)
-    return Float64Oracle(model, spec.composite, top_k=spec.top_k, copy_model=False)
+class _ProbeCollector:
+    """Shard 0's first `wanted` explained images as the precision probe needs them: inputs, classes, float32 maps."""
+
+    def __init__(self, wanted: int, device: str) -> None:
+        self.wanted, self.device = wanted, device
+        self.ids: list[str] = []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, records: list[ImageRecord], x: torch.Tensor, used: torch.Tensor, relevance: torch.Tensor) -> None:
+        n = min(self.wanted - len(self.ids), len(records))
+        if n > 0:
+            self.ids += [record.image_id for record in records[:n]]
+            self.parts.append((x[:n], used[:n], relevance[:n]))
+
+    def images(self) -> ProbeImages | None:
+        if not self.ids:
+            return None
+        x, used, relevance = (torch.cat(part) for part in zip(*self.parts))
+        return ProbeImages(tuple(self.ids), x.float().numpy(), tuple(int(t) for t in used), relevance.numpy(),
+                           numeric_settings(self.device))
 
 
 def _empty_map_reason(row: dict) -> str | None:

@@ -63,7 +63,7 @@ def reduced_neighbours(vectors: np.ndarray, k: int, threads: int = 1, dims: int 
     the `dims` leading principal components (randomized PCA, seeded), then each vector's candidates re-ranked by their
     exact distances in the full space and the k nearest kept. Brute force in 64 instead of 1,024 dimensions is ~16x
     less arithmetic; the re-ranking costs N * 3k full-space distances. Distances returned are exact ones; recall
-    against the exact graph is measured in `make bench-spray` (README)."""
+    against the exact graph is measured in `make bench-spray` (docs/benchmarks.md)."""
     n = len(vectors)
     pool = min(n - 1, candidates * k)
     projected = PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit_transform(vectors)
