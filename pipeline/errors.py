@@ -7,13 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from export.artifacts import ExportError
-from export.runner import ArtifactError
-from lrp_module.files import OutputError
-from lrp_module.zoo import WeightsError
 
-# the one-line errors of lrp_module and export: weights, an export or its sidecar, a file that cannot be written
-LOWER_LAYER_ERRORS = (WeightsError, ExportError, ArtifactError, OutputError)
+def lower_layer_error_types() -> tuple[type[Exception], ...]:
+    """The one-line errors of lrp_module and export: weights, an export or its sidecar, a file that cannot be
+    written. Imported here, not at the top: this module stays light (run_lock's second processes import it)."""
+    from export.artifacts import ExportError
+    from export.runner import ArtifactError
+    from lrp_module.files import OutputError
+    from lrp_module.zoo import WeightsError
+    return WeightsError, ExportError, ArtifactError, OutputError
 
 
 class PipelineError(Exception):
@@ -34,8 +36,9 @@ class LowerLayerError(PipelineError):
 
 @contextmanager
 def lower_layer_errors() -> Iterator[None]:
-    """Raise the lower layers' one-line errors (LOWER_LAYER_ERRORS) again as LowerLayerError, message unchanged."""
+    """Raise the lower layers' one-line errors (`lower_layer_error_types`) again as LowerLayerError, message
+    unchanged."""
     try:
         yield
-    except LOWER_LAYER_ERRORS as error:
+    except lower_layer_error_types() as error:
         raise LowerLayerError(str(error)) from error

@@ -13,6 +13,7 @@ driver for exactly what the actor had (issue 20.4).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -86,8 +87,10 @@ class PrecisionProbe:
         job = self._folder / "job.pickle"
         job.write_bytes(pickle.dumps(self.job))
         entry = "from pipeline.precision_probe import _in_other_process; _in_other_process()"
-        self._process = subprocess.Popen([sys.executable, "-c", entry, str(job), str(self._folder / "result.pickle")],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with open(self._folder / "stderr.txt", "wb") as errors:  # a file: a pipe left unread could stall it
+            self._process = subprocess.Popen([sys.executable, "-c", entry, str(job),
+                                              str(self._folder / "result.pickle")],
+                                             stdout=subprocess.DEVNULL, stderr=errors)
         return self
 
     def cancel(self) -> None:
@@ -125,8 +128,8 @@ class PrecisionProbe:
     def _guesses(self) -> tuple[dict[str, Reference], str | None]:
         """The other process's references (and its seconds), or none and why."""
         try:
-            _, errors = self._process.communicate()
-            if self._process.returncode != 0:
+            if self._process.wait() != 0:
+                errors = (self._folder / "stderr.txt").read_text(errors="replace")
                 lines = [line for line in errors.strip().splitlines() if line.strip()]
                 return {}, lines[-1] if lines else f"the probe's process exited with {self._process.returncode}"
             guesses, self.seconds, self.peak_rss_mb = pickle.loads((self._folder / "result.pickle").read_bytes())  # noqa: S301 (ours)
@@ -154,6 +157,7 @@ def guess_references(job: _Job) -> tuple[dict[str, Reference], float, float]:
     """In the other process: float64 references for the first `spec.images` of the records that the actor will
     explain, decoded as it decodes them on a CPU; the seconds it took and the process's peak memory (MB)."""
     started = time.perf_counter()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # half the machine: the run goes on beside it
     preprocessing = Preprocessing.for_size(job.size)
     oracle = _oracle(job.spec)
     references: dict[str, Reference] = {}
