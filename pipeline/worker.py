@@ -197,7 +197,7 @@ class ShardExplainer:
                     "boxes": [[list(b) for b in boxes] or None for _, (_, boxes) in chunk],
                     "row": range(offset, offset + len(chunk)), "seconds": [seconds] * len(chunk)}
         rows = stats_rows({**values, **supplied}, len(chunk))
-        return list(relevance.numpy()), rows, (x.cpu(), used, relevance)
+        return list(relevance.numpy()), rows, (x, used, relevance)
 
     def _targets(self, records: list[ImageRecord]) -> torch.Tensor:
         mode = self.settings.target
@@ -220,7 +220,7 @@ class _ProbeCollector:
         n = min(self.wanted - len(self.ids), len(records))
         if n > 0:
             self.ids += [record.image_id for record in records[:n]]
-            self.parts.append((x[:n], used[:n], relevance[:n]))
+            self.parts.append((x[:n].cpu(), used[:n], relevance[:n]))  # shard 0's first batch only
 
     def images(self) -> ProbeImages | None:
         if not self.ids:

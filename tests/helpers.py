@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import pytest
@@ -59,3 +60,20 @@ def sampled_matrix(names: Sequence, cases: Sequence[tuple], ids: Sequence[str]) 
     sample = {(i % len(cases), i % len(names)) for i in range(max(len(names), len(cases)))}
     return [pytest.param(*case, name, id=f"{case_id}-{name}", marks=() if (c, n) in sample else pytest.mark.full)
             for c, (case, case_id) in enumerate(zip(cases, ids)) for n, name in enumerate(names)]
+
+
+def explain_on_local_ray(config) -> dict:
+    """`pipeline.run.explain` quietly (random weights warn) on a local Ray, started and shut down here unless one
+    is running already; the manifest."""
+    ray = pytest.importorskip("ray")
+    from pipeline.run import explain
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return explain(config, progress=False)
+    finally:
+        if started:
+            ray.shutdown()

@@ -17,6 +17,8 @@ import pytest
 
 from pipeline import outputs_doc
 
+from .helpers import explain_on_local_ray
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = re.compile(r"^<!-- not run: (?P<reason>\S.*?) -->$")
@@ -86,21 +88,10 @@ def test_outputs_page_names_every_column_and_the_runs_own_files():
 def sample_run(tmp_path_factory, artifact_cache) -> Path:
     """A finished run of the embedded sample (vgg-shapes at 32x32, unlabelled: cheap), under the name the docs use."""
     from pipeline.config import load_config
-    from pipeline.run import explain
-    ray = pytest.importorskip("ray")
     home = tmp_path_factory.mktemp("docs")
     config = load_config(dict(dataset=str(ROOT / "data" / "sample"), layout="plain", model="vgg-shapes", size=32,
                               batch_size=8, out=str(home / RUN_NAME), cache=str(artifact_cache)))
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            explain(config, progress=False)
-    finally:
-        if started:
-            ray.shutdown()
+    explain_on_local_ray(config)
     return home
 
 

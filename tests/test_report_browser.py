@@ -3,7 +3,6 @@ loads index.html from file:// and every image must load, every link must resolve
 a full-page screenshot is taken. `make test` installs /usr/bin/chromium where it is missing."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -13,7 +12,8 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.report import build_report
-from pipeline.run import explain
+
+from .helpers import explain_on_local_ray
 
 ray = pytest.importorskip("ray")
 playwright = pytest.importorskip("playwright.sync_api")
@@ -31,13 +31,7 @@ def report(tmp_path_factory, artifact_cache) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
     config = load_config({"dataset": "sample", "model": "vgg11", "weights": "random", "size": 32, "batch_size": 4,
                           "shard_size": 4, "out": str(tmp / "run"), "cache": str(artifact_cache)})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            explain(config, progress=False)
-    finally:
-        ray.shutdown()
+    explain_on_local_ray(config)
     return build_report(tmp / "run", per_class=2, gallery=6)
 
 
