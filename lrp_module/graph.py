@@ -82,6 +82,7 @@ class Step:
     block: int = 0  # downsampling layers (strided convolutions and pools) before this one
     first_affine: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    covers: list[str] = field(default_factory=list)  # the names of the layers folded or fused into this step
 
     @property
     def name(self) -> str:
@@ -271,6 +272,7 @@ def canonize(layers: list[Layer]) -> tuple[list[Step], int]:
         level[len(steps)] = step.block + int(_downsamples(layer))
         for covered in {layer.index, tail.index} | ({bn.index} if bn is not None else set()):
             step_of[covered] = len(steps)
+            step.covers.append(layers[covered].name)
         steps.append(step)
     first = next((s for s in steps if s.kind is StepKind.AFFINE), None)
     if first is None:

@@ -10,14 +10,28 @@ and each rule binds the first of its paths that the proof allows.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .composites import AnyRule, Composite, LayerInfo, get_composite
+from .concepts import (
+    ConceptError,
+    ConceptLayer,
+    ConceptPlan,
+    apply_mask,
+    channel_relevance,
+    concept_layers,
+    condition_masks,
+    first_row_only,
+    normalise,
+    resolve,
+    top_k_masks,
+    with_full_row,
+)
 from .contexts import LayerContext, prove
 from .graph import GraphError, Step, StepKind, canonize, capture, min_input_size, num_classes
 from .ops import PoolGeometry, make_op
@@ -172,6 +186,27 @@ class CatStep(nn.Module):
         return list(relevance.split([t.shape[self.dim] for t in inputs], dim=self.dim))
 
 
+def _around(relevance: Tensor | None, plan: ConceptPlan, k_maps: int, expanded: bool) -> Tensor | None:
+    """Relevance that reached a lower layer around a conditioned one, when the condition is applied: dropped with
+    exclude_parallel (kept in the full map's row where the plan has one), else the same for every condition."""
+    if relevance is None or (plan.exclude_parallel and not plan.with_full):
+        return None
+    if not expanded:
+        relevance = relevance.repeat_interleave(k_maps, 0)
+    if plan.exclude_parallel:
+        relevance = relevance * first_row_only(relevance.shape[0], k_maps, relevance)
+    return relevance
+
+
+TOP_K_CHANNELS = -1  # the key under which `propagate_concepts` records the (N, K) channels a top-K plan chose
+
+
+def _expand_stash(stash: Stash, times: int) -> Stash:
+    """A step's stash for a batch repeated `times` times per image (image major), as the concept maps need."""
+    return Stash(*(None if t is None else t.repeat_interleave(times, 0) for t in
+                   (stash.preactivation, stash.rms, stash.indices)))
+
+
 _STEP_MODULES = {
     StepKind.AFFINE: lambda spec, share: AffineStep(spec.name, spec.layer.module, spec.weight, spec.bias, spec.relu,
                                                     share),
@@ -246,6 +281,8 @@ class LRPModel(nn.Module):
         self.in_channels = module.in_channels if isinstance(module, nn.Conv2d) else None
         self.num_classes = num_classes(specs, self.output)
         self.min_size = min_input_size(specs)
+        # every layer name a concept call accepts (module names: `features.28`, `layer4.2.conv3`, `layer4`)
+        self.concept_layers: dict[str, ConceptLayer] = concept_layers(specs, model)
 
     # ------------------------------------------------------------------------------------ public API
     def forward(self, x: Tensor, target: Tensor | Sequence[int] | int | None = None) -> Tensor:
@@ -258,6 +295,66 @@ class LRPModel(nn.Module):
         with torch.inference_mode():
             logits, relevance = self.propagate(x, target)
         return logits, relevance.contiguous()
+
+    # ------------------------------------------------------------------------------------ concepts (CRP)
+    def concept_relevance(self, x: Tensor, target: Tensor | Sequence[int] | int | None = None,
+                          layers: Sequence[str] = (), normalised: bool = False) -> dict[str, Tensor]:
+        """{layer: (N, C)} the relevance at each channel of each layer's output, summed over space, in the pass that
+        computes the map (`explain_concepts` returns both). normalised: each row divided by its sum of |R| (CRP's
+        `abs_norm`)."""
+        return self.explain_concepts(x, target, layers, normalised=normalised)[2]
+
+    def explain_concepts(self, x: Tensor, target: Tensor | Sequence[int] | int | None = None,
+                         layers: Sequence[str] = (), normalised: bool = False
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Logits (N, classes), input relevance (N, C, H, W) and {layer: (N, C)} concept relevance, in one pass."""
+        x, target = self._validate(x, target)
+        chosen = self._layers(layers)
+        plan = ConceptPlan(record=tuple(dict.fromkeys(layer.step for layer in chosen)))
+        with torch.inference_mode():
+            logits, relevance, recorded = self.propagate_concepts(x, target, plan)
+        found = {}
+        for layer in chosen:
+            rel = channel_relevance(recorded[layer.step]) if layer.step in recorded else \
+                torch.zeros(x.shape[0], layer.channels, dtype=x.dtype, device=x.device)
+            found[layer.name] = normalise(rel) if normalised else rel
+        return logits, relevance.contiguous(), found
+
+    def concept_maps(self, x: Tensor, target: Tensor | Sequence[int] | int | None = None,
+                     conditions: Sequence[Mapping[str, Sequence[int]]] | Sequence[Sequence[Mapping]] = (),
+                     exclude_parallel: bool = True, channel_sum: bool = True, batch_size: int = 64) -> Tensor:
+        """One input heat map per condition: (N, K, H, W) ((N, K, C, H, W) with channel_sum=False).
+
+        conditions: K dicts {layer: [channels]} for every image, or N lists of K dicts (one per image). A condition
+        keeps only the listed channels' relevance at each layer it names (several layers: CRP's nested conditions;
+        an empty list keeps none). The forward pass and the backward pass down to the topmost conditioned layer
+        run once per group of conditions; below it a group's maps run as one batch of at most `batch_size` (N x
+        the group's conditions). exclude_parallel: see lrp_module/concepts.py."""
+        x, target = self._validate(x, target)
+        masks = condition_masks(conditions, x.shape[0], self.concept_layers, x.dtype, x.device)
+        k = next(iter(masks.values())).shape[1]
+        group = max(1, batch_size // x.shape[0])
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, k, group):
+                plan = ConceptPlan(masks={step: mask[:, start:start + group] for step, mask in masks.items()},
+                                   exclude_parallel=exclude_parallel)
+                parts.append(self.propagate_concepts(x, target, plan)[1])
+        relevance = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return relevance.sum(dim=2) if channel_sum else relevance.contiguous()
+
+    def top_concept_maps(self, x: Tensor, target: Tensor | Sequence[int] | int | None = None, layer: str = "",
+                         k: int = 8, exclude_parallel: bool = True) -> TopConcepts:
+        """The map and each image's k most relevant channels of `layer` with their conditional maps, in one pass
+        (the map is the first of k + 1 conditions, one that keeps everything). See `TopConcepts`."""
+        x, target = self._validate(x, target)
+        with torch.inference_mode():
+            return ExportableConcepts(self, [layer], layer, k, exclude_parallel, channel_sum=False)(x, target)
+
+    def _layers(self, names: Sequence[str]) -> list[ConceptLayer]:
+        if isinstance(names, str) or not names:
+            raise ConceptError(f"layers must be a non-empty list of layer names, got {names!r}")
+        return [resolve(name, self.concept_layers) for name in names]
 
     def exportable(self, channel_sum: bool = True) -> ExportableLRP:
         """A module with forward(x, target) -> (logits, relevance) for tracing / exporting (no input checks)."""
@@ -273,6 +370,15 @@ class LRPModel(nn.Module):
         where a value fans out. No validation.
 
         traceable: use only ops that tracers and exporters capture with dynamic batch (top-k via topk)."""
+        logits, relevance, _ = self.propagate_concepts(x, target, None, traceable)
+        return logits, relevance
+
+    def propagate_concepts(self, x: Tensor, target: Tensor | None, plan: ConceptPlan | None,
+                           traceable: bool = False) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """`propagate` that also does what `plan` asks (lrp_module/concepts.py): the relevance at its recorded
+        steps' outputs ({step: tensor}), and its masks. Once the first mask is applied the batch is N x K (image
+        major) from there down: each step below expands its stored input, output and stash to match, one step at
+        a time. Returns the input relevance (N, C, H, W), or (N, K, C, H, W) when the plan masks."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: list[Tensor | None] = []
@@ -286,23 +392,48 @@ class LRPModel(nn.Module):
         incoming[self.output] = self.start_relevance(logits, target)
         at_input: Tensor | None = None
         start_filtered = self.composite.start == "softmax"
+        recorded: dict[int, Tensor] = {}
+        k_maps = 1 if plan is None else plan.conditions
+        expanded = False
+        masked = set() if plan is None else plan.masked_steps
         for k in range(len(self.steps) - 1, -1, -1):
             relevance, incoming[k] = incoming[k], None
             if relevance is None:  # a value the output does not depend on
                 continue
             step, wiring = self.steps[k], self.wiring[k]
+            if plan is not None and k in plan.record:
+                recorded[k] = relevance
+            if k in masked:
+                if k == plan.top_k_step:
+                    recorded[TOP_K_CHANNELS], mask = top_k_masks(channel_relevance(relevance), plan.top_k)
+                else:
+                    mask = plan.masks[k]
+                if plan.with_full:
+                    mask = with_full_row(mask)
+                relevance = apply_mask(relevance, mask, expanded)
+                incoming = [_around(r, plan, k_maps, expanded) for r in incoming]
+                at_input = _around(at_input, plan, k_maps, expanded)
+                expanded = True
             # the one-hot start vector is never filtered (its zeros would beat a negative logit: an all-zero map);
             # seed's softmax start is, as the blog does
             if self.top_k.active and step.filtered and (k != self.output or start_filtered):
                 relevance = self.top_k(relevance, traceable)
-            parts = step.relevance([x if i < 0 else values[i] for i in wiring], values[k], stashes[k], relevance)
+            inputs, out, stash = [x if i < 0 else values[i] for i in wiring], values[k], stashes[k]
+            if expanded:
+                inputs, out, stash = [t.repeat_interleave(k_maps, 0) for t in inputs], \
+                    out.repeat_interleave(k_maps, 0), _expand_stash(stash, k_maps)
+            parts = step.relevance(inputs, out, stash, relevance)
             values[k] = stashes[k] = None  # every reader of this value is done: free it
             for i, part in zip(wiring, parts):
                 if i < 0:
                     at_input = part if at_input is None else at_input + part
                 else:
                     incoming[i] = part if incoming[i] is None else incoming[i] + part
-        return logits, at_input if at_input is not None else torch.zeros_like(x)
+        if at_input is None:
+            at_input = torch.zeros_like(x.repeat_interleave(k_maps, 0) if expanded else x)
+        if expanded:
+            at_input = at_input.reshape(x.shape[0], k_maps, *x.shape[1:])
+        return logits, at_input, recorded
 
     def start_relevance(self, logits: Tensor, target: Tensor | None) -> Tensor:
         """one-hot(target) * logits (target -1 or None: the predicted class), or softmax for `seed`."""
@@ -351,3 +482,45 @@ class ExportableLRP(nn.Module):
     def forward(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         logits, relevance = self.lrp.propagate(x, target, traceable=True)
         return logits, relevance.sum(dim=1) if self.channel_sum else relevance
+
+
+class TopConcepts(NamedTuple):
+    """What one concept pass gives: logits (N, classes), the map (N, C, H, W) or (N, H, W), each layer's concept
+    relevance (N, C) (summed over space, not normalised), and at the maps' layer each image's K most relevant
+    channels (N, K) (most relevant first) and their conditional maps (N, K, C, H, W) or (N, K, H, W)."""
+
+    logits: Tensor
+    relevance: Tensor
+    concept_relevance: tuple[Tensor, ...]
+    channels: Tensor | None
+    maps: Tensor | None
+
+
+class ExportableConcepts(nn.Module):
+    """forward(x, target) -> TopConcepts: the map, each of `layers`' concept relevance and, at `maps_layer`, each
+    image's k most relevant channels and their conditional maps, in one pass (k = 0: no maps). Layers and k are
+    fixed when it is built, so tracers and exporters capture it; target (N,) int64, -1 = predicted class."""
+
+    def __init__(self, lrp: LRPModel, layers: Sequence[str], maps_layer: str | None = None, k: int = 0,
+                 exclude_parallel: bool = True, channel_sum: bool = True) -> None:
+        super().__init__()
+        self.lrp, self.channel_sum = lrp, channel_sum
+        self.layers = lrp._layers(layers)
+        self.maps = lrp._layers([maps_layer])[0] if k else None
+        if self.maps is not None and (isinstance(k, bool) or not isinstance(k, int) or
+                                      not 1 <= k <= self.maps.channels):
+            raise ConceptError(f"k must be an integer in [1, {self.maps.channels}] for layer {self.maps.name}, "
+                               f"got {k!r}")
+        steps = [layer.step for layer in self.layers] + ([self.maps.step] if self.maps is not None else [])
+        self.plan = ConceptPlan(record=tuple(dict.fromkeys(steps)),
+                                top_k_step=None if self.maps is None else self.maps.step, top_k=k,
+                                exclude_parallel=exclude_parallel, with_full=True)
+
+    def forward(self, x: Tensor, target: Tensor | None) -> TopConcepts:
+        logits, relevance, recorded = self.lrp.propagate_concepts(x, target, self.plan, traceable=True)
+        if self.channel_sum:
+            relevance = relevance.sum(dim=-3)
+        concept = tuple(channel_relevance(recorded[layer.step]) for layer in self.layers)
+        if self.maps is None:
+            return TopConcepts(logits, relevance, concept, None, None)
+        return TopConcepts(logits, relevance[:, 0], concept, recorded[TOP_K_CHANNELS], relevance[:, 1:])
