@@ -34,7 +34,7 @@ from .concepts import (
 )
 from .contexts import LayerContext, prove
 from .graph import GraphError, Step, StepKind, canonize, capture, min_input_size, num_classes
-from .ops import PoolGeometry, make_op
+from .ops import PoolGeometry, make_op, repeated_images
 from .rules import NOTHING, BoundPoolRule, BoundRule, PoolRule, Rule, Stash
 from .topk import TopKFilter
 
@@ -68,8 +68,11 @@ class AffineStep(nn.Module):
             o = F.relu_(o) if stash.preactivation is None else F.relu(o)
         return o, stash
 
-    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor) -> list[Tensor]:
-        return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor,
+                  repeats: int = 1) -> list[Tensor]:
+        """repeats: the batch is each image repeated this many times (concept maps): z is computed once per image."""
+        with repeated_images(self.op, relevance.shape[0], repeats):
+            return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
 
 
 class PoolStep(nn.Module):
@@ -422,7 +425,8 @@ class LRPModel(nn.Module):
             if expanded:
                 inputs, out, stash = [t.repeat_interleave(k_maps, 0) for t in inputs], \
                     out.repeat_interleave(k_maps, 0), _expand_stash(stash, k_maps)
-            parts = step.relevance(inputs, out, stash, relevance)
+            parts = step.relevance(inputs, out, stash, relevance, k_maps) if expanded and \
+                isinstance(step, AffineStep) else step.relevance(inputs, out, stash, relevance)
             values[k] = stashes[k] = None  # every reader of this value is done: free it
             for i, part in zip(wiring, parts):
                 if i < 0:

@@ -6,6 +6,8 @@ the window geometry (`PoolGeometry`) and the adjoints of sum and adaptive averag
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +15,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@contextmanager
+def repeated_images(op: AffineOp, rows: int, times: int) -> Iterator[None]:
+    """While inside, `op.forward_op` on a batch of `rows` = images x `times` (each image repeated, image major)
+    computes each image once: what the K concept maps below a conditioned layer share (every denominator)."""
+    op.repeats = (rows, times) if times > 1 else None
+    try:
+        yield
+    finally:
+        op.repeats = None
+
+
 class AffineOp(nn.Module):
     """Geometry of one affine layer; holds no weights, only how to apply them."""
 
+    # (rows, times) while the batch is each of rows / times images repeated `times` times (the concept maps'
+    # N x K batch): a forward pass over such a batch runs once per image and is repeated (`repeated_images`)
+    repeats: tuple[int, int] | None = None
+
     def forward_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.repeats is not None and x.shape[0] == self.repeats[0]:
+            times = self.repeats[1]
+            return self.compute(x[::times], weight, bias).repeat_interleave(times, 0)
+        return self.compute(x, weight, bias)
+
+    def compute(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def transpose_weight(self, weight: Tensor) -> Tensor:
@@ -79,7 +102,7 @@ class Conv2dOp(AffineOp):
         self.as_flipped_conv = self.stride == (1, 1) and all(p >= 0 for p in flip_padding)
         self.flip_padding = flip_padding
 
-    def forward_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    def compute(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def transpose_weight(self, weight: Tensor) -> Tensor:
@@ -127,7 +150,7 @@ class Conv2dOp(AffineOp):
 class LinearOp(AffineOp):
     """Dense layer; its transpose is `s @ W`."""
 
-    def forward_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    def compute(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def transpose_weight(self, weight: Tensor) -> Tensor:
