@@ -56,6 +56,7 @@ def input_boxes(lrp: LRPModel, layer: str, input_size: tuple[int, int]) -> np.nd
 
 def _box(lrp: LRPModel, sizes: Sequence[Size], input_size: tuple[int, int], step: int,
          row_col: tuple[int, int]) -> Box:
+    """The bounding box of what the neuron at `row_col` of `step`'s output reads in the image."""
     rows, cols = np.zeros(sizes[step][0], bool), np.zeros(sizes[step][1], bool)
     rows[row_col[0]], cols[row_col[1]] = True, True
     boxes = _walk_down(lrp, sizes, (int(input_size[0]), int(input_size[1])), step, [(rows, cols)])
