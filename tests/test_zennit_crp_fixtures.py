@@ -37,8 +37,8 @@ from lrp_module.concepts import ConceptPlan, condition_masks
 from lrp_module.receptive_field import crop, input_box
 from pipeline.concepts.relmax import TopN, image_key
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "zennit-crp-0.6.0"  # ../shared beside
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="zennit-crp fixtures not present")
+# zennit-crp's test data (Clear BSD, LICENSE there), kept in the repository so that every checkout runs this test
+FIXTURES = Path(__file__).resolve().parent / "data" / "zennit-crp-0.6.0"
 
 NOISE = 2e-6  # float32 rounding, see the module docstring
 CHANNELS = (0, 2, 10, 11)  # the concepts of fv_conv2_rel.npz
