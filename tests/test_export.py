@@ -307,3 +307,21 @@ def test_an_unknown_concept_layer_is_one_line_and_writes_nothing(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: unknown layer 'features.99': concepts can be taken at features.0, ")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("exclude_parallel", [True, False])
+def test_concept_outputs_of_a_resnet_match_float64(tmp_path, exclude_parallel):
+    """A ResNet's concept artifact: the maps layer inside a block (its skip connection goes around it), a layer
+    below it and the container `layer4`; checked in a fresh process against float64 with either exclude_parallel."""
+    from .helpers import randomize
+
+    torch.manual_seed(0)
+    net = randomize(__import__("torchvision").models.resnet18(num_classes=10))
+    model = lrp.LRPModel(net, "epsilon_plus")
+    request = ConceptRequest(("layer3.0.conv1", "layer2.1.conv2", "layer4"), None, 2, exclude_parallel)
+    config = ExportConfig(model="resnet18", weights="random", composite="epsilon_plus", height=32, width=32,
+                          formats=("torchscript",), concepts=request)
+    record = write_artifacts(model, INFO, config, tmp_path, verify=True, source=net)
+    check = record["verification"]["torchscript"]
+    assert check["ok"] and {"concept_maps", "concept_relevance_2"} <= set(check["outputs"]), check
+    assert record["metadata"]["concepts"]["exclude_parallel"] is exclude_parallel
