@@ -54,7 +54,7 @@ def finish(plan: RunPlan, work: InvocationWork) -> dict:
     write_virtual_dataset(layout.virtual_dataset, [layout.relevance_shard(i) for i in range(len(shards))],
                           [e["explained"] for e in entries], plan.config.size, plan.config.size,
                           plan.config.map_dtype, concepts)
-    relmax_rows = write_relmax(layout, len(shards), concepts, plan.config.concepts.relmax) if concepts else None
+    relmax_rows = write_relmax(layout, shards, concepts, plan.config.concepts.relmax) if concepts else None
     all_failures = pa.concat_tables(failures, promote_options="default") if failures else FAILURE_SCHEMA.empty_table()
     with atomic(layout.failures) as tmp:
         pq.write_table(all_failures, tmp)

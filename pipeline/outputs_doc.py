@@ -35,6 +35,11 @@ FILES: dict[str, str] = {
                     "say so. Copy or move the run folder whole",
     "relmax.parquet": "with concepts: relevance maximisation (CRP's RelMax) and per-class statistics (RelStats), "
                       "merged from every shard when the run finishes; the RelMax columns below",
+    "crp/RelMax_sum_normed/features.28_data.npy": "with concepts: relmax.parquet again in zennit-crp's `.npy` "
+                                                  "layout: `RelMax_sum_normed/<layer>_{data,rel,rf}.npy` and "
+                                                  "`RelStats_sum_normed/<layer>/<class>_{data,rel,rf}.npy` with "
+                                                  "`RelStats_sum_normed/targets.npy`; each (n, C): the image's "
+                                                  "index in the dataset order, the value, the neuron",
     "failures.parquet": "every image that could not be read or explained, with the reason (all shards' failures)",
     "precision.json": "the precision probe: shard 0's first images (one per 200 images of the run, 1 to 8) as the "
                       "actor computed them in float32, against float64 on the driver's CPU with eager `LRPModel`, "
@@ -62,7 +67,9 @@ FILES: dict[str, str] = {
                                "next run",
 }
 # files RunLayout must count as the run's own although the table names only one of them
-ALSO_OWN = ("heatmaps/ID-image.png", "heatmaps/ID-overlay.png", "report/img/tile.jpg", "spray/label-map.json",
+ALSO_OWN = ("crp/RelMax_sum_normed/features.28_rel.npy", "crp/RelMax_sum_normed/features.28_rf.npy",
+            "crp/RelStats_sum_normed/features.28/281_data.npy", "crp/RelStats_sum_normed/targets.npy",
+            "heatmaps/ID-image.png", "heatmaps/ID-overlay.png", "report/img/tile.jpg", "spray/label-map.json",
             "spray/attribution.h5", "spray/dataset.h5", "spray/analysis.h5")
 USER_FILE = "notes.txt"  # what a user keeps in OUT: never the run's
 

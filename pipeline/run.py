@@ -66,8 +66,9 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
     shards = run_folder.shards_of(records, config.shard_size)
     todo = run_folder.unfinished(layout, shards, replace)
     if check_space:
+        concept_maps = config.concepts.maps if config.concepts.enabled else 0
         check_free_space(layout.root, sum(len(shards[i]) for i in todo), config.size, config.map_dtype,
-                         config.compression)
+                         config.compression, 1 + concept_maps)
     weights = resolve_weights(config)
     check_concept_layers(config, weights.choice)  # a bad layer name: one line listing the valid ones
     if weights.warning:

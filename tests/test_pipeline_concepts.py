@@ -179,6 +179,20 @@ def test_relmax_table_is_the_top_n_of_the_stored_vectors(concept_run):
                 np.testing.assert_allclose(picked.value, values[order, channel], rtol=1e-6)
                 assert picked.neuron.tolist() == positions[order, channel].tolist()
                 assert (picked.neuron == picked.neuron_row * width + picked.neuron_col).all()
+    # the same in zennit-crp's .npy layout: (n, C) arrays, `data` indexing the dataset in order
+    ids_in_order = [r.image_id for r in load_records(SAMPLE, "plain")]
+    for layer in LAYERS:
+        overall = table[(table.layer == layer) & table["class"].isna()].sort_values(["rank", "channel"])
+        data = np.load(run / "crp" / "RelMax_sum_normed" / f"{layer}_data.npy")
+        channels_count = concepts_record(layout).layer(layer).channels
+        assert data.shape == (3, channels_count)
+        assert [ids_in_order[i] for i in data.flatten()] == overall.image_id.tolist()
+        np.testing.assert_array_equal(np.load(run / "crp" / "RelMax_sum_normed" / f"{layer}_rel.npy").flatten(),
+                                      overall.value.to_numpy())
+        np.testing.assert_array_equal(np.load(run / "crp" / "RelMax_sum_normed" / f"{layer}_rf.npy").flatten(),
+                                      overall.neuron.to_numpy())
+    targets = np.load(run / "crp" / "RelStats_sum_normed" / "targets.npy")
+    assert targets.tolist() == sorted(stats.target.unique().tolist())
     first = table.iloc[0]
     channels, maps = concept_maps(layout, table.iloc[:3])
     assert channels.shape == (3, 2) and maps.shape == (3, 2, SIZE, SIZE)
@@ -202,6 +216,14 @@ def test_relmax_is_the_same_for_one_or_two_actors_and_after_a_resume(concept_run
     assert (two / "relevance" / "shard-00000.h5").stat().st_mtime_ns == untouched
     pd.testing.assert_frame_equal(pd.read_parquet(two / "relmax.parquet"), reference)
     assert (two / "_SUCCESS").exists()
+    crp = sorted(p.relative_to(run) for p in (run / "crp").rglob("*.npy"))
+    assert crp and crp == sorted(p.relative_to(two) for p in (two / "crp").rglob("*.npy"))
+    assert all((run / p).read_bytes() == (two / p).read_bytes() for p in crp)
+    off = _config(tmp_path, artifact_cache, out="two", actors=2, concepts=None, limit=2)  # concepts off
+    with pytest.raises(RunError, match="differs in concepts"):
+        _run(off)
+    _run(off, overwrite=True)
+    assert not (two / "crp").exists() and not (two / "relmax.parquet").exists()
 
 
 def test_relmax_merge_is_partition_free_and_bounded():

@@ -8,7 +8,7 @@ explained in any order, and a run resumed any number of times (a finished shard'
 one shard's arrays plus O(C x n) per layer for RelMax and per class seen for RelStats (classes x C x n values)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -17,8 +17,10 @@ import pyarrow.parquet as pq
 
 from lrp_module.files import atomic
 
+from ..datasets.records import ImageRecord
 from ..layout import RunLayout
 from ..schema import RELMAX_SCHEMA
+from .crp_layout import write_crp_layout
 from .outputs import ConceptsRecord, position_name, relevance_name
 from .per_image import shares
 from .relmax import RelMax, TopN, image_key, split_key
@@ -86,9 +88,12 @@ def relmax_table(layout: RunLayout, record: ConceptsRecord, tables: dict[str, Re
     return pa.Table.from_arrays(typed, schema=RELMAX_SCHEMA)
 
 
-def write_relmax(layout: RunLayout, shards: int, record: ConceptsRecord, n: int) -> int:
-    """relmax.parquet from the run's shards; returns its number of rows."""
-    table = relmax_table(layout, record, merge_relmax(layout, shards, record, n))
+def write_relmax(layout: RunLayout, shards: Sequence[Sequence[ImageRecord]], record: ConceptsRecord, n: int) -> int:
+    """relmax.parquet from the run's shards, and the same in zennit-crp's .npy layout (crp_layout.py); returns the
+    table's number of rows."""
+    tables = merge_relmax(layout, len(shards), record, n)
+    write_crp_layout(layout, shards, record, tables)
+    table = relmax_table(layout, record, tables)
     with atomic(layout.relmax) as tmp:
         pq.write_table(table, tmp)
     return table.num_rows
