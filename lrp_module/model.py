@@ -405,7 +405,9 @@ class LRPModel(nn.Module):
                 continue
             step, wiring = self.steps[k], self.wiring[k]
             if plan is not None and k in plan.record:
-                recorded[k] = relevance.clone()  # the rules below may work in place on `relevance`
+                # a copy (some rules divide their incoming relevance in place); below the first mask of a plan
+                # with the full map, the full map's rows (the unconditional relevance at this layer)
+                recorded[k] = (relevance[::k_maps] if expanded and plan.with_full else relevance).clone()
             if k in masked:
                 if k == plan.top_k_step:
                     recorded[TOP_K_CHANNELS], mask = top_k_masks(channel_relevance(relevance), plan.top_k)

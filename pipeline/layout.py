@@ -25,6 +25,9 @@ SPRAY_PROJECT, SPRAY_LABEL_MAP, SPRAY_ATTRIBUTION, SPRAY_DATASET, SPRAY_ANALYSIS
 SPRAY_FILES = (SPRAY_CLUSTERS, SPRAY_SUMMARY, SPRAY_MEANS, SPRAY_PROJECT, SPRAY_LABEL_MAP, SPRAY_ATTRIBUTION,
                SPRAY_DATASET, SPRAY_ANALYSIS)
 SPRAY_FILE = re.compile(rf"^({'|'.join(re.escape(name) for name in SPRAY_FILES)})$")
+# relmax.parquet again in zennit-crp's .npy layout (pipeline/concepts/crp_layout.py): RelMax_sum_normed/<layer>_*.npy,
+# RelStats_sum_normed/<layer>/<class>_*.npy and RelStats_sum_normed/targets.npy
+CRP_FILE = re.compile(r"^([A-Za-z0-9_.-]+_(data|rel|rf)\.npy|targets\.npy)$")
 
 
 def shard_name(index: int) -> str:
@@ -36,6 +39,7 @@ class RunLayout:
 
     RELEVANCE, STATS, FAILURES, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY = (
         "relevance", "stats", "failures", "report", "report/img", "heatmaps", "spray")
+    CRP, CRP_RELMAX, CRP_RELSTATS = "crp", "crp/RelMax_sum_normed", "crp/RelStats_sum_normed"
     LOCK = "run.lock"
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
     WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY)  # every folder a run's parts write to
@@ -72,6 +76,19 @@ class RunLayout:
         """The precision probe (shard 0's first images against float64), written by the driver
         (pipeline/precision_probe.py)."""
         return self.root / "precision.json"
+
+    @property
+    def relmax(self) -> Path:
+        """Relevance maximisation (CRP's RelMax and RelStats) over the whole run, merged by the driver from every
+        shard's concept outputs (pipeline/concepts/tables.py); only in a run with concepts."""
+        return self.root / "relmax.parquet"
+
+    def crp_folders(self) -> list[Path]:
+        """The folders of the zennit-crp layout: RelMax's, RelStats' and RelStats' per-layer folders (deepest last)."""
+        stats = self.root / self.CRP_RELSTATS
+        layers = sorted(p for p in stats.iterdir() if p.is_dir() and not p.is_symlink()) \
+            if stats.is_dir() and not stats.is_symlink() else []
+        return [self.root / self.CRP_RELMAX, stats, *layers]
 
     @property
     def spray(self) -> Path:
@@ -128,7 +145,7 @@ class RunLayout:
     def own_files(self) -> Iterator[Path]:
         """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
         for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
-                     self.lock, self.report / "index.html", self.report / REPORT_OWN_FILES):
+                     self.relmax, self.lock, self.report / "index.html", self.report / REPORT_OWN_FILES):
             if path.is_file() or path.is_symlink():
                 yield path
         yield from self.temporary_files()
@@ -136,11 +153,13 @@ class RunLayout:
                                 (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE),
                                 (self.SPRAY, SPRAY_FILE)):
             yield from self._matching(self.root / folder, pattern)
+        for folder in self.crp_folders():
+            yield from self._matching(folder, CRP_FILE)
 
     def temporary_files(self) -> Iterator[Path]:
         """Unfinished files a killed run, a dead actor or an interrupted report / SpRAy left (only in the folders
         they write to)."""
-        for folder in (self.root, *(self.root / sub for sub in self.WRITTEN_FOLDERS)):
+        for folder in (self.root, *(self.root / sub for sub in self.WRITTEN_FOLDERS), *self.crp_folders()):
             yield from self._matching(folder, TEMPORARY)
 
     @staticmethod
@@ -161,8 +180,9 @@ class RunLayout:
         for path in list(self.own_files()):
             if path != self.lock:
                 path.unlink(missing_ok=True)
-        for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY, *self.SHARD_FOLDERS):
-            folder = self.root / sub
+        crp = [*reversed(self.crp_folders()), self.root / self.CRP]
+        for folder in (*(self.root / sub for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY,
+                                                      *self.SHARD_FOLDERS)), *crp):
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
                 folder.rmdir()
 

@@ -49,20 +49,23 @@ def check_writable(out: Path) -> None:
                 directory.rmdir()
 
 
-def estimated_bytes(images: int, size: int, map_dtype: str, compression: int) -> int:
-    """A low estimate of what `images` more maps and their statistics take on disk."""
+def estimated_bytes(images: int, size: int, map_dtype: str, compression: int, maps_per_image: int = 1) -> int:
+    """A low estimate of what `images` more maps and their statistics take on disk (`maps_per_image`: the map and
+    any concept maps)."""
     raw = size * size * (2 if map_dtype == "float16" else 4)
     per_map = raw if compression == 0 else int(raw * COMPRESSED_SHARE)
-    return images * (per_map + STATS_BYTES_PER_IMAGE) + FIXED_BYTES
+    return images * (maps_per_image * per_map + STATS_BYTES_PER_IMAGE) + FIXED_BYTES
 
 
-def check_free_space(out: Path, images: int, size: int, map_dtype: str, compression: int) -> None:
+def check_free_space(out: Path, images: int, size: int, map_dtype: str, compression: int,
+                     maps_per_image: int = 1) -> None:
     """Refuse when the disk holding OUT clearly cannot take the run (the estimate is deliberately low)."""
-    need = estimated_bytes(images, size, map_dtype, compression)
+    need = estimated_bytes(images, size, map_dtype, compression, maps_per_image)
     free = shutil.disk_usage(_existing_ancestor(out)).free
     if free < need:
         raise OutputCheckError(
-            f"not enough free space for {out}: about {_mb(need)} needed for {images} maps of {size}x{size} "
+            f"not enough free space for {out}: about {_mb(need)} needed for {images * maps_per_image} maps of "
+            f"{size}x{size} "
             f"{map_dtype}, {_mb(free)} free; free space, choose another --out, or pass --no-space-check")
 
 

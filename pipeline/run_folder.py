@@ -34,6 +34,8 @@ def replaces_previous_run(layout: RunLayout, config: RunConfig, overwrite: bool)
         raise RunError(f"{layout.run_file}: unreadable run record; use --overwrite or another OUT") from None
     current = config.identity()
     changed = sorted(k for k, v in current.items() if k != "limit" and identity.get(k) != v)
+    if "concepts" in identity and "concepts" not in current:  # a run with concepts, now without them
+        changed.append("concepts")
     if not changed and not _limit_extends(identity.get("limit"), config.limit):
         changed = ["limit (smaller than the finished run's: its shards would no longer match)"]
     if not changed:
