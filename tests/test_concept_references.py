@@ -1,0 +1,307 @@
+"""Concept reference images (`make concepts`) and the report's Concepts section on a tiny run of the shapes demo
+(vgg-shapes, 64 px): the conditional map is the full backward pass from the image's class masked at the layer
+(equal to zennit's, and unlike zennit-crp's backward from the layer alone, which cannot show a concept that speaks
+against the class: its issue #11), the crops are the image and map cut to the receptive field of the RelMax neuron,
+the files are written where RunLayout says, bad input is one line and writes nothing, and the report shows, per
+class, the concepts with the largest mean relevance."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from zennit import composites as zc
+from zennit.attribution import Gradient
+
+from bench.synthetic_run import stats_table, synthesise_run
+from demo import shapes
+from lrp_module import LRPModel
+from lrp_module.concepts import ConceptPlan, channel_relevance, normalise
+from lrp_module.zoo import build_model
+from pipeline.cli import main as cli_main
+from pipeline.concepts import references as refs
+from pipeline.concepts.relmax import RelMax, image_key
+from pipeline.concepts.run_concepts import concept_dataset, open_concepts, relmax_file
+from pipeline.datasets import load_records
+from pipeline.layout import RunLayout
+from pipeline.report import build_report
+from pipeline.schema import STATS_SCHEMA
+
+from .helpers import make_tiny_vgg
+
+pytestmark = pytest.mark.timeout(180)
+LAYER = "features.12"  # vgg-shapes: the third convolution, 32 channels, 16 x 16 at 64 px
+COMPOSITE = "epsilon_plus_flat"
+SIZE = shapes.IMAGE_SIZE
+RELMAX_N = 4
+SHARD_SIZE = 8
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _relmax_table(relmax: RelMax, layer: str, shard_of, row_of, id_of) -> pa.Table:
+    rows = []
+    for klass, table in [(None, relmax.overall), *sorted(relmax.per_class.items())]:
+        for channel in range(relmax.channels):
+            for rank in range(relmax.n):
+                key = int(table.keys[channel, rank])
+                if key < 0:
+                    continue
+                rows.append({"layer": layer, "channel": channel, "class": klass, "rank": rank,
+                             "image_id": id_of[key], "shard": shard_of[key], "row": row_of[key],
+                             "value": float(table.values[channel, rank]),
+                             "neuron": int(table.positions[channel, rank])})
+    return pa.Table.from_pylist(rows)
+
+
+def _write_concept_run(root: Path, images: Path) -> Path:
+    """A run of vgg-shapes over the images with concept data at LAYER, computed with the engine directly: the
+    statistics, maps, per-image concept relevance and RelMax table in the run's layout."""
+    records = load_records(images)
+    model, _ = build_model("vgg-shapes", "demo")
+    lrp = LRPModel(model, COMPOSITE)
+    x = torch.stack([refs.load_image(r.path, None, SIZE)[0] for r in records])
+    step = lrp.concept_layers[LAYER].step
+    with torch.inference_mode():
+        logits, relevance, recorded = lrp.propagate_concepts(x, None, ConceptPlan(record=(step,)))
+    at_layer = recorded[step]
+    pred = logits.argmax(1).numpy()
+    frame = stats_table(len(records), 6, [r.path for r in records], size=SIZE, shard_size=SHARD_SIZE).to_pandas()
+    names = np.array(shapes.CLASS_NAMES, dtype=object)
+    labels = np.array([r.label for r in records])
+    frame = frame.assign(image_id=[r.image_id for r in records], path=[r.path for r in records], label=labels,
+                         label_name=names[labels], pred=pred, pred_name=names[pred], target=pred,
+                         correct=pred == labels)
+    table = pa.Table.from_pandas(frame, schema=STATS_SCHEMA, preserve_index=False)
+    maps = relevance.sum(1).numpy()
+    synthesise_run(root, table, size=SIZE, shard_size=SHARD_SIZE, map_of=lambda i: maps[i])
+    raw = channel_relevance(at_layer).numpy()
+    positions = at_layer.flatten(2).argmax(2).numpy()
+    for shard in sorted(frame["shard"].unique()):
+        rows = frame.index[frame["shard"] == shard]
+        with h5py.File(root / shard, "a") as handle:
+            handle.create_dataset(concept_dataset(LAYER), data=raw[rows].astype(np.float32))
+    keys = image_key(frame.index // SHARD_SIZE, frame["row"].to_numpy())
+    relmax = RelMax.empty(raw.shape[1], RELMAX_N)
+    relmax.update(normalise(channel_relevance(at_layer)).numpy(), keys, positions, pred)
+    lookup = dict(zip(keys.tolist(), range(len(frame))))
+    pq.write_table(_relmax_table(relmax, LAYER, {k: frame["shard"][i] for k, i in lookup.items()},
+                                 {k: int(frame["row"][i]) for k, i in lookup.items()},
+                                 {k: frame["image_id"][i] for k, i in lookup.items()}), relmax_file(RunLayout(root)))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["config"].update(model="vgg-shapes", weights="demo", composite=COMPOSITE, dataset="shapes")
+    manifest["weights"] = {"model": "vgg-shapes", "kind": "demo", "source": None, "sha256": None}
+    manifest["random_weights"] = False
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shape_images(tmp_path_factory) -> Path:
+    return shapes.write_split(tmp_path_factory.mktemp("shapes") / "val", per_class=2)
+
+
+@pytest.fixture(scope="module")
+def concept_run(tmp_path_factory, shape_images) -> Path:
+    return _write_concept_run(tmp_path_factory.mktemp("runs") / "run", shape_images)
+
+
+@pytest.fixture(autouse=True)
+def receptive_field(monkeypatch):
+    """TEMPORARY until lrp_module/receptive_field.py (branch h-crp) is merged: a stand-in input_box (the neuron's
+    cell of the input grid with a margin) so that the crops can be checked against whatever box it gives."""
+    try:
+        import lrp_module.receptive_field  # noqa: F401
+        return
+    except ImportError:
+        pass
+
+    def input_box(lrp, layer, position, input_size):
+        h = w = 16  # vgg-shapes' LAYER at 64 px
+        row, col = divmod(position, w)
+        stride = input_size[0] // h
+        return (max(0, (col - 2) * stride), max(0, (row - 2) * stride), min(input_size[1], (col + 3) * stride),
+                min(input_size[0], (row + 3) * stride))
+
+    module = types.ModuleType("lrp_module.receptive_field")
+    module.input_box = input_box
+    monkeypatch.setitem(sys.modules, "lrp_module.receptive_field", module)
+
+
+# ------------------------------------------------------------------------------------------------ the map
+def _zennit_masked(model, x, target, module, channel, start_at_layer: bool):
+    """zennit 1.0.0's map with the relevance at `module`'s output kept in `channel` only: from the output (the
+    class's logit) with the gradient masked there, or (zennit-crp's reference heat maps, start_layer) from the
+    layer alone, its masked output as the start relevance."""
+    mask = torch.zeros(1, module.out_channels, 1, 1, dtype=x.dtype)
+    mask[0, channel] = 1
+    composite = zc.EpsilonPlusFlat()
+    with Gradient(model, composite) as attributor:
+        if start_at_layer:
+            captured = []
+            handle = module.register_forward_hook(lambda module, inputs, output: captured.append(output) and None)
+            x = x.clone().requires_grad_(True)
+            model(x)
+            handle.remove()
+            (relevance,) = torch.autograd.grad(captured[0], x, captured[0] * mask)  # zennit: the gradient is R
+            return relevance
+        def masked(module, inputs, output):
+            output.register_hook(lambda gradient: gradient * mask)
+
+        handle = module.register_forward_hook(masked)
+        try:
+            logits = model(x)
+            start = torch.zeros_like(logits)
+            start[0, target] = logits[0, target]
+            _, relevance = attributor(x.clone().requires_grad_(True), start)
+        finally:
+            handle.remove()
+    return relevance
+
+
+@pytest.mark.precision
+def test_reference_map_is_the_full_backward_from_the_class_not_the_layer_alone():
+    """float64: the reference map equals zennit's full backward pass masked at the layer (1e-9); its total has the
+    sign of the concept's relevance for the class, which changes with the class. zennit-crp's reference map starts
+    at the layer (issue #11): the same for every class and positive, so for a concept that speaks against the class
+    it is inverted (negatively correlated with ours)."""
+    model = make_tiny_vgg(num_classes=5).double()
+    for relu in model.modules():
+        if isinstance(relu, torch.nn.ReLU):
+            relu.inplace = False  # the layer's output must stay its own (the hooks hold it)
+    layer = "features.6"  # a 16-channel convolution, 8 x 8 at 32 px
+    module = model.features[6]
+    lrp = LRPModel(model, COMPOSITE)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    concept = lrp.concept_relevance(x.repeat(5, 1, 1, 1), torch.arange(5), [layer])[layer]  # (class, channel)
+    spread = concept.amax(0) * concept.amin(0)  # < 0: positive for one class and negative for another
+    channel = int(spread.argmin())
+    assert spread[channel] < 0, "no concept with opposite signs for two classes on this model"
+    against, towards = int(concept[:, channel].argmin()), int(concept[:, channel].argmax())
+    layer_only = _zennit_masked(model, x, None, module, channel, start_at_layer=True).sum(1)[0]
+    for target in (against, towards):
+        ours = refs.conditional_maps(lrp, x, [target], layer, [channel])[0]
+        theirs = _zennit_masked(model, x, target, module, channel, start_at_layer=False).sum(1)[0]
+        assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 1e-9
+        assert float(ours.sum()) * float(concept[target, channel]) > 0  # the concept's sign for this class
+    assert float(concept[against, channel]) < 0 < float(layer_only.sum())  # zennit-crp's map: inverted
+    ours_against = refs.conditional_maps(lrp, x, [against], layer, [channel])[0]
+    assert float(torch.corrcoef(torch.stack([ours_against.flatten(), layer_only.flatten()]))[0, 1]) < 0
+
+
+# ------------------------------------------------------------------------------------------------ references
+def test_references_are_the_relmax_images_cut_to_the_neurons_receptive_field(concept_run):
+    """Each channel's references are its RelMax rows in rank order (overall and per class); each picture is the
+    run's crop of the image and the conditional map for the image's explained class, both cut to input_box of the
+    RelMax neuron."""
+    from lrp_module.receptive_field import input_box
+
+    concepts = open_concepts(concept_run, refs.ConceptsError)
+    lrp = refs.run_lrp(concepts.manifest, torch.float64)
+    relmax = concepts.relmax
+    stats = concepts.stats.set_index("image_id")
+    for klass in (None, int(concepts.stats["target"].iloc[0])):
+        found = refs.references(concepts, lrp, LAYER, [0, 5], klass, n=3)
+        for channel, shown in found.items():
+            table = relmax[(relmax["channel"] == channel) & (relmax["class"].isna() if klass is None
+                                                             else relmax["class"] == klass)].sort_values("rank")
+            assert [r.image_id for r in shown] == table["image_id"].head(3).tolist()
+            for ref, neuron in zip(shown, table["neuron"]):
+                x0, y0, x1, y1 = ref.box
+                assert ref.box == tuple(int(v) for v in input_box(lrp, LAYER, int(neuron), (SIZE, SIZE)))
+                assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+                x, picture = refs.load_image(stats.loc[ref.image_id, "path"], None, SIZE)
+                target = int(stats.loc[ref.image_id, "target"])
+                assert ref.target == target
+                full = lrp.concept_maps(x[None].double(), [target], [{LAYER: [channel]}])[0, 0].numpy()
+                np.testing.assert_array_equal(ref.image, picture[y0:y1, x0:x1])
+                assert ref.heatmap.dtype == np.float64
+                np.testing.assert_allclose(ref.heatmap, full[y0:y1, x0:x1], rtol=0, atol=1e-9 * np.abs(full).max())
+
+
+def test_make_concepts_writes_each_reference_and_a_grid_per_channel(concept_run, tmp_path, capsys):
+    layout = RunLayout(concept_run)
+    assert cli_main(["concepts", str(concept_run), "--layer", LAYER, "--channels", "3,1", "--references", "2"]) == 0
+    names = sorted(p.name for p in layout.concept_references.iterdir())
+    stem = LAYER
+    assert names == sorted([f"{stem}-c{c}-{kind}.png" for c in (1, 3) for kind in ("grid",)]
+                           + [f"{stem}-c{c}-r{r}-{kind}.png" for c in (1, 3) for r in (0, 1)
+                              for kind in ("image", "heatmap")])
+    assert all(path.parent == layout.concept_references for path in layout.own_files()
+               if path.name in names) and {p.name for p in layout.own_files()} >= set(names)
+    grid = np.asarray(Image.open(layout.concept_references / f"{stem}-c1-grid.png"))
+    assert grid.shape == (2 * refs.GRID_TILE + 2, 2 * (refs.GRID_TILE + 2), 3)
+    # default: the most relevant channels by mean concept relevance over the run (per class with --class)
+    concepts = open_concepts(concept_run, refs.ConceptsError)
+    with h5py.File(concept_run / concepts.stats["shard"].iloc[0]) as handle:
+        assert handle[concept_dataset(LAYER)].shape[1] == concepts.channels(LAYER)
+    mean = concepts.relevance(LAYER).mean(0)
+    assert refs.choose_channels(concepts, LAYER, None, None, 3) == np.argsort(-mean)[:3].tolist()
+    out = tmp_path / "refs"
+    klass = int(concepts.stats["target"].iloc[0])
+    assert cli_main(["concepts", str(concept_run), "--layer", LAYER, "--class", str(klass), "--references", "1",
+                     "--out", str(out)]) == 0
+    grids = sorted(p.name for p in out.glob("*-grid.png"))
+    assert len(grids) == refs.DEFAULT_CHANNELS and all(f"-k{klass}-" in name for name in grids)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layer", "features.99"], r"unknown concept layer 'features.99': the run has concept data for features.12"),
+    (["--layer", LAYER, "--channels", "2,32"], r"channel 32 is out of range: features.12 has 32 channels"),
+    (["--layer", LAYER, "--channels", "a,b"], r"--channels must be comma-separated channel numbers"),
+    (["--layer", LAYER, "--class", "99"], r"class 99: no image of the run was explained for it"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(concept_run, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert cli_main(["concepts", str(concept_run), *args, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and re.search(message, error), error
+    assert not out.exists()
+
+
+def test_a_run_without_concept_data_is_one_line(tmp_path, capsys):
+    run = synthesise_run(tmp_path / "plain", stats_table(8, 2, ["/nowhere.jpg"], size=32, shard_size=8), size=32,
+                         shard_size=8)
+    assert cli_main(["concepts", str(run), "--layer", LAYER]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "has no concept data" in error
+    assert not RunLayout(run).concept_references.exists()
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def test_report_shows_each_classs_top_concepts_with_references_and_a_conditional_map(concept_run, tmp_path):
+    index = build_report(concept_run, tmp_path / "report")
+    page = index.read_text()
+    body = page.split('<section id="concepts">', 1)[1].split("</section>", 1)[0]
+    frame = pd.read_parquet(concept_run / "stats")
+    with_relevance = []
+    for shard, group in frame.groupby("shard"):
+        with h5py.File(concept_run / shard) as handle:
+            with_relevance.append(group.assign(_r=list(handle[concept_dataset(LAYER)][group["row"].tolist()])))
+    frame = pd.concat(with_relevance)
+    for klass, group in frame.groupby("target"):
+        mean = np.stack(group["_r"]).mean(0)
+        top = np.argsort(-mean, kind="stable")[:3]
+        shares = mean[top] / np.abs(mean).sum()
+        cell = ", ".join(f"{c} ({s:.0%})" for c, s in zip(top, shares))
+        assert f"<td>{klass}</td>" in body and cell in body, (klass, cell)
+        for channel in top:  # every shown class (the run has fewer than CLASSES_SHOWN)
+            stem = f"img/concept-{LAYER}-c{channel}-k{klass}"
+            assert f'src="{stem}-grid.png"' in body and f'src="{stem}-example-heatmap.png"' in body
+    for source in re.findall(r'src="([^"]+)"', page):
+        assert (index.parent / source).is_file(), source
+    plain = tmp_path / "plain"
+    shutil.copytree(concept_run, plain)
+    relmax_file(RunLayout(plain)).unlink()
+    assert 'id="concepts"' not in build_report(plain).read_text()
