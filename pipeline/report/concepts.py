@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from ..concepts import references as refs
@@ -62,29 +63,40 @@ def _save_grid(found: list[refs.ReferenceImage], path: Path, cmap: str) -> None:
     refs.grid(found, cmap, TILE).save(path, compress_level=1)
 
 
-def _example(concepts: RunConcepts, lrp, layer: str, klass: int, channel: int, images: Path, prefix: str,
-             stem: str, cmap: str) -> str:
-    """The concept's conditional map on one of the class's images: image, map and overlay as one figure."""
-    row = _class_example(concepts, layer, klass, channel)
-    member = row["member"] if isinstance(row["member"], str) else None
-    try:
-        x, picture = refs.load_image(row["path"], member, concepts.size)
-    except refs.DecodeError as error:
-        return f'<p class="note">{escape(str(row["image_id"]))}: image not available ({escape(str(error))})</p>'
-    heat = refs.conditional_maps(lrp, x[None], [klass], layer, [channel])[0].float().numpy()
-    names = [f"{stem}-example-{kind}.png" for kind in ("image", "heatmap", "overlay")]
-    Image.fromarray(picture).save(images / names[0], compress_level=1)
-    heatmap_image(heat, cmap).save(images / names[1], compress_level=1)
-    Image.fromarray(overlay(picture, heat, cmap)).save(images / names[2], compress_level=1)
-    tile = html.Tile(str(row["image_id"]), prefix + names[1], prefix + names[0], prefix + names[2],
-                     [f"concept {channel}'s map for class {klass}", f"concept relevance {row['_value']:.3g}"])
-    return html.tile(tile)
+def _examples(concepts: RunConcepts, lrp, layer: str, klass: int, channels: list[int], images: Path, prefix: str,
+              cmap: str) -> dict[int, str]:
+    """Channel -> its conditional map on one of the class's images (image, map and overlay as one figure), the
+    channels' maps computed in one batch."""
+    figures, loaded = {}, []
+    for channel in channels:
+        row = _class_example(concepts, layer, klass, channel)
+        member = row["member"] if isinstance(row["member"], str) else None
+        try:
+            loaded.append((channel, row, *refs.load_image(row["path"], member, concepts.size)))
+        except refs.DecodeError as error:
+            figures[channel] = (f'<p class="note">{escape(str(row["image_id"]))}: image not available '
+                                f"({escape(str(error))})</p>")
+    if not loaded:
+        return figures
+    maps = refs.conditional_maps(lrp, torch.stack([item[2] for item in loaded]), [klass] * len(loaded), layer,
+                                 [item[0] for item in loaded])
+    for (channel, row, _, picture), heat in zip(loaded, maps.float().numpy()):
+        stem = f"concept-{refs.file_stem(layer, channel, klass)}"
+        names = [f"{stem}-example-{kind}.png" for kind in ("image", "heatmap", "overlay")]
+        Image.fromarray(picture).save(images / names[0], compress_level=1)
+        heatmap_image(heat, cmap).save(images / names[1], compress_level=1)
+        Image.fromarray(overlay(picture, heat, cmap)).save(images / names[2], compress_level=1)
+        tile = html.Tile(str(row["image_id"]), prefix + names[1], prefix + names[0], prefix + names[2],
+                         [f"concept {channel}'s map for class {klass}", f"concept relevance {row['_value']:.3g}"])
+        figures[channel] = html.tile(tile)
+    return figures
 
 
 def _class_block(run: RunData, concepts: RunConcepts, lrp, layer: str, klass: int, names: dict[int, str],
                  images: Path, prefix: str, cmap: str) -> str:
     chosen = top_concepts(concepts, layer, klass)
     found = refs.references(concepts, lrp, layer, [c for c, _, _ in chosen], klass, REFERENCES_SHOWN)
+    examples = _examples(concepts, lrp, layer, klass, [c for c, _, _ in chosen], images, prefix, cmap)
     title = f"{names.get(klass, str(klass))} (class {klass})"
     count = int((concepts.stats["target"] == klass).sum())
     parts = [f'<h3 id="concepts-{escape(refs.file_stem(layer, 0, klass))}">{escape(title)}: {count:,} images</h3>']
@@ -97,7 +109,7 @@ def _class_block(run: RunData, concepts: RunConcepts, lrp, layer: str, klass: in
             grid_html = (f'<figure><img class="grid" src="{escape(prefix + stem)}-grid.png" alt="concept {channel}: '
                          f'reference crops and their conditional maps"><figcaption>references (RelMax for class '
                          f'{klass}): crops above, conditional maps below</figcaption></figure>')
-        example = _example(concepts, lrp, layer, klass, channel, images, prefix, stem, cmap)
+        example = examples[channel]
         parts.append(f'<p class="note">concept {channel} of {escape(layer)}: mean relevance {mean:.3g} '
                      f'({share:.0%} of the class\'s |relevance| at the layer)</p>')
         parts.append(f'<div class="gallery">{example}{grid_html}</div>')
