@@ -27,6 +27,8 @@ from lrp_module.oracle import Float64Oracle, numeric_settings, probe_record
 from lrp_module.weights_recipe import IMAGENET_MEAN, IMAGENET_RECIPE, IMAGENET_STD
 from lrp_module.zoo import WeightsInfo, build_model
 
+from .concept_check import ConceptReference
+from .concepts import ConceptOutputs, ConceptRequest, concepts_record
 from .runner import METADATA_KEY
 from .sidecar import SIDECAR
 from .verify import Reference, verify_artifacts
@@ -59,12 +61,17 @@ class ExportConfig:
     example_batch: int = 2
     num_classes: int | None = None
     composite_params: dict = field(default_factory=dict)
+    concepts: ConceptRequest | None = None  # concept outputs (CRP) after logits and relevance (export/concepts.py)
 
     def validate(self) -> None:
         unknown = [f for f in self.formats if f not in FILENAMES]
         if unknown:
             raise ExportError(f"unknown format(s) {unknown}; choose from {', '.join(FILENAMES)}")
         get_composite(self.composite, **self.composite_params)  # unknown name or parameters: one clear line
+        concepts = self.concepts
+        if concepts is not None and (not concepts.layers or isinstance(concepts.maps, bool)
+                                     or not isinstance(concepts.maps, int) or concepts.maps < 0):
+            raise ExportError(f"concepts need at least one layer and maps >= 0, got {concepts}")
         if self.example_batch < 2:
             raise ExportError("example_batch must be >= 2 (a batch of 1 would be specialised by the exporters)")
 
@@ -81,7 +88,7 @@ def metadata(config: ExportConfig, lrp: LRPModel, info: WeightsInfo) -> dict:
     import onnx
     import onnxruntime
 
-    return {
+    record = {
         "format_version": 1,
         "model": config.model,
         "weights": info.to_dict(),
@@ -99,6 +106,16 @@ def metadata(config: ExportConfig, lrp: LRPModel, info: WeightsInfo) -> dict:
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if config.concepts is not None:  # the outputs after logits and relevance, in order (export/concepts.py)
+        concepts = concepts_record(lrp, config.concepts, config.height, config.width)
+        record["concepts"] = concepts.record()
+        shapes = [*(["N", layer.channels] for layer in concepts.layers)] * 2
+        if concepts.maps:
+            maps = ["N", concepts.maps, config.height, config.width] if config.channel_sum \
+                else ["N", concepts.maps, 3, config.height, config.width]
+            shapes += [["N", concepts.maps], maps]
+        record["outputs"].update(zip(concepts.output_names()[2:], shapes))
+    return record
 
 
 def example_inputs(config: ExportConfig, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +170,7 @@ class SizeChecked(nn.Module):
         self.module, self.height, self.width = module, height, width
         self.check = torch.jit.script(_check_input_size)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.module(self.check(x, self.height, self.width), target)
 
 
@@ -178,13 +195,14 @@ def _export_program(module, inputs, meta: str, path: Path) -> None:
 def _export_onnx(module, inputs, meta: str, path: Path) -> None:
     import onnx
 
+    names = list(json.loads(meta)["outputs"])  # logits, relevance and any concept outputs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # optimize=False: the exporter's graph optimiser drops `z + 1e-9` as a no-op (seen with onnxscript
         # 0.7.2), which turns the montavon/seed stabilisers into 0/0; onnxruntime optimises the graph anyway
         program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=_dynamic_batch(), verbose=False,
                                     optimize=False, input_names=["x", "target"],
-                                    output_names=["logits", "relevance"])
+                                    output_names=names)
     proto = program.model_proto
     if proto.ByteSize() >= ONNX_LIMIT:
         raise ExportError(f"the ONNX model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB for "
@@ -214,7 +232,11 @@ def reference_batch(lrp: LRPModel, source: nn.Module, config: ExportConfig) -> R
     eager = (eager_logits, eager_relevance.sum(1) if config.channel_sum else eager_relevance)
     outputs = {kind: {"logits": logits, "relevance": relevance}
                for kind, (logits, relevance) in (("float64", float64), ("eager", eager))}
-    return Reference(x, target, outputs["float64"], outputs["eager"])
+    concepts = None
+    if config.concepts is not None:  # each layer's relevance in float64 (one image at a time) and eager float32
+        record = concepts_record(lrp, config.concepts, config.height, config.width)
+        concepts = ConceptReference.build(lrp, source, config.concepts, record, x, target, config.channel_sum)
+    return Reference(x, target, outputs["float64"], outputs["eager"], concepts)
 
 
 def write_artifacts(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_dir: str | os.PathLike,
@@ -247,7 +269,8 @@ def _write_set(lrp: LRPModel, info: WeightsInfo, config: ExportConfig, out_dir: 
     """Write and verify the artifacts and the sidecar into the (temporary) folder out_dir; the sidecar record."""
     meta = metadata(config, lrp, info)
     meta_json = json.dumps(meta)
-    module = lrp.exportable(channel_sum=config.channel_sum).eval()
+    module = (ConceptOutputs(lrp, config.concepts, config.channel_sum) if config.concepts is not None
+              else lrp.exportable(channel_sum=config.channel_sum)).eval()
     inputs = example_inputs(config)
     written: dict[str, str] = {}
     for fmt in config.formats:

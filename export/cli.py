@@ -9,6 +9,7 @@ from lrp_module.composites import COMPOSITES
 from lrp_module.zoo import MODEL_NAMES, WeightsError
 
 from .artifacts import FILENAMES, ExportConfig, ExportError, VerificationError, export_artifacts
+from .concepts import ConceptRequest
 from .runner import ArtifactError
 
 EXIT_CODES = ("exit codes (as `python -m pipeline explain`): 0 written and verified; 1 written, but an artifact "
@@ -40,6 +41,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="classes of a random or file model")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-verify", action="store_true", help="skip the fresh-process check against eager LRP")
+    p.add_argument("--concepts", default=None, metavar="LAYERS",
+                   help="concept outputs (CRP) at these layers (comma-separated module names, e.g. features.28): "
+                        "each layer's concept relevance and most relevant neurons, and concept maps")
+    p.add_argument("--concept-maps", type=int, default=8, metavar="K",
+                   help="with --concepts: each image's K most relevant channels' conditional maps (0 = none)")
+    p.add_argument("--concept-maps-layer", default=None, help="with --concepts: the maps' layer (default: the first)")
+    p.add_argument("--include-parallel", action="store_true",
+                   help="with --concepts: keep relevance reaching the input around the conditioned layer "
+                        "(CRP's exclude_parallel=False)")
     return p
 
 
@@ -50,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         rescale_top_k=args.rescale_top_k, height=args.size[0], width=args.size[1],
         channel_sum=not args.per_channel, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
         num_classes=args.num_classes,
+        concepts=ConceptRequest(tuple(name.strip() for name in args.concepts.split(",") if name.strip()),
+                                args.concept_maps_layer, args.concept_maps, not args.include_parallel)
+        if args.concepts is not None else None,
     )
     try:
         record = export_artifacts(config, args.out, verify=not args.no_verify)

@@ -7,6 +7,9 @@ Copy it next to your artifacts to use them anywhere:
     from runner import load_artifact
     explain = load_artifact("lrp.onnx")              # or lrp.torchscript.pt, lrp.pt2
     logits, relevance = explain(x, target)           # numpy in, numpy out; target -1 = predicted class
+
+An artifact exported with concepts (`--concepts`) returns more outputs after these two, in the order of the keys of
+its metadata's "outputs" (`output_names(path)`): concept relevance, most relevant neurons, channels and maps.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ def artifact_format(path: str | Path) -> str:
 
 
 def load_artifact(path: str | Path, device: str = "cpu") -> Callable[[np.ndarray, np.ndarray], tuple]:
-    """A function (x float32 (N,3,H,W), target int64 (N,)) -> (logits, relevance) as numpy arrays. Every format
-    runs at the exported input size only (the batch size is free); another size is an ArtifactError."""
+    """A function (x float32 (N,3,H,W), target int64 (N,)) -> (logits, relevance, ...) as numpy arrays (the
+    outputs `output_names` lists). Every format runs at the exported input size only (the batch size is free);
+    another size is an ArtifactError."""
     path = Path(path)
     kind = artifact_format(path)
     if not path.is_file():
@@ -67,6 +71,12 @@ def _size_checked(path: Path, run: Callable) -> Callable[[np.ndarray, np.ndarray
     return checked
 
 
+def output_names(path: str | Path) -> list[str]:
+    """The artifact's outputs in order: its metadata's "outputs" keys (logits, relevance, then any concept
+    outputs)."""
+    return list(read_metadata(path)["outputs"])
+
+
 def read_metadata(path: str | Path) -> dict:
     """The provenance stored inside an artifact."""
     path = Path(path)
@@ -93,10 +103,9 @@ def _load_onnx(path: Path, device: str):
         providers.insert(0, "CUDAExecutionProvider")
     session = ort.InferenceSession(str(path), providers=providers)
 
-    def run(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, relevance = session.run(None, {"x": np.ascontiguousarray(x, np.float32),
-                                               "target": np.ascontiguousarray(target, np.int64)})
-        return logits, relevance
+    def run(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(session.run(None, {"x": np.ascontiguousarray(x, np.float32),
+                                        "target": np.ascontiguousarray(target, np.int64)}))
     return run
 
 
@@ -109,10 +118,10 @@ def _load_torch(path: Path, kind: str, device: str):
         module = torch.export.load(str(path)).module()
         module.to(device)
 
-    def run(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
         with torch.no_grad():
-            logits, relevance = module(torch.as_tensor(x, device=device), torch.as_tensor(target, device=device))
-        return logits.cpu().numpy(), relevance.cpu().numpy()
+            outputs = module(torch.as_tensor(x, device=device), torch.as_tensor(target, device=device))
+        return tuple(output.cpu().numpy() for output in outputs)
     return run
 
 
@@ -130,10 +139,11 @@ def main(argv: list[str]) -> int:
         print("usage: runner.py ARTIFACT INPUTS.npz OUTPUTS.npz", file=sys.stderr)
         return 2
     sys.meta_path.insert(0, _RefuseProjectImports())
-    artifact, inputs, outputs = argv
+    artifact, inputs, saved = argv
     batch = np.load(inputs)
     try:
-        logits, relevance = load_artifact(artifact)(batch["x"], batch["target"])
+        outputs = load_artifact(artifact)(batch["x"], batch["target"])
+        names = output_names(artifact)
     except ArtifactError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -141,7 +151,10 @@ def main(argv: list[str]) -> int:
     if leaked:
         print(f"error: project modules were imported: {leaked}", file=sys.stderr)
         return 1
-    np.savez(outputs, logits=logits, relevance=relevance)
+    if len(names) != len(outputs):
+        print(f"error: {artifact}: {len(outputs)} outputs, its metadata names {len(names)}", file=sys.stderr)
+        return 1
+    np.savez(saved, **dict(zip(names, outputs)))
     return 0
 
 

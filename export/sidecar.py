@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .concepts import ConceptLayerRecord, ConceptsRecord
 from .json_fields import Fields
 from .runner import ArtifactError
 
@@ -50,6 +51,7 @@ class ArtifactMetadata:
     class_names: tuple[str, ...] | None = None
     input_size: tuple[int, int] | None = None  # (height, width) the artifact was exported for
     versions: Mapping[str, str] = field(default_factory=dict)
+    concepts: ConceptsRecord | None = None  # the concept outputs it computes (export/concepts.py); None: none
 
     @classmethod
     def from_record(cls, record: Any, where: str, error: type[Exception] = SidecarError,
@@ -69,7 +71,21 @@ class ArtifactMetadata:
                    start=composite.text("start", DEFAULT_START) if composite else DEFAULT_START,
                    class_count=logits[1] if logits else None, class_names=fields.texts("class_names", None),
                    input_size=(shape[-2], shape[-1]) if shape else None,
-                   versions={str(k): str(v) for k, v in versions.items()})
+                   versions={str(k): str(v) for k, v in versions.items()},
+                   concepts=_concepts(fields.child("concepts", None)))
+
+
+def _concepts(fields: Fields | None) -> ConceptsRecord | None:
+    """The metadata's "concepts" (an export with concept outputs), each field checked."""
+    if fields is None:
+        return None
+    layers = []
+    for i, item in enumerate(fields.items("layers")):
+        layer = Fields(item, fields.where, fields.error, f"{fields.prefix}.layers[{i}]")
+        layers.append(ConceptLayerRecord(layer.text("name"), layer.integer("channels"), layer.integer("height"),
+                                         layer.integer("width")))
+    return ConceptsRecord(tuple(layers), fields.text("maps_layer", None), fields.integer("maps", 0),
+                          fields.flag("exclude_parallel", True))
 
 
 @dataclass(frozen=True)

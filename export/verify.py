@@ -20,6 +20,7 @@ import torch
 from lrp_module import oracle
 
 from . import runner
+from .concept_check import ConceptReference, check_concepts
 
 OUTPUTS = ("logits", "relevance")
 FLOORS = {"logits": oracle.LOGITS_FLOOR, "relevance": oracle.FLOOR}
@@ -38,6 +39,7 @@ class Reference:
     target: torch.Tensor
     float64: dict[str, torch.Tensor]
     eager: dict[str, torch.Tensor]
+    concepts: ConceptReference | None = None  # an artifact with concept outputs (export/concept_check.py)
 
     def eager_error(self, key: str) -> float:
         return oracle.compare(self.eager[key], self.float64[key]).worst
@@ -61,7 +63,8 @@ def run_fresh(artifact: Path, x: np.ndarray, target: np.ndarray, timeout_s: floa
 
 
 def check_outputs(name: str, got: dict[str, np.ndarray], reference: Reference) -> dict:
-    """One artifact's outputs against float64: ok when each is within the bound derived from eager float32."""
+    """One artifact's outputs against float64: ok when each is within the bound derived from eager float32 (the
+    concept outputs too, where the artifact has them)."""
     entry: dict = {"ok": True, "reference": "float64-cpu", "outputs": {}}
     problems, details = [], []
     for key in OUTPUTS:
@@ -73,6 +76,11 @@ def check_outputs(name: str, got: dict[str, np.ndarray], reference: Reference) -
         if not agreement.worst <= limit:  # NaN fails too
             problems.append(f"{key} {agreement.worst:.2e} exceeds the bound {limit:.1e} ({oracle.MULTIPLE:g} x eager "
                             f"float32's {eager:.1e}, floor {FLOORS[key]:.0e})")
+    if reference.concepts is not None:
+        outputs, concept_problems, concept_details = check_concepts(got, reference.concepts)
+        entry["outputs"].update(outputs)
+        problems += concept_problems
+        details += concept_details
     entry["ok"] = not problems
     entry["message"] = f"{name}: max relative difference to float64 " + (
         "; ".join(problems) if problems else ", ".join(details) + " (within the bounds)")

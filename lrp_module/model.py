@@ -405,7 +405,7 @@ class LRPModel(nn.Module):
                 continue
             step, wiring = self.steps[k], self.wiring[k]
             if plan is not None and k in plan.record:
-                recorded[k] = relevance
+                recorded[k] = relevance.clone()  # a copy: some rules divide their incoming relevance in place
             if k in masked:
                 if k == plan.top_k_step:
                     recorded[TOP_K_CHANNELS], mask = top_k_masks(channel_relevance(relevance), plan.top_k)

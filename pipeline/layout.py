@@ -78,6 +78,12 @@ class RunLayout:
         return self.root / "precision.json"
 
     @property
+    def relmax(self) -> Path:
+        """Relevance maximisation (CRP's RelMax and RelStats) over the whole run, merged by the driver from every
+        shard's concept outputs (pipeline/concepts/tables.py); only in a run with concepts."""
+        return self.root / "relmax.parquet"
+
+    @property
     def spray(self) -> Path:
         return self.root / self.SPRAY
 
@@ -137,7 +143,7 @@ class RunLayout:
     def own_files(self) -> Iterator[Path]:
         """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
         for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
-                     self.lock, self.report / "index.html", self.report / REPORT_OWN_FILES):
+                     self.relmax, self.lock, self.report / "index.html", self.report / REPORT_OWN_FILES):
             if path.is_file() or path.is_symlink():
                 yield path
         yield from self.temporary_files()

@@ -1,6 +1,7 @@
 """Reading a run folder for analysis (the report, SpRAy): is it a run, the side of its maps, its statistics by column
-(Parquet projection, no map read), and the maps of chosen rows, shard file by shard file (its manifest:
-run_manifest.py). Each reader passes its own error class, so that its messages name the culprit in its own terms."""
+(Parquet projection, no map read), the maps of chosen rows, shard file by shard file (its manifest:
+run_manifest.py), and a run's concept outputs (CRP: concept relevance, neurons, concept maps, relmax.parquet).
+Each reader passes its own error class, so that its messages name the culprit in its own terms."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -12,6 +13,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from .concepts import outputs as concept_outputs
+from .concepts.outputs import ConceptsRecord
+from .errors import PipelineError
 from .layout import RunLayout
 from .run_manifest import Manifest
 
@@ -78,3 +82,117 @@ def map_pieces(root: Path, rows: pd.DataFrame, size: int, error: type[Exception]
                     yield positions[start:start + size], relevance[unique.tolist()][inverse]
         except (OSError, KeyError, IndexError, ValueError, TypeError) as problem:
             raise error(f"{path}: cannot read maps ({problem})") from None
+
+
+# ---------------------------------------------------------------------------------------------- concepts (CRP)
+class ConceptsReadError(PipelineError, ValueError):
+    """A run's concept outputs cannot be read (no concepts in the run, unknown layer, unreadable shard)."""
+
+
+def concepts_record(layout: RunLayout, error: type[Exception] = ConceptsReadError) -> ConceptsRecord:
+    """What the run's concept outputs hold (layers with channels and grids, maps layer, K): the `concepts`
+    attribute of its relevance shards; `error` when the run has none."""
+    for shard in _relevance_shards(layout):
+        try:
+            with h5py.File(shard, "r") as handle:
+                text = handle.attrs.get(concept_outputs.ATTRIBUTE)
+        except OSError as problem:
+            raise error(f"{shard}: unreadable relevance shard ({problem})") from None
+        if text is not None:
+            return ConceptsRecord.from_json(text if isinstance(text, str) else text.decode())
+    raise error(f"{layout.root}: the run has no concept outputs (explain it with CONCEPTS=<layer> / `concepts:` in "
+                "configs/run.yaml)")
+
+
+def concept_relevance(layout: RunLayout, layer: str, normalised: bool = False,
+                      error: type[Exception] = ConceptsReadError) -> tuple[list[str], np.ndarray]:
+    """(image ids, (N, C) float32) every explained image's concept relevance at `layer` (summed over space), in
+    dataset order (shard by shard, row by row); normalised: divided by each row's sum of |R| (CRP's RelMax value)."""
+    ids, values = [], []
+    for _, handle_ids, value in _concept_arrays(layout, concept_outputs.relevance_name(layer), layer, error):
+        ids += handle_ids
+        values.append(value.astype(np.float32))
+    record = concepts_record(layout, error)
+    matrix = np.concatenate(values) if values else np.zeros((0, record.layer(layer).channels), np.float32)
+    if normalised:
+        matrix = (matrix / (np.abs(matrix).sum(axis=1, keepdims=True) + 1e-10)).astype(np.float32)
+    return ids, matrix
+
+
+def concept_positions(layout: RunLayout, layer: str, error: type[Exception] = ConceptsReadError
+                      ) -> tuple[list[str], np.ndarray]:
+    """(image ids, (N, C) int64) each channel's most relevant neuron at `layer` as a flat position in the layer's
+    grid (`concepts_record(...).layer(layer)`: height x width), in dataset order."""
+    ids, values = [], []
+    for _, handle_ids, value in _concept_arrays(layout, concept_outputs.position_name(layer), layer, error):
+        ids += handle_ids
+        values.append(value.astype(np.int64))
+    return ids, np.concatenate(values) if values else np.zeros((0, 0), np.int64)
+
+
+def concept_maps(layout: RunLayout, rows: pd.DataFrame, error: type[Exception] = ConceptsReadError
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(channels (M, K) int64, maps (M, K, H, W) float32) of the statistics rows `rows` (columns `shard`, `row`;
+    e.g. rows of read_stats or relmax_table), in their order: each image's K most relevant channels of the maps
+    layer and their conditional maps."""
+    if concepts_record(layout, error).maps == 0:
+        raise error(f"{layout.root}: the run has no concept maps (concepts.maps: 0)")
+    channels: list[np.ndarray] = [np.zeros((0, 0), np.int64)] * len(rows)
+    maps: list[np.ndarray] = [np.zeros((0, 0, 0, 0), np.float32)] * len(rows)
+    frame = pd.DataFrame({"shard": rows["shard"].to_numpy(), "row": rows["row"].to_numpy(),
+                          "_position": np.arange(len(rows))})
+    root = layout.root.resolve()
+    for shard, group in frame.groupby("shard", sort=True):
+        path = (layout.root / shard).resolve()
+        if not path.is_relative_to(root):
+            raise error(f"shard {shard!r} lies outside the run directory {layout.root}")
+        wanted = group["row"].to_numpy()
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        try:
+            with h5py.File(path, "r") as handle:
+                got_channels = handle[concept_outputs.CHANNELS][unique.tolist()][inverse]
+                got_maps = handle[concept_outputs.MAPS][unique.tolist()][inverse].astype(np.float32)
+        except (OSError, KeyError, IndexError, ValueError, TypeError) as problem:
+            raise error(f"{path}: cannot read concept maps ({problem})") from None
+        for position, c, m in zip(group["_position"], got_channels, got_maps):
+            channels[position], maps[position] = c.astype(np.int64), m
+    if not len(rows):
+        return np.zeros((0, 0), np.int64), np.zeros((0, 0, 0, 0), np.float32)
+    return np.stack(channels), np.stack(maps)
+
+
+def relmax_table(layout: RunLayout, layer: str | None = None, error: type[Exception] = ConceptsReadError
+                 ) -> pd.DataFrame:
+    """relmax.parquet (columns: pipeline/schema.py RELMAX_SCHEMA): per layer, channel and class (null: all images)
+    the most relevant images by rank; only `layer`'s rows when given."""
+    if not layout.relmax.is_file():
+        raise error(f"{layout.relmax}: no relevance maximisation table (the run has no concepts, or has not "
+                    "finished)")
+    try:
+        table = pd.read_parquet(layout.relmax, filters=[("layer", "==", layer)] if layer is not None else None)
+    except (OSError, pa.ArrowException) as problem:
+        raise error(f"{layout.relmax}: unreadable ({problem})") from None
+    return table
+
+
+def _relevance_shards(layout: RunLayout) -> list[Path]:
+    folder = layout.root / RunLayout.RELEVANCE
+    return sorted(folder.glob("shard-*.h5")) if folder.is_dir() else []
+
+
+def _concept_arrays(layout: RunLayout, name: str, layer: str, error: type[Exception]
+                    ) -> Iterator[tuple[Path, list[str], np.ndarray]]:
+    """(shard, image ids, the dataset `name`) of each relevance shard with explained images, in shard order."""
+    try:
+        concepts_record(layout, error).layer(layer)
+    except KeyError as problem:
+        raise error(f"{layout.root}: {problem.args[0]}") from None
+    for shard in _relevance_shards(layout):
+        try:
+            with h5py.File(shard, "r") as handle:
+                if handle["relevance"].shape[0] == 0:
+                    continue  # a shard none of whose images was explained
+                ids = [i.decode() if isinstance(i, bytes) else str(i) for i in handle["image_id"][:]]
+                yield shard, ids, handle[name][:]
+        except (OSError, KeyError) as problem:
+            raise error(f"{shard}: cannot read {name} ({problem})") from None

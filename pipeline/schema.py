@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-GROUPS = ("record", "prediction", "map", "localisation", "faithfulness", "bookkeeping")
+GROUPS = ("record", "prediction", "map", "localisation", "faithfulness", "concepts", "bookkeeping")
 # columns the worker fills in from the image record, its boxes, the class names and the batch's bookkeeping;
 # every other statistics column is computed by pipeline/stats.py or pipeline/faithfulness.py
 SUPPLIED_GROUPS = ("record", "bookkeeping")
@@ -32,6 +32,10 @@ class Column:
         """The Arrow field as the files store it (the doc as metadata; the group is not written)."""
         return pa.field(self.name, self.kind, nullable=self.nullable, metadata={"doc": self.doc})
 
+
+# one concept layer's top channels in a statistics row (`concepts_by_layer`)
+CONCEPT_LAYER_TOP = pa.struct([pa.field("layer", pa.string()), pa.field("top", pa.list_(pa.int64())),
+                               pa.field("share", pa.list_(pa.float32()))])
 
 STATS_COLUMNS = (
     Column("image_id", pa.string(), "image id (file stem), unique in the dataset", "record", False),
@@ -85,6 +89,14 @@ STATS_COLUMNS = (
            "target logit after k = 0..flip_steps regions perturbed, in a random order (the baseline)", "faithfulness"),
     Column("flip_seconds", pa.float32(), "pixel flipping time (both orders) of the image's batch, per image",
            "faithfulness"),
+    # concepts (CRP, pipeline/concepts/), null unless the run has `concepts: layers`; share = value / sum |R| over
+    # the layer's channels (CRP's normalisation)
+    Column("concepts_top", pa.list_(pa.int64()), "the first concept layer's (`concepts.maps_layer`'s) `concepts.top` "
+           "most relevant channels, most relevant first (by summed relevance at the layer's output)", "concepts"),
+    Column("concepts_top_share", pa.list_(pa.float32()), "their relevance shares: each channel's relevance / the sum "
+           "of |relevance| over the layer's channels", "concepts"),
+    Column("concepts_by_layer", pa.list_(CONCEPT_LAYER_TOP), "every concept layer's top channels and shares, in "
+           "`concepts.layers` order: {layer, top, share}", "concepts"),
 )
 
 FAILURE_COLUMNS = (
@@ -96,8 +108,29 @@ FAILURE_COLUMNS = (
     Column("shard", pa.int64(), "shard index", "bookkeeping", False),
 )
 
+# relmax.parquet (pipeline/concepts/tables.py): relevance maximisation (CRP's RelMax) and its per-class form (RelStats)
+RELMAX_COLUMNS = (
+    Column("layer", pa.string(), "the concept layer (a module name, `concepts.layers`)", "concepts", False),
+    Column("channel", pa.int64(), "the channel (concept) of the layer", "concepts", False),
+    Column("class", pa.int64(), "the class explained (`target` of the statistics; null: over all images, RelMax)",
+           "concepts"),
+    Column("rank", pa.int64(), "0 = the image with the largest value for this channel (and class); ties by dataset "
+           "order", "concepts", False),
+    Column("image_id", pa.string(), "the image (joins the statistics' `image_id`)", "concepts", False),
+    Column("shard", pa.string(), "relevance shard file holding the image's maps and concept outputs", "concepts",
+           False),
+    Column("row", pa.int64(), "row of the image in that shard", "concepts", False),
+    Column("value", pa.float32(), "the channel's relevance (summed over space) / the sum of |relevance| over the "
+           "layer's channels: CRP's normalised RelMax value", "concepts", False),
+    Column("neuron", pa.int64(), "flat position of the channel's most relevant neuron in the layer's output grid: "
+           "neuron_row * width + neuron_col", "concepts", False),
+    Column("neuron_row", pa.int64(), "its row in the layer's output grid", "concepts", False),
+    Column("neuron_col", pa.int64(), "its column in the layer's output grid", "concepts", False),
+)
+
 STATS_SCHEMA = pa.schema([column.field() for column in STATS_COLUMNS])
 FAILURE_SCHEMA = pa.schema([column.field() for column in FAILURE_COLUMNS])
+RELMAX_SCHEMA = pa.schema([column.field() for column in RELMAX_COLUMNS])
 
 
 def columns_of(group: str, columns: Sequence[Column] = STATS_COLUMNS) -> tuple[str, ...]:
@@ -108,6 +141,7 @@ def columns_of(group: str, columns: Sequence[Column] = STATS_COLUMNS) -> tuple[s
 
 
 FLIP_COLUMNS = columns_of("faithfulness")  # pixel flipping's columns (pipeline/faithfulness.py)
+CONCEPT_COLUMNS = columns_of("concepts")  # the concept columns (pipeline/concepts/)
 
 
 # the relevance shard's per-image datasets, row for row with its `relevance` maps: stats columns (strings stored
@@ -186,9 +220,11 @@ def _as_list(values: Any) -> Sequence[Any]:
 
 
 def _plain(value: Any) -> Any:
-    """Tensors and arrays via tolist, tuples as lists, nested."""
+    """Tensors and arrays via tolist, tuples as lists, mappings (structs) as dicts, nested."""
     if hasattr(value, "tolist"):
         return value.tolist()
+    if isinstance(value, Mapping):  # a struct
+        return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, Iterable) and not isinstance(value, str):
         return [_plain(item) for item in value]
     return value
