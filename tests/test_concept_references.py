@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import h5py
@@ -28,20 +26,23 @@ from bench.synthetic_run import stats_table, synthesise_run
 from demo import shapes
 from lrp_module import LRPModel
 from lrp_module.concepts import ConceptPlan, channel_relevance, normalise
+from lrp_module.receptive_field import crop, input_box
 from lrp_module.zoo import build_model
 from pipeline.cli import main as cli_main
+from pipeline.concepts import outputs
 from pipeline.concepts import references as refs
+from pipeline.concepts.outputs import ConceptLayerRecord, ConceptsRecord
 from pipeline.concepts.relmax import RelMax, image_key
-from pipeline.concepts.run_concepts import concept_dataset, open_concepts, relmax_file
+from pipeline.concepts.run_concepts import open_concepts
 from pipeline.datasets import load_records
 from pipeline.layout import RunLayout
 from pipeline.report import build_report
-from pipeline.schema import STATS_SCHEMA
+from pipeline.schema import RELMAX_SCHEMA, STATS_SCHEMA
 
 from .helpers import make_tiny_vgg
 
 pytestmark = pytest.mark.timeout(180)
-LAYER = "features.12"  # vgg-shapes: the third convolution, 32 channels, 16 x 16 at 64 px
+LAYER = "features.12"  # vgg-shapes: the fourth convolution, 32 channels, 8 x 8 at 64 px
 COMPOSITE = "epsilon_plus_flat"
 SIZE = shapes.IMAGE_SIZE
 RELMAX_N = 4
@@ -49,7 +50,9 @@ SHARD_SIZE = 8
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _relmax_table(relmax: RelMax, layer: str, shard_of, row_of, id_of) -> pa.Table:
+def _relmax_table(relmax: RelMax, layer: str, width: int, frame: pd.DataFrame, keys: np.ndarray) -> pa.Table:
+    """relmax.parquet's rows (RELMAX_SCHEMA) of one layer's RelMax."""
+    where = dict(zip(keys.tolist(), range(len(frame))))
     rows = []
     for klass, table in [(None, relmax.overall), *sorted(relmax.per_class.items())]:
         for channel in range(relmax.channels):
@@ -57,16 +60,18 @@ def _relmax_table(relmax: RelMax, layer: str, shard_of, row_of, id_of) -> pa.Tab
                 key = int(table.keys[channel, rank])
                 if key < 0:
                     continue
+                i, neuron = where[key], int(table.positions[channel, rank])
                 rows.append({"layer": layer, "channel": channel, "class": klass, "rank": rank,
-                             "image_id": id_of[key], "shard": shard_of[key], "row": row_of[key],
-                             "value": float(table.values[channel, rank]),
-                             "neuron": int(table.positions[channel, rank])})
-    return pa.Table.from_pylist(rows)
+                             "image_id": frame["image_id"][i], "shard": frame["shard"][i], "row": int(frame["row"][i]),
+                             "value": float(table.values[channel, rank]), "neuron": neuron,
+                             "neuron_row": neuron // width, "neuron_col": neuron % width})
+    return pa.Table.from_pylist(rows, schema=RELMAX_SCHEMA)
 
 
 def _write_concept_run(root: Path, images: Path) -> Path:
-    """A run of vgg-shapes over the images with concept data at LAYER, computed with the engine directly: the
-    statistics, maps, per-image concept relevance and RelMax table in the run's layout."""
+    """A run of vgg-shapes over the images with concept outputs at LAYER, computed with the engine directly and
+    written in the run's layout (pipeline/concepts/outputs.py, RELMAX_SCHEMA): statistics, maps, per-image concept
+    relevance and neuron positions, the concepts record, the RelMax table."""
     records = load_records(images)
     model, _ = build_model("vgg-shapes", "demo")
     lrp = LRPModel(model, COMPOSITE)
@@ -74,7 +79,7 @@ def _write_concept_run(root: Path, images: Path) -> Path:
     step = lrp.concept_layers[LAYER].step
     with torch.inference_mode():
         logits, relevance, recorded = lrp.propagate_concepts(x, None, ConceptPlan(record=(step,)))
-    at_layer = recorded[step]
+    at_layer = recorded[step].clone()
     pred = logits.argmax(1).numpy()
     frame = stats_table(len(records), 6, [r.path for r in records], size=SIZE, shard_size=SHARD_SIZE).to_pandas()
     names = np.array(shapes.CLASS_NAMES, dtype=object)
@@ -87,17 +92,19 @@ def _write_concept_run(root: Path, images: Path) -> Path:
     synthesise_run(root, table, size=SIZE, shard_size=SHARD_SIZE, map_of=lambda i: maps[i])
     raw = channel_relevance(at_layer).numpy()
     positions = at_layer.flatten(2).argmax(2).numpy()
+    height, width = at_layer.shape[-2:]
+    record = ConceptsRecord((ConceptLayerRecord(LAYER, raw.shape[1], height, width),), None, 0, True)
     for shard in sorted(frame["shard"].unique()):
         rows = frame.index[frame["shard"] == shard]
         with h5py.File(root / shard, "a") as handle:
-            handle.create_dataset(concept_dataset(LAYER), data=raw[rows].astype(np.float32))
+            handle.attrs[outputs.ATTRIBUTE] = record.to_json()
+            handle.create_dataset("image_id", data=frame["image_id"][rows].tolist())
+            handle.create_dataset(outputs.relevance_name(LAYER), data=raw[rows].astype(np.float32))
+            handle.create_dataset(outputs.position_name(LAYER), data=positions[rows].astype(np.int32))
     keys = image_key(frame.index // SHARD_SIZE, frame["row"].to_numpy())
     relmax = RelMax.empty(raw.shape[1], RELMAX_N)
     relmax.update(normalise(channel_relevance(at_layer)).numpy(), keys, positions, pred)
-    lookup = dict(zip(keys.tolist(), range(len(frame))))
-    pq.write_table(_relmax_table(relmax, LAYER, {k: frame["shard"][i] for k, i in lookup.items()},
-                                 {k: int(frame["row"][i]) for k, i in lookup.items()},
-                                 {k: frame["image_id"][i] for k, i in lookup.items()}), relmax_file(RunLayout(root)))
+    pq.write_table(_relmax_table(relmax, LAYER, width, frame, keys), RunLayout(root).relmax)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["config"].update(model="vgg-shapes", weights="demo", composite=COMPOSITE, dataset="shapes")
     manifest["weights"] = {"model": "vgg-shapes", "kind": "demo", "source": None, "sha256": None}
@@ -114,28 +121,6 @@ def shape_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def concept_run(tmp_path_factory, shape_images) -> Path:
     return _write_concept_run(tmp_path_factory.mktemp("runs") / "run", shape_images)
-
-
-@pytest.fixture(autouse=True)
-def receptive_field(monkeypatch):
-    """TEMPORARY until lrp_module/receptive_field.py (branch h-crp) is merged: a stand-in input_box (the neuron's
-    cell of the input grid with a margin) so that the crops can be checked against whatever box it gives."""
-    try:
-        import lrp_module.receptive_field  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    def input_box(lrp, layer, position, input_size):
-        h = w = 16  # vgg-shapes' LAYER at 64 px
-        row, col = divmod(position, w)
-        stride = input_size[0] // h
-        return (max(0, (col - 2) * stride), max(0, (row - 2) * stride), min(input_size[1], (col + 3) * stride),
-                min(input_size[0], (row + 3) * stride))
-
-    module = types.ModuleType("lrp_module.receptive_field")
-    module.input_box = input_box
-    monkeypatch.setitem(sys.modules, "lrp_module.receptive_field", module)
 
 
 # ------------------------------------------------------------------------------------------------ the map
@@ -205,8 +190,6 @@ def test_references_are_the_relmax_images_cut_to_the_neurons_receptive_field(con
     """Each channel's references are its RelMax rows in rank order (overall and per class); each picture is the
     run's crop of the image and the conditional map for the image's explained class, both cut to input_box of the
     RelMax neuron."""
-    from lrp_module.receptive_field import input_box
-
     concepts = open_concepts(concept_run, refs.ConceptsError)
     lrp = refs.run_lrp(concepts.manifest, torch.float64)
     relmax = concepts.relmax
@@ -218,16 +201,16 @@ def test_references_are_the_relmax_images_cut_to_the_neurons_receptive_field(con
                                                              else relmax["class"] == klass)].sort_values("rank")
             assert [r.image_id for r in shown] == table["image_id"].head(3).tolist()
             for ref, neuron in zip(shown, table["neuron"]):
-                x0, y0, x1, y1 = ref.box
-                assert ref.box == tuple(int(v) for v in input_box(lrp, LAYER, int(neuron), (SIZE, SIZE)))
-                assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+                top, left, bottom, right = ref.box
+                assert ref.box == input_box(lrp, LAYER, int(neuron), (SIZE, SIZE))
+                assert 0 <= top < bottom <= SIZE and 0 <= left < right <= SIZE and ref.box != (0, 0, SIZE, SIZE)
                 x, picture = refs.load_image(stats.loc[ref.image_id, "path"], None, SIZE)
                 target = int(stats.loc[ref.image_id, "target"])
                 assert ref.target == target
                 full = lrp.concept_maps(x[None].double(), [target], [{LAYER: [channel]}])[0, 0].numpy()
-                np.testing.assert_array_equal(ref.image, picture[y0:y1, x0:x1])
+                np.testing.assert_array_equal(ref.image, crop(picture.transpose(2, 0, 1), ref.box).transpose(1, 2, 0))
                 assert ref.heatmap.dtype == np.float64
-                np.testing.assert_allclose(ref.heatmap, full[y0:y1, x0:x1], rtol=0, atol=1e-9 * np.abs(full).max())
+                np.testing.assert_allclose(ref.heatmap, crop(full, ref.box), rtol=0, atol=1e-9 * np.abs(full).max())
 
 
 def test_make_concepts_writes_each_reference_and_a_grid_per_channel(concept_run, tmp_path, capsys):
@@ -244,8 +227,6 @@ def test_make_concepts_writes_each_reference_and_a_grid_per_channel(concept_run,
     assert grid.shape == (2 * refs.GRID_TILE + 2, 2 * (refs.GRID_TILE + 2), 3)
     # default: the most relevant channels by mean concept relevance over the run (per class with --class)
     concepts = open_concepts(concept_run, refs.ConceptsError)
-    with h5py.File(concept_run / concepts.stats["shard"].iloc[0]) as handle:
-        assert handle[concept_dataset(LAYER)].shape[1] == concepts.channels(LAYER)
     mean = concepts.relevance(LAYER).mean(0)
     assert refs.choose_channels(concepts, LAYER, None, None, 3) == np.argsort(-mean)[:3].tolist()
     out = tmp_path / "refs"
@@ -275,7 +256,7 @@ def test_a_run_without_concept_data_is_one_line(tmp_path, capsys):
                          shard_size=8)
     assert cli_main(["concepts", str(run), "--layer", LAYER]) == 2
     error = capsys.readouterr().err
-    assert len(error.strip().splitlines()) == 1 and "has no concept data" in error
+    assert len(error.strip().splitlines()) == 1 and "has no concept outputs" in error
     assert not RunLayout(run).concept_references.exists()
 
 
@@ -288,7 +269,7 @@ def test_report_shows_each_classs_top_concepts_with_references_and_a_conditional
     with_relevance = []
     for shard, group in frame.groupby("shard"):
         with h5py.File(concept_run / shard) as handle:
-            with_relevance.append(group.assign(_r=list(handle[concept_dataset(LAYER)][group["row"].tolist()])))
+            with_relevance.append(group.assign(_r=list(handle[outputs.relevance_name(LAYER)][group["row"].tolist()])))
     frame = pd.concat(with_relevance)
     for klass, group in frame.groupby("target"):
         mean = np.stack(group["_r"]).mean(0)
@@ -303,5 +284,5 @@ def test_report_shows_each_classs_top_concepts_with_references_and_a_conditional
         assert (index.parent / source).is_file(), source
     plain = tmp_path / "plain"
     shutil.copytree(concept_run, plain)
-    relmax_file(RunLayout(plain)).unlink()
+    RunLayout(plain).relmax.unlink()
     assert 'id="concepts"' not in build_report(plain).read_text()

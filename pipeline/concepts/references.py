@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from lrp_module import LRPModel
+from lrp_module.receptive_field import Box, input_box
 from lrp_module.zoo import build_model
 
 from ..errors import PipelineError
@@ -46,7 +47,6 @@ class ConceptsError(PipelineError, ValueError):
     """Reference images cannot be made; the message names the culprit (layer, channel, class, run)."""
 
 
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in input pixels (x1, y1 exclusive)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class ReferenceImage:
     image_id: str
     value: float  # the RelMax value (summed, normalised concept relevance)
     target: int  # the class whose relevance the map shows (the image's explained class in the run)
-    box: Box
+    box: Box  # (top, left, bottom, right) in input pixels, half-open (lrp_module.receptive_field)
     image: np.ndarray | None  # (h, w, 3) uint8, the model's crop before normalisation, cut to `box`
     heatmap: np.ndarray | None  # (h, w), the conditional map cut to `box` (the model's float32 or float64)
     problem: str | None = None
@@ -112,27 +112,28 @@ def load_image(path: str, member: str | None, size: int) -> tuple[torch.Tensor, 
 
 # ------------------------------------------------------------------------------------------------ the maps
 def conditional_maps(lrp: LRPModel, x: torch.Tensor, targets: Sequence[int], layer: str,
-                     channels: Sequence[int]) -> torch.Tensor:
+                     channels: Sequence[int], exclude_parallel: bool = True) -> torch.Tensor:
     """(N, H, W): image i's map for class targets[i] with the relevance at `layer` kept only in channel
-    channels[i]: a full backward pass from the output (CRP's conditional heat map), computed `BATCH` at a time."""
+    channels[i]: a full backward pass from the output (CRP's conditional heat map), computed `BATCH` at a time.
+    exclude_parallel: as the run computed its concepts (lrp_module/concepts.py; equal on a VGG)."""
     weight_dtype = next(b for b in lrp.buffers() if b.is_floating_point()).dtype  # the model's float32 / float64
     maps = []
     for start in range(0, x.shape[0], BATCH):
         piece = slice(start, start + BATCH)
         conditions = [[{layer: [int(c)]}] for c in channels[piece]]
         maps.append(lrp.concept_maps(x[piece].to(weight_dtype), torch.as_tensor(list(targets[piece])),
-                                     conditions)[:, 0])
+                                     conditions, exclude_parallel=exclude_parallel)[:, 0])
     return torch.cat(maps)
 
 
 def crop_box(lrp: LRPModel, layer: str, neuron: int, size: int) -> Box:
-    """The input pixels that the neuron at flat position `neuron` of the layer's output sees (its receptive field),
-    clipped to the image; the whole image where the neuron is unknown (-1) or the layer has no space (a dense
-    layer)."""
+    """(top, left, bottom, right): the input pixels the neuron at flat position `neuron` of the layer's output reads
+    (its receptive field, lrp_module.receptive_field), clipped to the image; the whole image where the neuron is
+    unknown (-1), the layer is flat (a dense layer) or the neuron reads only padding."""
     if neuron is None or neuron < 0:
         return 0, 0, size, size
-    from lrp_module.receptive_field import input_box  # the layer's geometry, from the engine's graph
-    return tuple(int(v) for v in input_box(lrp, layer, int(neuron), (size, size)))
+    top, left, bottom, right = (int(v) for v in input_box(lrp, layer, int(neuron), (size, size)))
+    return (top, left, bottom, right) if bottom > top and right > left else (0, 0, size, size)
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -157,7 +158,8 @@ def reference_rows(concepts: RunConcepts, layer: str, channel: int, klass: int |
     rows = table[(table["layer"] == layer) & (table["channel"] == channel)]
     rows = rows[rows["class"].isna()] if klass is None else rows[rows["class"] == klass]
     rows = rows.sort_values("rank", kind="stable").head(n)
-    located = concepts.stats.set_index("image_id").loc[rows["image_id"], ["path", "member", "target"]]
+    located = concepts.stats.drop_duplicates("image_id").set_index("image_id").loc[
+        rows["image_id"], ["path", "member", "target"]]
     return rows.assign(path=located["path"].to_numpy(), member=located["member"].to_numpy(),
                        target=located["target"].to_numpy())
 
@@ -180,16 +182,16 @@ def references(concepts: RunConcepts, lrp: LRPModel, layer: str, channels: Seque
     if loaded:
         x = torch.stack([item[1] for item in loaded])
         computed = conditional_maps(lrp, x, [int(wanted[i][1].target) for i, *_ in loaded], layer,
-                                    [wanted[i][0] for i, *_ in loaded])
+                                    [wanted[i][0] for i, *_ in loaded], concepts.record.exclude_parallel)
         maps = {i: (picture, computed[j].numpy()) for j, (i, _, picture) in enumerate(loaded)}
     found: dict[int, list[ReferenceImage]] = {c: [] for c in channels}
     for i, (channel, row) in enumerate(wanted):
-        x0, y0, x1, y1 = box = crop_box(lrp, layer, int(row.neuron), size)
+        top, left, bottom, right = box = crop_box(lrp, layer, int(row.neuron), size)
         picture, heat = maps.get(i, (None, None))
         found[channel].append(ReferenceImage(
             layer, channel, klass, int(row.rank), str(row.image_id), float(row.value), int(row.target), box,
-            None if picture is None else picture[y0:y1, x0:x1], None if heat is None else heat[y0:y1, x0:x1],
-            problems.get(i)))
+            None if picture is None else picture[top:bottom, left:right],
+            None if heat is None else heat[top:bottom, left:right], problems.get(i)))
     return found
 
 

@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 
 from ..concepts import references as refs
-from ..concepts.run_concepts import RunConcepts, open_concepts, relmax_file
+from ..concepts.run_concepts import RunConcepts, has_concepts, open_concepts
 from ..errors import PipelineError, lower_layer_error_types
-from ..layout import RunLayout
 from . import html
 from .heatmap import heatmap_image, overlay
 from .run_data import ReportError, RunData
@@ -30,7 +29,7 @@ TILE = 96
 
 def load(run_root: Path) -> RunConcepts | None:
     """The run's concept data, None when it has none."""
-    if not relmax_file(RunLayout(run_root)).is_file():
+    if not has_concepts(run_root):
         return None
     return open_concepts(run_root, ReportError)
 
@@ -79,7 +78,7 @@ def _examples(concepts: RunConcepts, lrp, layer: str, klass: int, channels: list
     if not loaded:
         return figures
     maps = refs.conditional_maps(lrp, torch.stack([item[2] for item in loaded]), [klass] * len(loaded), layer,
-                                 [item[0] for item in loaded])
+                                 [item[0] for item in loaded], concepts.record.exclude_parallel)
     for (channel, row, _, picture), heat in zip(loaded, maps.float().numpy()):
         stem = f"concept-{refs.file_stem(layer, channel, klass)}"
         names = [f"{stem}-example-{kind}.png" for kind in ("image", "heatmap", "overlay")]
