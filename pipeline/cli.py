@@ -5,7 +5,6 @@ import argparse
 import sys
 import traceback
 
-from .concepts.cli import add_concepts_command, run_concepts_command
 from .config import load_config
 from .errors import PipelineError, StrictStop, lower_layer_errors
 from .layout import RunLayout
@@ -85,7 +84,6 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_report_commands(commands)
     add_spray_command(commands)
-    add_concepts_command(commands)
     return p
 
 
@@ -94,8 +92,6 @@ def _run_reader(args: argparse.Namespace) -> int:
     is writing, nor writes beside another one's outputs."""
     try:
         with hold_run(args.run, args.command, create=False):
-            if args.command == "concepts":
-                return run_concepts_command(args)
             return run_report_command(args) if args.command in REPORT_COMMANDS else run_spray_command(args)
     except PipelineError as error:  # the lock (the commands print their own errors)
         print(f"error: {error}", file=sys.stderr)
@@ -104,7 +100,7 @@ def _run_reader(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in (*REPORT_COMMANDS, "spray", "concepts"):
+    if args.command in (*REPORT_COMMANDS, "spray"):
         return _run_reader(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["faithfulness"] = args.faithfulness

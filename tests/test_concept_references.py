@@ -37,6 +37,7 @@ from pipeline.concepts.run_concepts import open_concepts
 from pipeline.datasets import load_records
 from pipeline.layout import RunLayout
 from pipeline.report import build_report
+from pipeline.report import concept_pictures as pictures
 from pipeline.schema import RELMAX_SCHEMA, STATS_SCHEMA
 
 from .helpers import make_tiny_vgg
@@ -224,7 +225,7 @@ def test_make_concepts_writes_each_reference_and_a_grid_per_channel(concept_run,
     assert all(path.parent == layout.concept_references for path in layout.own_files()
                if path.name in names) and {p.name for p in layout.own_files()} >= set(names)
     grid = np.asarray(Image.open(layout.concept_references / f"{stem}-c1-grid.png"))
-    assert grid.shape == (2 * refs.GRID_TILE + 2, 2 * (refs.GRID_TILE + 2), 3)
+    assert grid.shape == (2 * pictures.GRID_TILE + 2, 2 * (pictures.GRID_TILE + 2), 3)
     # default: the most relevant channels by mean concept relevance over the run (per class with --class)
     concepts = open_concepts(concept_run, refs.ConceptsError)
     mean = concepts.relevance(LAYER).mean(0)
@@ -286,3 +287,18 @@ def test_report_shows_each_classs_top_concepts_with_references_and_a_conditional
     shutil.copytree(concept_run, plain)
     RunLayout(plain).relmax.unlink()
     assert 'id="concepts"' not in build_report(plain).read_text()
+
+
+def test_a_run_in_use_is_one_line(concept_run, tmp_path, capsys):
+    """`concepts` holds the run's lock as report and spray do: refused while another process uses the run."""
+    from .test_run_lock import _holder
+
+    run = tmp_path / "run"
+    shutil.copytree(concept_run, run)
+    before = sorted(run.rglob("*"))
+    with _holder(run, "spray") as holder:
+        assert cli_main(["concepts", str(run), "--layer", LAYER, "--channels", "1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: {run} is in use: spray by pid {holder.pid} ")
+    assert [p for p in sorted(run.rglob("*")) if p.name != "run.lock"] == before  # nothing written (the killed
+    # holder leaves its lock)

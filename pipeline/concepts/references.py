@@ -17,29 +17,23 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from lrp_module import LRPModel
 from lrp_module.receptive_field import Box, input_box
 from lrp_module.zoo import build_model
 
 from ..errors import PipelineError
-from ..layout import RunLayout
 from ..preprocess import DecodeError, Preprocessing, decode, geometry, preprocess
 from ..reading import read_bytes
-from ..report.heatmap import DEFAULT_COLOUR_MAP, heatmap_image, lookup_table
 from ..run_manifest import Manifest
-from . import run_concepts
 from .run_concepts import RunConcepts
 
 DEFAULT_CHANNELS = 8  # channels rendered when none are named: the most relevant ones
 DEFAULT_REFERENCES = 8  # reference images per channel
-GRID_TILE = 96  # pixels of each picture in a channel's grid
 BATCH = 16  # conditional maps per backward pass
 
 
@@ -193,77 +187,3 @@ def references(concepts: RunConcepts, lrp: LRPModel, layer: str, channels: Seque
             None if picture is None else picture[top:bottom, left:right],
             None if heat is None else heat[top:bottom, left:right], problems.get(i)))
     return found
-
-
-# ------------------------------------------------------------------------------------------------ pictures
-def file_stem(layer: str, channel: int, klass: int | None) -> str:
-    """`<layer>-c<channel>[-k<class>]`, file-name safe."""
-    safe = re.sub(r"[^A-Za-z0-9._]+", "_", layer).lstrip(".") or "layer"
-    return f"{safe}-c{channel}" + ("" if klass is None else f"-k{klass}")
-
-
-def heatmap_picture(heat: np.ndarray, cmap: str) -> Image.Image:
-    """The crop's map as an RGB picture, scaled by its own max|R| (as CRP's reference heat maps)."""
-    return heatmap_image(heat, cmap).convert("RGB")
-
-
-def grid(refs: Sequence[ReferenceImage], cmap: str, tile: int = GRID_TILE) -> Image.Image:
-    """One channel's references side by side: the crops above, their conditional maps below (grey where the
-    image could not be read), each resized to `tile` pixels."""
-    sheet = Image.new("RGB", (max(1, len(refs)) * (tile + 2), 2 * tile + 2), (255, 255, 255))
-    for i, ref in enumerate(refs):
-        if ref.image is not None:
-            crop = Image.fromarray(ref.image).resize((tile, tile), Image.Resampling.BILINEAR)
-            heat = heatmap_picture(ref.heatmap, cmap).resize((tile, tile), Image.Resampling.NEAREST)
-        else:
-            crop = heat = Image.new("RGB", (tile, tile), (200, 200, 200))
-        sheet.paste(crop, (i * (tile + 2), 0))
-        sheet.paste(heat, (i * (tile + 2), tile + 2))
-    return sheet
-
-
-def write_pictures(found: dict[int, list[ReferenceImage]], folder: Path, cmap: str) -> list[Path]:
-    """<stem>-r<rank>-image.png and -heatmap.png per reference and <stem>-grid.png per channel; returns them."""
-    written = []
-    for channel, refs in found.items():
-        if not refs:
-            continue
-        stem = file_stem(refs[0].layer, channel, refs[0].klass)
-        for ref in refs:
-            if ref.image is None:
-                continue
-            for kind, picture in (("image", Image.fromarray(ref.image)), ("heatmap", heatmap_image(ref.heatmap, cmap))):
-                path = folder / f"{stem}-r{ref.rank}-{kind}.png"
-                picture.save(path, compress_level=1)
-                written.append(path)
-        path = folder / f"{stem}-grid.png"
-        grid(refs, cmap).save(path, compress_level=1)
-        written.append(path)
-    return written
-
-
-def write_references(run_dir: str | Path, layer: str, channels: Sequence[int] | None = None,
-                     klass: int | None = None, n: int = DEFAULT_REFERENCES, out: str | Path | None = None,
-                     cmap: str = DEFAULT_COLOUR_MAP, dtype: torch.dtype = torch.float32) -> list[Path]:
-    """`make concepts`: the reference PNGs of `channels` of `layer` (default: the most relevant ones) into `out`
-    (default RUN/concept-references). Every argument is checked before anything is written; returns the files."""
-    if n <= 0:
-        raise ConceptsError(f"--references must be >= 1 (got {n})")
-    lookup_table(cmap)
-    concepts = run_concepts.open_concepts(run_dir, ConceptsError)
-    concepts.check_layer(layer)
-    if klass is not None and not concepts.has_class(layer, klass):
-        raise ConceptsError(f"class {klass}: no image of the run was explained for it (no RelMax entry at {layer})")
-    chosen = choose_channels(concepts, layer, channels, klass)
-    lrp = run_lrp(concepts.manifest, dtype)
-    found = references(concepts, lrp, layer, chosen, klass, n)
-    folder = Path(out) if out else RunLayout(concepts.root).concept_references
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConceptsError(f"{folder}: cannot write ({error.strerror or error})") from None
-    for refs in found.values():
-        for ref in refs:
-            if ref.problem:
-                print(f"{ref.image_id}: {ref.problem}: left out of channel {ref.channel}'s references")
-    return write_pictures(found, folder, cmap)

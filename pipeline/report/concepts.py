@@ -17,6 +17,7 @@ from PIL import Image
 from ..concepts import references as refs
 from ..concepts.run_concepts import RunConcepts, has_concepts, open_concepts
 from ..errors import PipelineError, lower_layer_error_types
+from . import concept_pictures as pictures
 from . import html
 from .heatmap import heatmap_image, overlay
 from .run_data import ReportError, RunData
@@ -59,7 +60,7 @@ def _class_example(concepts: RunConcepts, layer: str, klass: int, channel: int) 
 
 
 def _save_grid(found: list[refs.ReferenceImage], path: Path, cmap: str) -> None:
-    refs.grid(found, cmap, TILE).save(path, compress_level=1)
+    pictures.grid(found, cmap, TILE).save(path, compress_level=1)
 
 
 def _examples(concepts: RunConcepts, lrp, layer: str, klass: int, channels: list[int], images: Path, prefix: str,
@@ -80,7 +81,7 @@ def _examples(concepts: RunConcepts, lrp, layer: str, klass: int, channels: list
     maps = refs.conditional_maps(lrp, torch.stack([item[2] for item in loaded]), [klass] * len(loaded), layer,
                                  [item[0] for item in loaded], concepts.record.exclude_parallel)
     for (channel, row, _, picture), heat in zip(loaded, maps.float().numpy()):
-        stem = f"concept-{refs.file_stem(layer, channel, klass)}"
+        stem = f"concept-{pictures.file_stem(layer, channel, klass)}"
         names = [f"{stem}-example-{kind}.png" for kind in ("image", "heatmap", "overlay")]
         Image.fromarray(picture).save(images / names[0], compress_level=1)
         heatmap_image(heat, cmap).save(images / names[1], compress_level=1)
@@ -98,9 +99,9 @@ def _class_block(run: RunData, concepts: RunConcepts, lrp, layer: str, klass: in
     examples = _examples(concepts, lrp, layer, klass, [c for c, _, _ in chosen], images, prefix, cmap)
     title = f"{names.get(klass, str(klass))} (class {klass})"
     count = int((concepts.stats["target"] == klass).sum())
-    parts = [f'<h3 id="concepts-{escape(refs.file_stem(layer, 0, klass))}">{escape(title)}: {count:,} images</h3>']
+    parts = [f'<h3 id="concepts-{escape(pictures.file_stem(layer, 0, klass))}">{escape(title)}: {count:,} images</h3>']
     for channel, mean, share in chosen:
-        stem = f"concept-{refs.file_stem(layer, channel, klass)}"
+        stem = f"concept-{pictures.file_stem(layer, channel, klass)}"
         references = found[channel]
         grid_html = '<p class="note">No reference image readable.</p>'
         if any(r.image is not None for r in references):
