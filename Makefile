@@ -17,8 +17,9 @@ EXPORT_ARGS ?=
 # Values given to make are data, never code: make expands nothing in them (`$(value ...)`, and they are not
 # exported, which would expand them), the shell gets each as one single-quoted word, and the `*_ARGS` are split into
 # words by bin/make_job.py (shlex), never by a shell. A folder named `Bob's $(photos)` is just a folder.
-USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET RUN IDS DEVICE EXPLAIN_ARGS EXPORT_ARGS \
-	REPORT_ARGS SPRAY_ARGS HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS LAYER CHANNELS CONCEPTS_ARGS
+USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET CONCEPTS RUN IDS DEVICE EXPLAIN_ARGS \
+	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS LAYER CHANNELS \
+	CONCEPTS_ARGS
 unexport $(USER_VARIABLES)
 quote = '$(subst ','\'',$(1))'
 # a variable's text: as given on the command line or in the environment (unexpanded), else the Makefile's default
@@ -33,7 +34,7 @@ EXPLAIN_PREREQUISITES = $(if $(filter shapes,$(value DATASET)),shapes-data) \
 	$(if $(filter shapes-hans,$(value DATASET)),shapes-hans-data)
 EXPLAIN_COMMAND = $(call job,pipeline explain,EXPLAIN_ARGS) $(call given,DATASET,dataset) $(call given,MODEL,model) \
 	$(call given,WEIGHTS,weights) $(call given,COMPOSITE,composite) $(call given,TOPK,top-k) \
-	$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target)
+	$(call given,OUT,out) $(call given,LIMIT,limit) $(call given,TARGET,target) $(call given,CONCEPTS,concepts)
 EXPORT_COMMAND = $(call job,export,EXPORT_ARGS) --model $(call quote,$(call text,MODEL)) \
 	--weights $(call quote,$(call text,WEIGHTS)) --composite $(call quote,$(call text,COMPOSITE)) \
 	--top-k $(call quote,$(call text,TOPK)) --out $(call quote,$(call text,OUT))
@@ -152,6 +153,7 @@ export: $(STAMP)
 	$(if $(JOB_STATUS),@exit $(JOB_STATUS),$(EXPORT_COMMAND))
 
 # e.g. make explain DATASET=imagenet-val MODEL=vgg19_bn COMPOSITE=epsilon_plus_flat TOPK=0.1 OUT=runs/x LIMIT=1000
+# (CONCEPTS=features.28 or a comma list: concepts (CRP) at those layers, the rest from configs/run.yaml's concepts:)
 explain: $(STAMP) $(EXPLAIN_PREREQUISITES)
 	$(if $(JOB_STATUS),@exit $(JOB_STATUS),$(EXPLAIN_COMMAND))
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from export.artifacts import FILENAMES, ExportConfig, export_artifacts
 from export.classifier import CLASSIFIER_FILE, export_classifier
+from export.concepts import ConceptRequest
 from export.sidecar import SIDECAR, ArtifactSidecar
 from lrp_module.files import sha256_file, temporary_name
 from lrp_module.zoo import WeightsError, build_model, default_weights, weights_file
@@ -55,7 +56,16 @@ def cache_key(config: RunConfig, weights: str) -> str:
     weights_id = {"sha256": sha256_file(source)} if source is not None else {"choice": str(weights)}
     identity = {"model": config.model, "composite": config.composite, "top_k": config.top_k, "size": config.size,
                 "weights": weights_id}
+    request = concept_request(config)
+    if request is not None:  # absent without concepts: the entries built before them keep their names
+        identity["concepts"] = request.identity()
     return f"{config.model}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def is_cached(config: RunConfig, weights: str) -> bool:
+    """Whether the cache holds this configuration's artifact and sidecar (trusted or not: a cheap look)."""
+    directory = Path(config.cache) / cache_key(config, weights)
+    return (directory / FILENAMES["torchscript"]).is_file() and (directory / SIDECAR).is_file()
 
 
 def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, ArtifactSidecar]:
@@ -68,10 +78,19 @@ def cached_artifact(config: RunConfig, weights: str) -> tuple[Path, ArtifactSide
         _drop_if_untrusted("artifact", [artifact, sidecar])
     if not (artifact.is_file() and sidecar.is_file()):
         export = ExportConfig(model=config.model, weights=weights, composite=config.composite, top_k=config.top_k,
-                              height=config.size, width=config.size, formats=("torchscript",))
+                              height=config.size, width=config.size, formats=("torchscript",),
+                              concepts=concept_request(config))
         _build_entry(cache, directory, export)
         record_trust([artifact, sidecar])
     return artifact, ArtifactSidecar.read(sidecar)
+
+
+def concept_request(config: RunConfig) -> ConceptRequest | None:
+    """The concept outputs the run's artifact computes (None: concepts off)."""
+    concepts = config.concepts
+    if not concepts.enabled:
+        return None
+    return ConceptRequest(tuple(concepts.layers), concepts.maps_layer, concepts.maps, concepts.exclude_parallel)
 
 
 def cached_classifier(config: RunConfig, weights: str, artifact: Path) -> Path:

@@ -52,6 +52,8 @@ OPTIONS = [
     ("cache", str, "where traced LRP modules are kept"),
     ("flip_steps", int, "pixel flipping: regions perturbed (with --faithfulness)"),
     ("flip_patch", int, "pixel flipping: region side in pixels (with --faithfulness)"),
+    ("concepts", str, "concepts (CRP) at these layers: comma-separated module names, e.g. features.28 (the rest "
+                      "from configs/run.yaml's concepts: block)"),
 ]
 
 

@@ -6,7 +6,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,32 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(PipelineError, ValueError):
     """A configuration value is wrong; the message names the key and where it came from."""
+
+
+@dataclass
+class ConceptsConfig:
+    """Concepts (CRP) over the dataset, off while `layers` is empty: per image each layer's concept relevance and
+    top channels, `maps` conditional maps at `maps_layer` (None: the first layer; 0 maps: none), and relevance
+    maximisation (`relmax` most relevant images per channel, overall and per class). docs/datasets.md#concepts."""
+
+    layers: list[str] = field(default_factory=list)
+    maps: int = 8
+    maps_layer: str | None = None
+    top: int = 8
+    relmax: int = 40
+    exclude_parallel: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layers)
+
+    def identity(self) -> dict[str, Any]:
+        """What shapes a run's concept outputs (absent from the run's identity while off)."""
+        return {"layers": list(self.layers), "maps": self.maps, "maps_layer": self.maps_layer or self.layers[0],
+                "top": self.top, "relmax": self.relmax, "exclude_parallel": self.exclude_parallel}
+
+
+CONCEPT_KEYS = {f.name for f in fields(ConceptsConfig)}
 
 
 @dataclass
@@ -63,6 +90,7 @@ class RunConfig:
     boxes: str | None = None  # folder of VOC box XMLs, else searched for
     synsets: str | None = None  # meta.mat or LOC_synset_mapping.txt, else searched for
     classes: str | None = None  # the model's class names (one per line, or index<TAB>wnid<TAB>name), else its own
+    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)  # CRP over the dataset (off: no layers)
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs produce the same outputs (not how fast or where they run)."""
@@ -70,6 +98,8 @@ class RunConfig:
                 "shard_size", "map_dtype", "compression", "labels", "boxes", "synsets", "classes")
         identity = {k: getattr(self, k) for k in keys}
         identity["faithfulness"] = self.faithfulness and {"steps": self.flip_steps, "patch": self.flip_patch}
+        if self.concepts.enabled:  # absent while off: runs made before concepts still match
+            identity["concepts"] = self.concepts.identity()
         # absent unless named: runs made before these keys still match
         for key in ("labels", "boxes", "synsets", "classes"):
             if identity[key] is None:
@@ -152,9 +182,14 @@ def load_config(overrides: dict[str, Any] | None = None, config_dir: Path = CONF
                               "existing folder or tar-shard glob")
         values["root"] = dataset
         sources["root"] = "command line"
+    if "concepts" in overrides:  # CONCEPTS=features.28,features.25: the layers; the rest from run.yaml
+        given = overrides["concepts"]
+        overrides["concepts"] = {**(values.get("concepts") or {}),
+                                 **(dict(given) if isinstance(given, Mapping) else {"layers": given})}
     values.update(overrides)
     sources.update({k: "command line" for k in overrides})
     values["dataset"] = dataset
+    values["concepts"] = _concepts(values.get("concepts"), sources.get("concepts", "default"))
     for key in (*PATH_KEYS, "classes"):
         if isinstance(values.get(key), str) and values[key]:
             values[key] = normal_path(values[key])
@@ -164,6 +199,40 @@ def load_config(overrides: dict[str, Any] | None = None, config_dir: Path = CONF
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset).name.replace(".tar", "")).strip("_") or "dataset"
         config.out = f"runs/{name}-{config.model}-{config.composite}"
     return config
+
+
+def _concepts(value: Any, source: str) -> ConceptsConfig:
+    """The `concepts:` block (a mapping; `layers` also a comma-separated string), each key checked."""
+    if value is None:
+        return ConceptsConfig()
+    if isinstance(value, ConceptsConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: concepts must be a mapping of {', '.join(sorted(CONCEPT_KEYS))}, got {value!r}")
+    unknown = sorted(set(value) - CONCEPT_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key 'concepts.{unknown[0]}' (known: {', '.join(sorted(CONCEPT_KEYS))})")
+    values = dict(value)
+    layers = values.get("layers") or []
+    if isinstance(layers, str):
+        layers = [name.strip() for name in layers.split(",") if name.strip()]
+    if not isinstance(layers, list) or not all(isinstance(name, str) and name for name in layers):
+        raise ConfigError(f"{source}: concepts.layers must be a list of layer names (module names such as "
+                          f"features.28), got {layers!r}")
+    values["layers"] = list(dict.fromkeys(layers))
+    concepts = ConceptsConfig(**values)
+    for key, low in (("maps", 0), ("top", 1), ("relmax", 1)):
+        number = getattr(concepts, key)
+        if isinstance(number, bool) or not isinstance(number, int) or number < low:
+            raise ConfigError(f"{source}: concepts.{key} must be an integer >= {low}, got {number!r}")
+    if not isinstance(concepts.exclude_parallel, bool):
+        raise ConfigError(f"{source}: concepts.exclude_parallel must be true or false, got "
+                          f"{concepts.exclude_parallel!r}")
+    if concepts.maps_layer is not None and (not isinstance(concepts.maps_layer, str)
+                                            or concepts.maps_layer not in concepts.layers):
+        raise ConfigError(f"{source}: concepts.maps_layer must be one of concepts.layers "
+                          f"({', '.join(concepts.layers) or 'none given'}), got {concepts.maps_layer!r}")
+    return concepts
 
 
 def validate(config: RunConfig, sources: dict[str, str]) -> None:

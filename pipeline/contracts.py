@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.concepts import ConceptsRecord
+
 if TYPE_CHECKING:
     from .config import RunConfig
 
@@ -22,6 +24,15 @@ class Flipping:
     classifier: str
     steps: int
     patch: int
+
+
+@dataclass(frozen=True)
+class ConceptWork:
+    """Concepts (CRP) per image: what the artifact computes (its sidecar's record) and how many top channels per
+    layer the statistics list."""
+
+    record: ConceptsRecord
+    top: int
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class WorkerSettings:
     start: str = "logit"  # what LRP starts from: the target's logit, or a softmax (seed); for `conservation`
     probe_images: int = 0  # shard 0's first images returned for the driver's precision probe
     flipping: Flipping | None = None
+    concepts: ConceptWork | None = None  # the artifact's concept outputs (None: concepts off)
     device: str = "cpu"  # decided by the driver's actor plan
     threads: int = 1  # torch threads of a CPU actor
 

@@ -19,6 +19,7 @@ from export.sidecar import ArtifactMetadata
 from lrp_module.files import atomic, sha256_file
 
 from .artifact_cache import ResolvedWeights
+from .concepts.tables import write_relmax
 from .config import RunConfig
 from .datasets.records import ImageRecord
 from .layout import RunLayout
@@ -49,9 +50,11 @@ def finish(plan: RunPlan, work: InvocationWork) -> dict:
     earlier = previous.invocations if previous else ()
     invocation = len(earlier) + 1
     entries, failures = _shard_entries(layout, shards, previous.shards if previous else (), work, invocation)
+    concepts = plan.artifact.concepts if plan.config.concepts.enabled else None
     write_virtual_dataset(layout.virtual_dataset, [layout.relevance_shard(i) for i in range(len(shards))],
                           [e["explained"] for e in entries], plan.config.size, plan.config.size,
-                          plan.config.map_dtype)
+                          plan.config.map_dtype, concepts)
+    relmax_rows = write_relmax(layout, len(shards), concepts, plan.config.concepts.relmax) if concepts else None
     all_failures = pa.concat_tables(failures, promote_options="default") if failures else FAILURE_SCHEMA.empty_table()
     with atomic(layout.failures) as tmp:
         pq.write_table(all_failures, tmp)
@@ -71,6 +74,8 @@ def finish(plan: RunPlan, work: InvocationWork) -> dict:
         "failure_reasons": _reason_counts(all_failures),
         "retries": _summed_retries([*(i.retries for i in earlier), work.retries]),
         "precision": _precision(layout),
+        **({"concepts": {**concepts.record(), "relmax": layout.relative(layout.relmax), "relmax_rows": relmax_rows}}
+           if concepts else {}),
         "shards": entries,
         "timings": {"seconds_this_invocation": seconds,
                     "seconds_all_invocations": sum(i.seconds for i in earlier) + seconds, **work.timings()},

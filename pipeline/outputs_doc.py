@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .concepts import outputs as concept_outputs
 from .layout import REPORT_OWN_FILES, RunLayout, shard_name
-from .schema import FAILURE_SCHEMA, STATS_SCHEMA
+from .schema import FAILURE_SCHEMA, RELMAX_SCHEMA, STATS_SCHEMA
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "outputs.md"
 COMMAND = "python -m pipeline.outputs_doc"
@@ -24,13 +25,16 @@ FILES: dict[str, str] = {
     "relevance/{shard}.h5": "`relevance` (N, H, W) maps, float16 by default (`map_dtype: float32` on request; "
                             "float16 keeps ~3 significant digits and flushes values below 6e-5, which matters for "
                             "random weights' tiny maps), one image per chunk, gzip + shuffle; beside it `image_id`, "
-                            "`path`, `label` (-1: none), `pred`, `target`; the configuration as attributes",
+                            "`path`, `label` (-1: none), `pred`, `target`; the configuration as attributes; with "
+                            "concepts, the concept datasets below",
     "stats/{shard}.parquet": "one row per explained image, the columns below",
     "failures/{shard}.parquet": "the shard's images that could not be read or explained, the failure columns below",
     "relevance.h5": "an HDF5 virtual dataset presenting all shards as one (N, H, W) `relevance` in dataset order: it "
                     "holds no maps, reads `relevance/shard-*.h5` relative to itself, and a copy without those "
                     "shards reads as NaN without an error (HDF5's fill value); its attributes `note` and `shards` "
                     "say so. Copy or move the run folder whole",
+    "relmax.parquet": "with concepts: relevance maximisation (CRP's RelMax) and per-class statistics (RelStats), "
+                      "merged from every shard when the run finishes; the RelMax columns below",
     "failures.parquet": "every image that could not be read or explained, with the reason (all shards' failures)",
     "precision.json": "the precision probe: shard 0's first images (one per 200 images of the run, 1 to 8) as the "
                       "actor computed them in float32, against float64 on the driver's CPU with eager `LRPModel`, "
@@ -138,6 +142,35 @@ def render() -> str:
         "",
         *_columns(FAILURE_SCHEMA),
         "",
+        "## Concepts (CRP): `concepts:` in configs/run.yaml, `CONCEPTS=features.28`",
+        "",
+        "A run with concept layers adds to each relevance shard (and, as virtual datasets over all shards, to",
+        "`relevance.h5`), row for row with its `relevance` maps; the shard's attribute "
+        f"`{concept_outputs.ATTRIBUTE}` (JSON) names",
+        "the layers with their channels and output grid (`height`, `width`), `maps_layer`, `maps` (K) and",
+        "`exclude_parallel` ([datasets.md](datasets.md#concepts)):",
+        "",
+        "| dataset | shape, type | what it holds |",
+        "|---|---|---|",
+        f"| `{concept_outputs.relevance_name('LAYER')}` | (N, C) float32 | the relevance at each channel of the "
+        "layer's output, summed over space (not normalised; share = value / sum of abs over C) |",
+        f"| `{concept_outputs.position_name('LAYER')}` | (N, C) int32 | each channel's most relevant neuron: the "
+        "flat position (row * width + col) of the arg-max of its relevance over the layer's grid |",
+        f"| `{concept_outputs.CHANNELS}` | (N, K) int64 | the maps layer's K most relevant channels, most relevant "
+        "first |",
+        f"| `{concept_outputs.MAPS}` | (N, K, H, W) `map_dtype`, gzip + shuffle, one image per chunk | their "
+        "conditional maps (`{maps_layer: [channel]}`; the unconditional map stays `relevance`) |",
+        "",
+        "The statistics' `concepts_*` columns above list each layer's top channels and their shares.",
+        "",
+        "## RelMax columns (`relmax.parquet`)",
+        "",
+        "For every layer and channel the `concepts.relmax` images with the largest normalised concept relevance",
+        "(CRP's RelMax), over all images (`class` null) and per class explained (RelStats); merged from the shards",
+        "(pipeline/concepts/tables.py), so the same whatever the number of actors or invocations.",
+        "",
+        *_columns(RELMAX_SCHEMA),
+        "",
         "## Reading a run",
         "",
         "```python",
@@ -151,6 +184,21 @@ def render() -> str:
         "row = stats.iloc[0]",
         'with h5py.File(f"{run}/{row.shard}") as f:                               # one map from its shard',
         '    same = f["relevance"][row.row]',
+        "```",
+        "",
+        "With concepts (a run made with `CONCEPTS=features.28`, say):",
+        "",
+        "<!-- not run: needs a run with concepts (tests/test_pipeline_concepts.py reads one this way) -->",
+        "```python",
+        "import h5py, pandas as pd, duckdb",
+        'run = "runs/imagenet-val-vgg16-epsilon_gamma_box"',
+        'with h5py.File(f"{run}/relevance.h5") as f:',
+        '    vectors = f["concept_relevance/features.28"][:]                      # (N, 512), dataset order',
+        '    channels, maps = f["concept_channels"][0], f["concept_maps"][0]      # (K,), (K, H, W)',
+        'relmax = pd.read_parquet(f"{run}/relmax.parquet")',
+        "duckdb.sql(f\"select channel, image_id, value from '{run}/relmax.parquet' \"",
+        "           f\"where \\\"class\\\" is null and rank < 3\").show()                      # RelMax, top 3",
+        "duckdb.sql(f\"select image_id, concepts_top[1] as best from '{run}/stats/*.parquet'\").show()",
         "```",
         "",
     ])

@@ -19,8 +19,9 @@ from lrp_module.zoo import head_classes, weights_file
 from . import run_folder
 from .artifact_cache import ResolvedWeights, cached_artifact, cached_classifier, resolve_weights
 from .classes import ClassesError, ModelClasses, check_classes, model_classes
+from .concepts.check import check_concept_layers
 from .config import RunConfig
-from .contracts import Flipping, WorkerSettings
+from .contracts import ConceptWork, Flipping, WorkerSettings
 from .datasets import Dataset, DatasetFiles, ImageRecord, load_dataset
 from .errors import RunError, StrictStop
 from .layout import RunLayout
@@ -68,6 +69,7 @@ def _explain(config: RunConfig, layout: RunLayout, started: float, overwrite: bo
         check_free_space(layout.root, sum(len(shards[i]) for i in todo), config.size, config.map_dtype,
                          config.compression)
     weights = resolve_weights(config)
+    check_concept_layers(config, weights.choice)  # a bad layer name: one line listing the valid ones
     if weights.warning:
         print(f"\n{'!' * 100}\n{weights.warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     probe = start_probe(config, weights.choice, len(records), shards[0]) if 0 in todo else None
@@ -86,6 +88,9 @@ def _run(config: RunConfig, layout: RunLayout, started: float, replace: bool, st
     artifact, sidecar = cached_artifact(config, weights.choice)  # missing weights fail here, before the run dir
     artifact_seconds = time.time() - building
     metadata = sidecar.metadata
+    if config.concepts.enabled and metadata.concepts is None:
+        raise RunError(f"{sidecar.path}: the cached artifact has no concept outputs; remove it to rebuild it")
+    concepts = ConceptWork(metadata.concepts, config.concepts.top) if config.concepts.enabled else None
     classes = _classes(config, metadata.class_count, metadata.class_names, metadata.weights.kind)  # its logits
     _check_target(config, classes.count)
     check_classes(records, classes, config.model, config.root)
@@ -96,7 +101,9 @@ def _run(config: RunConfig, layout: RunLayout, started: float, replace: bool, st
     settings = WorkerSettings.from_config(
         config, strict=strict, class_names=classes.names or (),
         attributes={"config": asdict(config),
-                    "lrp": {k: v for k, v in metadata.record.items() if k in ("composite", "top_k", "weights")}},
+                    "lrp": {k: v for k, v in metadata.record.items() if k in ("composite", "top_k", "weights")},
+                    **({"concepts": concepts.record.to_json()} if concepts else {})},
+        concepts=concepts,
         start=metadata.start,
         probe_images=probe.job.spec.images if probe else 0,  # shard 0's first images go back for the probe
         flipping=Flipping(str(classifier.resolve()), config.flip_steps, config.flip_patch) if classifier else None)

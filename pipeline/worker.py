@@ -7,6 +7,7 @@ result carries `write_error` for the driver to stop the run. Settings and result
 pipeline/contracts.py."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import socket
@@ -21,6 +22,9 @@ from lrp_module.files import OutputError
 from lrp_module.oracle import numeric_settings
 
 from . import stats as statistics
+from .concepts.outputs import ConceptArrays
+from .concepts.per_image import ConceptImage, shard_arrays, split_batch
+from .concepts.per_image import statistics as concept_statistics
 from .contracts import ProbeImages, ShardResult, WorkerSettings
 from .datasets.records import ImageRecord
 from .faithfulness import flip_statistics
@@ -106,6 +110,8 @@ class ShardExplainer:
             self.decoders.map(decode, range(len(records)), records)
         failures: list[dict] = []
         maps, rows, compressed = [], [], []
+        concepts: list[ConceptImage] = []  # the explained images' concept outputs (their maps compressed below)
+        concept_maps: list = []
         batch = self.settings.batch_size
         pending: list = []
         # the run's precision probe (pipeline/precision_probe.py): shard 0's first images go back to the driver
@@ -121,8 +127,8 @@ class ShardExplainer:
                     return self._stopped(index, failures[0], started)
                 if len(pending) == batch or (record is records[-1] and pending):
                     try:
-                        maps_chunk, rows_chunk, outputs = self._explain_batch(pending, len(maps))
-                        for map_, row in zip(maps_chunk, rows_chunk):
+                        maps_chunk, rows_chunk, outputs, concepts_chunk = self._explain_batch(pending, len(maps))
+                        for map_, row, concept in zip(maps_chunk, rows_chunk, concepts_chunk):
                             empty = _empty_map_reason(row)
                             if empty:  # an all-zero or non-finite map explains nothing: a failure saying why
                                 failures.append(failure_row(row["image_id"], row["path"], empty, index,
@@ -133,6 +139,11 @@ class ShardExplainer:
                             compressed.append(self.compressors.submit(compress_map, map_, self.settings.map_dtype,
                                                                       self.settings.compression))
                             rows.append(row)
+                            if concept is not None:
+                                if concept.maps is not None:  # compressed beside the model, then dropped here
+                                    concept_maps.append(self.compressors.submit(
+                                        compress_map, concept.maps, self.settings.map_dtype, self.settings.compression))
+                                concepts.append(dataclasses.replace(concept, maps=None))
                         probed.add([record for record, _ in pending], *outputs)
                         if strict and failures:
                             return self._stopped(index, failures[0], started)
@@ -146,8 +157,12 @@ class ShardExplainer:
             decoded.close()  # a strict stop cancels the decodes not yet started
         size = self.settings.size
         array = np.stack(maps) if maps else np.zeros((0, size, size), np.float32)
+        work = self.settings.concepts
+        arrays = shard_arrays(concepts, [future.result() for future in concept_maps], work.record, size, size) \
+            if work is not None else None
         try:
-            self._write(RunLayout(out), index, array, rows, failures, [future.result() for future in compressed])
+            self._write(RunLayout(out), index, array, rows, failures, [future.result() for future in compressed],
+                        arrays)
         except OutputError as error:  # the run stops; nothing half-written is left under a final name
             return _result(index, started, explained=0, failed=0, write_error=str(error))
         return _result(index, started, explained=len(rows), failed=len(failures),
@@ -158,11 +173,11 @@ class ShardExplainer:
         return _result(index, started, explained=0, failed=1, reasons=(failure["reason"],), stopped_at=failure)
 
     def _write(self, layout: RunLayout, index: int, array: np.ndarray, rows: list[dict],
-               failures: list[dict], chunks: list[bytes] | None = None) -> None:
+               failures: list[dict], chunks: list[bytes] | None = None, concepts: ConceptArrays | None = None) -> None:
         columns = map_columns(rows)
         relevance_file = layout.relevance_shard(index)
         write_relevance(relevance_file, array, columns, self.settings.attributes, dtype=self.settings.map_dtype,
-                        compression=self.settings.compression, chunks=chunks)
+                        compression=self.settings.compression, chunks=chunks, concepts=concepts)
         for row in rows:
             row["shard"] = layout.relative(relevance_file)
         write_parquet(failures, FAILURE_SCHEMA, layout.failure_shard(index))
@@ -173,9 +188,11 @@ class ShardExplainer:
         target = self._targets([record for record, _ in chunk]).to(self.device)
         start = time.perf_counter()
         with torch.no_grad():
-            logits, relevance = self.module(x, target)
+            outputs = self.module(x, target)  # logits, relevance, then any concept outputs (export/concepts.py)
         seconds = (time.perf_counter() - start) / len(chunk)
-        logits, relevance = logits.float().cpu(), relevance.float().cpu()
+        logits, relevance = outputs[0].float().cpu(), outputs[1].float().cpu()
+        work = self.settings.concepts
+        concepts = split_batch(outputs, work.record) if work is not None else [None] * len(chunk)
         predicted = logits.argmax(1)
         used = torch.where(target.cpu() < 0, predicted, target.cpu())
         values = {**statistics.map_statistics(relevance), **statistics.prediction(logits, used)}
@@ -189,6 +206,8 @@ class ShardExplainer:
                                           flipping.patch, self.settings.batch_size))
         records = [record for record, _ in chunk]
         values.update(statistics.correctness(values["pred"], [record.label for record in records]))
+        if work is not None:
+            values.update(concept_statistics(concepts, work.record, work.top))
         supplied = {"image_id": [r.image_id for r in records], "path": [r.path for r in records],
                     "member": [r.member_name for r in records],
                     "wnid": [r.wnid for r in records], "label": [r.label for r in records],
@@ -197,7 +216,7 @@ class ShardExplainer:
                     "boxes": [[list(b) for b in boxes] or None for _, (_, boxes) in chunk],
                     "row": range(offset, offset + len(chunk)), "seconds": [seconds] * len(chunk)}
         rows = stats_rows({**values, **supplied}, len(chunk))
-        return list(relevance.numpy()), rows, (x, used, relevance)
+        return list(relevance.numpy()), rows, (x, used, relevance), concepts
 
     def _targets(self, records: list[ImageRecord]) -> torch.Tensor:
         mode = self.settings.target

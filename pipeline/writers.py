@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 
 from lrp_module.files import atomic
 
+from .concepts.outputs import ATTRIBUTE as CONCEPTS_ATTRIBUTE
+from .concepts.outputs import ConceptArrays, ConceptsRecord, virtual_datasets, write_concepts
 from .contracts import ShardResult, WorkerSettings
 from .layout import RunLayout
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns
@@ -34,9 +36,11 @@ def compress_map(relevance_map: np.ndarray, dtype: str = "float16", compression:
 
 
 def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence[str] | np.ndarray], attributes: dict,
-                    dtype: str = "float16", compression: int = 4, chunks: Sequence[bytes] | None = None) -> None:
+                    dtype: str = "float16", compression: int = 4, chunks: Sequence[bytes] | None = None,
+                    concepts: ConceptArrays | None = None) -> None:
     """(N, H, W) maps, one image per chunk, gzip + shuffle; per-image columns beside; run attributes.
-    `chunks`: the maps already compressed by compress_map (same dtype and level), written as they are."""
+    `chunks`: the maps already compressed by compress_map (same dtype and level), written as they are.
+    `concepts`: the images' concept outputs (pipeline/concepts/outputs.py), row for row with the maps."""
     with atomic(path) as tmp, h5py.File(tmp, "w") as handle:
         n, h, w = maps.shape
         options = {"chunks": (1, h, w), "compression": "gzip", "compression_opts": compression, "shuffle": True} \
@@ -57,20 +61,29 @@ def write_relevance(path: Path, maps: np.ndarray, columns: dict[str, Sequence[st
                 handle.create_dataset(name, data=np.array(values, dtype=object), dtype=strings)
         for key, value in attributes.items():
             handle.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        if concepts is not None:
+            write_concepts(handle, concepts, n, dtype, compression)
 
 
-def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequence[int], height: int, width: int,
-                          dtype: str) -> None:
-    """relevance.h5: one (N, H, W) dataset over all shards in dataset order (paths relative to the run); its
-    attributes `note` and `shards` say that it reads the shards and that a copy without them reads as NaN."""
-    total = int(sum(rows))
-    layout = h5py.VirtualLayout(shape=(total, height, width), dtype=dtype)
+def _virtual_layout(path: Path, shard_files: Sequence[Path], rows: Sequence[int], name: str, shape: tuple[int, ...],
+                    dtype: str) -> h5py.VirtualLayout:
+    """The dataset `name` ((rows, *shape) in each shard) over all shards in dataset order."""
+    layout = h5py.VirtualLayout(shape=(int(sum(rows)), *shape), dtype=dtype)
     start = 0
     for shard, count in zip(shard_files, rows):
         if count:
-            source = h5py.VirtualSource(os.path.relpath(shard, path.parent), "relevance", shape=(count, height, width))
-            layout[start:start + count] = source
+            layout[start:start + count] = h5py.VirtualSource(os.path.relpath(shard, path.parent), name,
+                                                             shape=(count, *shape))
         start += count
+    return layout
+
+
+def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequence[int], height: int, width: int,
+                          dtype: str, concepts: ConceptsRecord | None = None) -> None:
+    """relevance.h5: one (N, H, W) dataset over all shards in dataset order (paths relative to the run), and the
+    concept datasets where the run has them; its attributes `note` and `shards` say that it reads the shards and
+    that a copy without them reads as NaN."""
+    layout = _virtual_layout(path, shard_files, rows, "relevance", (height, width), dtype)
     shards = f"{RunLayout.RELEVANCE}/shard-*.h5"
     note = (f"a virtual dataset: it reads the shard files {shards} relative to this file; a copy without them "
             "reads as fill values (NaN), so copy or move the run folder whole (or read the shards)")
@@ -78,6 +91,12 @@ def write_virtual_dataset(path: Path, shard_files: Sequence[Path], rows: Sequenc
         dataset = handle.create_virtual_dataset("relevance", layout, fillvalue=np.nan)
         for node in (handle, dataset):  # HDF5 reads a missing source as fill values without a word
             node.attrs["note"], node.attrs["shards"] = note, shards
+        if concepts is not None:
+            handle.attrs[CONCEPTS_ATTRIBUTE] = concepts.to_json()
+        for name, shape, kind, fill in virtual_datasets(concepts, height, width, dtype) if concepts else ():
+            part = handle.create_virtual_dataset(name, _virtual_layout(path, shard_files, rows, name, shape, kind),
+                                                 fillvalue=fill)
+            part.attrs["note"], part.attrs["shards"] = note, shards
 
 
 def write_failed_shard(out: Path, index: int, records: Sequence, reason: str, settings: WorkerSettings

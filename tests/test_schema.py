@@ -11,7 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from export.concepts import ConceptLayerRecord, ConceptsRecord
 from pipeline import stats
+from pipeline.concepts.per_image import ConceptImage
+from pipeline.concepts.per_image import statistics as concept_statistics
 from pipeline.faithfulness import flip_statistics
 from pipeline.schema import (
     FAILURE_SCHEMA,
@@ -47,6 +50,12 @@ def _computed() -> dict[str, torch.Tensor]:
     values.update(stats.correctness(values["pred"], [int(target[0]), None, (int(target[2]) + 1) % CLASSES]))
     values.update(flip_statistics(lambda batch: batch.flatten(1) @ weights, x, relevance, target,
                                   ["a", "b", "c"], steps=3, patch=4))
+    record = ConceptsRecord((ConceptLayerRecord("features.3", 4, 2, 2), ConceptLayerRecord("features.0", 3, 4, 4)),
+                            "features.3", 2, True)
+    concepts = [ConceptImage({"features.3": torch.randn(4, generator=generator).numpy(),
+                              "features.0": torch.randn(3, generator=generator).numpy()}, {}, None, None)
+                for _ in range(N)]
+    values.update(concept_statistics(concepts, record, top=2))  # pipeline/concepts/per_image.py
     return values
 
 
@@ -100,6 +109,8 @@ def test_rows_built_from_the_schema_round_trip_through_parquet(tmp_path):
     assert zero["entropy"] is None and zero["pointing_game_hit"] is None and zero["boxes"] is None  # NaN: null
     assert isinstance(first["pointing_game_hit"], bool) and isinstance(first["pred"], int)
     assert third["boxes"] == [[6.0, 6.0, 8.0, 8.0]] and len(first["flip_curve_morf"]) == 4
+    assert [entry["layer"] for entry in first["concepts_by_layer"]] == ["features.3", "features.0"]
+    assert first["concepts_top"] == first["concepts_by_layer"][0]["top"] and len(first["concepts_top_share"]) == 2
     for name in STATS_SCHEMA.names:  # no column the schema builds from is null in every row by accident
         if not STATS_SCHEMA.field(name).nullable:
             assert back[name].null_count == 0, name
