@@ -35,16 +35,31 @@ def input_box(lrp: LRPModel, layer: str, position: int | tuple[int, int], input_
     `layer`'s output reads, for an input of `input_size` (H, W)."""
     sizes = step_sizes(lrp, input_size)
     step = resolve(layer, lrp.concept_layers).step
-    height, width = int(input_size[0]), int(input_size[1])
     if sizes[step] is None:  # a flat layer's neuron (Linear): every pixel
         if position not in (0, (0, 0)):
             raise ConceptError(f"layer {layer} is flat (no spatial positions): its neuron position is 0, "
                                f"got {position!r}")
-        return 0, 0, height, width
-    row, col = _row_col(layer, position, sizes[step])
+        return 0, 0, int(input_size[0]), int(input_size[1])
+    return _box(lrp, sizes, input_size, step, _row_col(layer, position, sizes[step]))
+
+
+def input_boxes(lrp: LRPModel, layer: str, input_size: tuple[int, int]) -> np.ndarray:
+    """(H * W, 4) int64: `input_box` of every position of `layer`'s channels, row-major (index it by the flat
+    neuron position); (1, 4) for a flat layer. For reference images of many images and channels at once."""
+    sizes = step_sizes(lrp, input_size)
+    step = resolve(layer, lrp.concept_layers).step
+    if sizes[step] is None:
+        return np.array([[0, 0, int(input_size[0]), int(input_size[1])]], dtype=np.int64)
+    h, w = sizes[step]
+    return np.array([_box(lrp, sizes, input_size, step, divmod(p, w)) for p in range(h * w)], dtype=np.int64)
+
+
+def _box(lrp: LRPModel, sizes: Sequence[Size], input_size: tuple[int, int], step: int,
+         row_col: tuple[int, int]) -> Box:
+    """The bounding box of what the neuron at `row_col` of `step`'s output reads in the image."""
     rows, cols = np.zeros(sizes[step][0], bool), np.zeros(sizes[step][1], bool)
-    rows[row], cols[col] = True, True
-    boxes = _walk_down(lrp, sizes, (height, width), step, [(rows, cols)])
+    rows[row_col[0]], cols[row_col[1]] = True, True
+    boxes = _walk_down(lrp, sizes, (int(input_size[0]), int(input_size[1])), step, [(rows, cols)])
     if not boxes:  # the neuron reads only padding (a convolution whose window lies outside its input)
         return 0, 0, 0, 0
     top = min(int(np.argmax(r)) for r, _ in boxes)

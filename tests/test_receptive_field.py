@@ -15,7 +15,7 @@ from torch import nn
 
 import lrp_module as lrp
 from lrp_module.concepts import ConceptError
-from lrp_module.receptive_field import crop, input_box, step_sizes
+from lrp_module.receptive_field import crop, input_box, input_boxes, step_sizes
 
 
 class Odd(nn.Module):
@@ -115,6 +115,9 @@ def test_box_equals_the_back_propagated_neurons_bounding_box():
 
 def test_flat_layers_padding_only_neurons_and_crop():
     engine = lrp.LRPModel(Odd().eval(), "epsilon_plus")
+    for layer in ("a", "c", "e", "pool", "head"):  # the table of every position is input_box position by position
+        table = input_boxes(engine, layer, (20, 23))
+        assert [tuple(row) for row in table] == [input_box(engine, layer, p, (20, 23)) for p in range(len(table))]
     assert input_box(engine, "head", 0, (20, 23)) == (0, 0, 20, 23)  # a Linear neuron reads every pixel
     assert input_box(engine, "e", (0, 0), (20, 23)) == (0, 0, 0, 0)  # it reads only the padding
     image = torch.arange(20 * 23.0).reshape(1, 20, 23)
