@@ -1,12 +1,11 @@
 """Concept reference images (`make concepts`) and the report's Concepts section on a tiny run of the shapes demo
-(vgg-shapes, 64 px): the conditional map is the full backward pass from the image's class masked at the layer
-(equal to zennit's, and unlike zennit-crp's backward from the layer alone, which cannot show a concept that speaks
-against the class: its issue #11), the crops are the image and map cut to the receptive field of the RelMax neuron,
-the files are written where RunLayout says, bad input is one line and writes nothing, and the report shows, per
-class, the concepts with the largest mean relevance."""
+(vgg-shapes, 64 px, 12 images, explained with concepts on): the conditional map is the full backward pass from the
+image's class masked at the layer (equal to zennit's, and unlike zennit-crp's backward from the layer alone, which
+cannot show a concept that speaks against the class: its issue #11), the crops are the image and map cut to the
+receptive field of the RelMax neuron, the files are written where RunLayout says, bad input is one line and writes
+nothing, and the report shows, per class, the concepts with the largest mean relevance."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -14,8 +13,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -25,25 +22,22 @@ from zennit.attribution import Gradient
 from bench.synthetic_run import stats_table, synthesise_run
 from demo import shapes
 from lrp_module import LRPModel
-from lrp_module.concepts import ConceptPlan, channel_relevance, normalise
 from lrp_module.receptive_field import crop, input_box
-from lrp_module.zoo import build_model
 from pipeline.cli import main as cli_main
 from pipeline.concepts import outputs
 from pipeline.concepts import references as refs
-from pipeline.concepts.outputs import ConceptLayerRecord, ConceptsRecord
-from pipeline.concepts.relmax import RelMax, image_key
 from pipeline.concepts.run_concepts import open_concepts
-from pipeline.datasets import load_records
+from pipeline.config import load_config
 from pipeline.layout import RunLayout
 from pipeline.report import build_report
 from pipeline.report import concept_pictures as pictures
-from pipeline.schema import RELMAX_SCHEMA, STATS_SCHEMA
+from pipeline.run import explain
 
 from .helpers import make_tiny_vgg
 
 pytestmark = pytest.mark.timeout(180)
 LAYER = "features.12"  # vgg-shapes: the fourth convolution, 32 channels, 8 x 8 at 64 px
+DENSE = "classifier.0"  # a layer without space: its neuron is the whole image
 COMPOSITE = "epsilon_plus_flat"
 SIZE = shapes.IMAGE_SIZE
 RELMAX_N = 4
@@ -51,77 +45,22 @@ SHARD_SIZE = 8
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _relmax_table(relmax: RelMax, layer: str, width: int, frame: pd.DataFrame, keys: np.ndarray) -> pa.Table:
-    """relmax.parquet's rows (RELMAX_SCHEMA) of one layer's RelMax."""
-    where = dict(zip(keys.tolist(), range(len(frame))))
-    rows = []
-    for klass, table in [(None, relmax.overall), *sorted(relmax.per_class.items())]:
-        for channel in range(relmax.channels):
-            for rank in range(relmax.n):
-                key = int(table.keys[channel, rank])
-                if key < 0:
-                    continue
-                i, neuron = where[key], int(table.positions[channel, rank])
-                rows.append({"layer": layer, "channel": channel, "class": klass, "rank": rank,
-                             "image_id": frame["image_id"][i], "shard": frame["shard"][i], "row": int(frame["row"][i]),
-                             "value": float(table.values[channel, rank]), "neuron": neuron,
-                             "neuron_row": neuron // width, "neuron_col": neuron % width})
-    return pa.Table.from_pylist(rows, schema=RELMAX_SCHEMA)
-
-
-def _write_concept_run(root: Path, images: Path) -> Path:
-    """A run of vgg-shapes over the images with concept outputs at LAYER, computed with the engine directly and
-    written in the run's layout (pipeline/concepts/outputs.py, RELMAX_SCHEMA): statistics, maps, per-image concept
-    relevance and neuron positions, the concepts record, the RelMax table."""
-    records = load_records(images)
-    model, _ = build_model("vgg-shapes", "demo")
-    lrp = LRPModel(model, COMPOSITE)
-    x = torch.stack([refs.load_image(r.path, None, SIZE)[0] for r in records])
-    step = lrp.concept_layers[LAYER].step
-    with torch.inference_mode():
-        logits, relevance, recorded = lrp.propagate_concepts(x, None, ConceptPlan(record=(step,)))
-    at_layer = recorded[step].clone()
-    pred = logits.argmax(1).numpy()
-    frame = stats_table(len(records), 6, [r.path for r in records], size=SIZE, shard_size=SHARD_SIZE).to_pandas()
-    names = np.array(shapes.CLASS_NAMES, dtype=object)
-    labels = np.array([r.label for r in records])
-    frame = frame.assign(image_id=[r.image_id for r in records], path=[r.path for r in records], label=labels,
-                         label_name=names[labels], pred=pred, pred_name=names[pred], target=pred,
-                         correct=pred == labels)
-    table = pa.Table.from_pandas(frame, schema=STATS_SCHEMA, preserve_index=False)
-    maps = relevance.sum(1).numpy()
-    synthesise_run(root, table, size=SIZE, shard_size=SHARD_SIZE, map_of=lambda i: maps[i])
-    raw = channel_relevance(at_layer).numpy()
-    positions = at_layer.flatten(2).argmax(2).numpy()
-    height, width = at_layer.shape[-2:]
-    record = ConceptsRecord((ConceptLayerRecord(LAYER, raw.shape[1], height, width),), None, 0, True)
-    for shard in sorted(frame["shard"].unique()):
-        rows = frame.index[frame["shard"] == shard]
-        with h5py.File(root / shard, "a") as handle:
-            handle.attrs[outputs.ATTRIBUTE] = record.to_json()
-            handle.create_dataset("image_id", data=frame["image_id"][rows].tolist())
-            handle.create_dataset(outputs.relevance_name(LAYER), data=raw[rows].astype(np.float32))
-            handle.create_dataset(outputs.position_name(LAYER), data=positions[rows].astype(np.int32))
-    keys = image_key(frame.index // SHARD_SIZE, frame["row"].to_numpy())
-    relmax = RelMax.empty(raw.shape[1], RELMAX_N)
-    relmax.update(normalise(channel_relevance(at_layer)).numpy(), keys, positions, pred)
-    pq.write_table(_relmax_table(relmax, LAYER, width, frame, keys), RunLayout(root).relmax)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["config"].update(model="vgg-shapes", weights="demo", composite=COMPOSITE, dataset="shapes")
-    manifest["weights"] = {"model": "vgg-shapes", "kind": "demo", "source": None, "sha256": None}
-    manifest["random_weights"] = False
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
 @pytest.fixture(scope="module")
 def shape_images(tmp_path_factory) -> Path:
     return shapes.write_split(tmp_path_factory.mktemp("shapes") / "val", per_class=2)
 
 
 @pytest.fixture(scope="module")
-def concept_run(tmp_path_factory, shape_images) -> Path:
-    return _write_concept_run(tmp_path_factory.mktemp("runs") / "run", shape_images)
+def concept_run(tmp_path_factory, shape_images, artifact_cache, local_ray) -> Path:
+    """`make explain DATASET=shapes MODEL=vgg-shapes` with concepts at LAYER and at a dense layer (no space), on 12
+    shapes: a finished run with concept outputs and its RelMax table."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    config = load_config({"dataset": "shapes", "model": "vgg-shapes", "composite": COMPOSITE, "out": str(out),
+                          "cache": str(artifact_cache), "batch_size": 4, "shard_size": SHARD_SIZE,
+                          "concepts": {"layers": [LAYER, DENSE], "maps": 0, "top": 3, "relmax": RELMAX_N}})
+    config.root = str(shape_images)
+    explain(config, progress=False)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the map
@@ -190,25 +129,26 @@ def test_reference_map_is_the_full_backward_from_the_class_not_the_layer_alone()
 def test_references_are_the_relmax_images_cut_to_the_neurons_receptive_field(concept_run):
     """Each channel's references are its RelMax rows in rank order (overall and per class); each picture is the
     run's crop of the image and the conditional map for the image's explained class, both cut to input_box of the
-    RelMax neuron."""
+    RelMax neuron (the whole image for a layer without space)."""
     concepts = open_concepts(concept_run, refs.ConceptsError)
     lrp = refs.run_lrp(concepts.manifest, torch.float64)
-    relmax = concepts.relmax
     stats = concepts.stats.set_index("image_id")
-    for klass in (None, int(concepts.stats["target"].iloc[0])):
-        found = refs.references(concepts, lrp, LAYER, [0, 5], klass, n=3)
+    for layer, klass in ((LAYER, None), (LAYER, int(concepts.stats["target"].iloc[0])), (DENSE, None)):
+        relmax = concepts.relmax[concepts.relmax["layer"] == layer]
+        found = refs.references(concepts, lrp, layer, [0, 5], klass, n=3)
         for channel, shown in found.items():
             table = relmax[(relmax["channel"] == channel) & (relmax["class"].isna() if klass is None
                                                              else relmax["class"] == klass)].sort_values("rank")
-            assert [r.image_id for r in shown] == table["image_id"].head(3).tolist()
+            assert [r.image_id for r in shown] == table["image_id"].head(3).tolist() and shown
             for ref, neuron in zip(shown, table["neuron"]):
                 top, left, bottom, right = ref.box
-                assert ref.box == input_box(lrp, LAYER, int(neuron), (SIZE, SIZE))
-                assert 0 <= top < bottom <= SIZE and 0 <= left < right <= SIZE and ref.box != (0, 0, SIZE, SIZE)
+                assert ref.box == input_box(lrp, layer, int(neuron), (SIZE, SIZE))
+                assert 0 <= top < bottom <= SIZE and 0 <= left < right <= SIZE
+                assert (ref.box == (0, 0, SIZE, SIZE)) == (layer == DENSE)
                 x, picture = refs.load_image(stats.loc[ref.image_id, "path"], None, SIZE)
                 target = int(stats.loc[ref.image_id, "target"])
                 assert ref.target == target
-                full = lrp.concept_maps(x[None].double(), [target], [{LAYER: [channel]}])[0, 0].numpy()
+                full = lrp.concept_maps(x[None].double(), [target], [{layer: [channel]}])[0, 0].numpy()
                 np.testing.assert_array_equal(ref.image, crop(picture.transpose(2, 0, 1), ref.box).transpose(1, 2, 0))
                 assert ref.heatmap.dtype == np.float64
                 np.testing.assert_allclose(ref.heatmap, crop(full, ref.box), rtol=0, atol=1e-9 * np.abs(full).max())
@@ -239,7 +179,8 @@ def test_make_concepts_writes_each_reference_and_a_grid_per_channel(concept_run,
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--layer", "features.99"], r"unknown concept layer 'features.99': the run has concept data for features.12"),
+    (["--layer", "features.99"],
+     r"unknown concept layer 'features.99': the run has concept data for features.12, classifier.0"),
     (["--layer", LAYER, "--channels", "2,32"], r"channel 32 is out of range: features.12 has 32 channels"),
     (["--layer", LAYER, "--channels", "a,b"], r"--channels must be comma-separated channel numbers"),
     (["--layer", LAYER, "--class", "99"], r"class 99: no image of the run was explained for it"),
@@ -281,6 +222,7 @@ def test_report_shows_each_classs_top_concepts_with_references_and_a_conditional
         for channel in top:  # every shown class (the run has fewer than CLASSES_SHOWN)
             stem = f"img/concept-{LAYER}-c{channel}-k{klass}"
             assert f'src="{stem}-grid.png"' in body and f'src="{stem}-example-heatmap.png"' in body
+    assert f"<h3>{DENSE}</h3>" in body and f"concept-{DENSE}-" not in body  # its table; pictures: the maps layer's
     for source in re.findall(r'src="([^"]+)"', page):
         assert (index.parent / source).is_file(), source
     plain = tmp_path / "plain"

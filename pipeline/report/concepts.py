@@ -134,15 +134,21 @@ def section(run: RunData, concepts: RunConcepts, images: Path, prefix: str, cmap
         lrp, why = refs.run_lrp(concepts.manifest), ""
     except (PipelineError, *lower_layer_error_types()) as error:  # e.g. weights not here: the tables still stand
         lrp, why = None, str(error)
+    pictured = concepts.record.maps_layer or next(iter(concepts.layers))  # pictures for one layer: the maps layer
     for layer in concepts.layers:
         parts.append(f"<h3>{escape(layer)}</h3>" + _table(concepts, layer, names))
-        if lrp is None:
+        if layer != pictured:
+            parts.append(f'<p class="note">Pictures for {escape(pictured)} only; `make concepts LAYER={escape(layer)}` '
+                         "renders this layer's references.</p>")
+        elif lrp is None:
             parts.append(f'<p class="note wrong">No pictures: the run\'s model could not be rebuilt ({escape(why)})'
                          "</p>")
-            continue
-        parts += [_class_block(run, concepts, lrp, layer, klass, names, images, prefix, cmap) for klass in classes]
-    note = (f"Concept Relevance Propagation (CRP): a concept is a channel of the layer; its relevance for a class is "
+        else:
+            parts += [_class_block(run, concepts, lrp, layer, klass, names, images, prefix, cmap)
+                      for klass in classes]
+    note = (f"Concept Relevance Propagation (CRP): a concept is a channel of a layer; its relevance for a class is "
             f"the mean, over the images explained for that class, of the relevance the channel carries. For the "
+            f"run's maps layer ({pictured}) and the "
             f"{len(classes)} class(es) with the most images, the {CONCEPTS_PER_CLASS} concepts carrying most of it: "
             f"their conditional map on the class's image where they matter most (a full backward pass from the "
             f"class, masked at the layer to the concept) and their {REFERENCES_SHOWN} reference images (the class's "
