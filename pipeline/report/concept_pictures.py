@@ -19,10 +19,14 @@ from .heatmap import DEFAULT_COLOUR_MAP, heatmap_image, lookup_table
 GRID_TILE = 96  # pixels of each picture in a channel's grid
 
 
+def safe_layer(layer: str) -> str:
+    """A layer's module name as it appears in file names: letters, digits, '.' and '_', no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._]+", "_", layer).lstrip(".") or "layer"
+
+
 def file_stem(layer: str, channel: int, klass: int | None) -> str:
     """`<layer>-c<channel>[-k<class>]`, file-name safe."""
-    safe = re.sub(r"[^A-Za-z0-9._]+", "_", layer).lstrip(".") or "layer"
-    return f"{safe}-c{channel}" + ("" if klass is None else f"-k{klass}")
+    return f"{safe_layer(layer)}-c{channel}" + ("" if klass is None else f"-k{klass}")
 
 
 def heatmap_picture(heat: np.ndarray, cmap: str) -> Image.Image:

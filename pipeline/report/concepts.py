@@ -99,7 +99,8 @@ def _class_block(run: RunData, concepts: RunConcepts, lrp, layer: str, klass: in
     examples = _examples(concepts, lrp, layer, klass, [c for c, _, _ in chosen], images, prefix, cmap)
     title = f"{names.get(klass, str(klass))} (class {klass})"
     count = int((concepts.stats["target"] == klass).sum())
-    parts = [f'<h3 id="concepts-{escape(pictures.file_stem(layer, 0, klass))}">{escape(title)}: {count:,} images</h3>']
+    anchor = f"concepts-{pictures.safe_layer(layer)}-class-{klass}"
+    parts = [f'<h4 id="{escape(anchor)}">{escape(title)}: {count:,} images</h4>']
     for channel, mean, share in chosen:
         stem = f"concept-{pictures.file_stem(layer, channel, klass)}"
         references = found[channel]
