@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ import torch
 
 import lrp_module as lrp
 from export import ArtifactError, ExportConfig, ExportError, export_artifacts, load_artifact, read_metadata
-from export.artifacts import FILENAMES, SIDECAR, write_artifacts
+from export.artifacts import FILENAMES, SIDECAR, VerificationError, write_artifacts
+from export.concepts import ConceptRequest
+from export.runner import output_names
 from export.sidecar import ArtifactSidecar
 from export.verify import run_fresh
 from lrp_module.oracle import FLOOR, LOGITS_FLOOR, Float64Oracle, bound, compare
@@ -25,12 +28,12 @@ INFO = WeightsInfo("tiny-vgg", "random", "tests")
 
 
 def _export(tmp_path, composite="epsilon_gamma_box", top_k=0.0, size=(64, 64), channel_sum=True, formats=ALL,
-            verify=True, batch_norm=False):
+            verify=True, batch_norm=False, concepts=None):
     """(LRPModel, sidecar record, the VGG it was built from)."""
     vgg = make_tiny_vgg(batch_norm=batch_norm)
     model = lrp.LRPModel(vgg, composite, top_k=top_k)
     config = ExportConfig(model="tiny-vgg", weights="random", composite=composite, top_k=top_k, height=size[0],
-                          width=size[1], channel_sum=channel_sum, formats=formats)
+                          width=size[1], channel_sum=channel_sum, formats=formats, concepts=concepts)
     record = write_artifacts(model, INFO, config, tmp_path, verify=verify, source=vgg)
     return model, record, vgg
 
@@ -237,3 +240,88 @@ def test_vgg16_224_all_formats(tmp_path):
     with pytest.warns(UserWarning, match="RANDOM"):
         record = export_artifacts(config, tmp_path)
     assert all(check["ok"] for check in record["verification"].values()), record["verification"]
+
+
+# the maps layer, a layer below it (read from the unconditional row) and a dense one (no space: neuron 0)
+CONCEPTS = ConceptRequest(("features.8", "features.3", "classifier.3"), None, 2)
+
+
+@pytest.mark.precision
+def test_concept_outputs_in_every_format_match_float64(tmp_path):
+    """An artifact with concept outputs (#21): every format passes the fresh-process check of each concept output
+    against float64 (the choices by value, the maps for the chosen channels), names its outputs in its metadata,
+    records the concepts in the sidecar, and runs at another batch size."""
+    model, record, vgg = _export(tmp_path, concepts=CONCEPTS, top_k=0.1)
+    assert all(check["ok"] for check in record["verification"].values()), record["verification"]
+    expected = ["logits", "relevance", "concept_relevance_0", "concept_relevance_1", "concept_relevance_2",
+                "concept_position_0", "concept_position_1", "concept_position_2", "concept_channels", "concept_maps"]
+    for check in record["verification"].values():
+        assert set(check["outputs"]) == set(expected)
+    concepts = ArtifactSidecar.read(tmp_path / SIDECAR).metadata.concepts
+    assert [(layer.name, layer.channels, layer.height, layer.width) for layer in concepts.layers] == \
+        [("features.8", 16, 16, 16), ("features.3", 16, 32, 32), ("classifier.3", 64, 1, 1)]
+    assert concepts.maps_layer == "features.8" and concepts.maps == 2 and concepts.exclude_parallel
+    x, target = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)), torch.tensor([-1, 2, 5, -1])
+    oracle = Float64Oracle.like(vgg, model).lrp
+    float64 = oracle.concept_relevance(x.double(), target, list(CONCEPTS.layers))
+    eager = model.concept_relevance(x, target, list(CONCEPTS.layers))
+    for name in record["artifacts"].values():
+        assert output_names(tmp_path / name) == expected
+        outputs = dict(zip(expected, load_artifact(tmp_path / name)(x.numpy(), target.numpy())))
+        assert outputs["concept_maps"].shape == (4, 2, 64, 64) and outputs["concept_channels"].shape == (4, 2)
+        assert (outputs["concept_position_2"] == 0).all()
+        for i, layer in enumerate(CONCEPTS.layers):
+            ours = torch.from_numpy(outputs[f"concept_relevance_{i}"])
+            assert compare(ours, float64[layer]).worst <= bound(compare(eager[layer], float64[layer]).worst)
+
+
+def test_a_differing_concept_output_fails_its_check(tmp_path, monkeypatch):
+    """A concept map off by 10 %, or channels that are not the most relevant, fail the check by name."""
+    import export.verify as verify
+
+    real = verify.run_fresh
+
+    def tampered(artifact, x, target, timeout_s=900):
+        out = real(artifact, x, target, timeout_s)
+        if artifact.suffix == ".onnx":
+            out["concept_maps"] = out["concept_maps"] * 1.1
+        else:
+            out["concept_channels"] = out["concept_channels"][:, ::-1].copy()  # least relevant of the two first
+        return out
+
+    monkeypatch.setattr(verify, "run_fresh", tampered)
+    with pytest.raises(VerificationError) as error:
+        _export(tmp_path, formats=("torchscript", "onnx"), concepts=CONCEPTS)
+    assert re.search(r"lrp.torchscript.pt: max relative difference to float64 concept_channels \S+ exceeds the bound",
+                     str(error.value))
+    assert re.search(r"lrp.onnx: max relative difference to float64 concept_maps 1.0\de-01 exceeds the bound",
+                     str(error.value))
+
+
+def test_an_unknown_concept_layer_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "export", "--model", "vgg-shapes", "--weights", "demo", "--size",
+                             "32", "32", "--concepts", "features.12,features.99", "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown layer 'features.99': concepts can be taken at features.0, ")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("exclude_parallel", [True, False])
+def test_concept_outputs_of_a_resnet_match_float64(tmp_path, exclude_parallel):
+    """A ResNet's concept artifact: the maps layer inside a block (its skip connection goes around it), a layer
+    below it and the container `layer4`; checked in a fresh process against float64 with either exclude_parallel."""
+    from .helpers import randomize
+
+    torch.manual_seed(0)
+    net = randomize(__import__("torchvision").models.resnet18(num_classes=10))
+    model = lrp.LRPModel(net, "epsilon_plus")
+    request = ConceptRequest(("layer3.0.conv1", "layer2.1.conv2", "layer4"), None, 2, exclude_parallel)
+    config = ExportConfig(model="resnet18", weights="random", composite="epsilon_plus", height=32, width=32,
+                          formats=("torchscript",), concepts=request)
+    record = write_artifacts(model, INFO, config, tmp_path, verify=True, source=net)
+    check = record["verification"]["torchscript"]
+    assert check["ok"] and {"concept_maps", "concept_relevance_2"} <= set(check["outputs"]), check
+    assert record["metadata"]["concepts"]["exclude_parallel"] is exclude_parallel
