@@ -18,7 +18,8 @@ EXPORT_ARGS ?=
 # exported, which would expand them), the shell gets each as one single-quoted word, and the `*_ARGS` are split into
 # words by bin/make_job.py (shlex), never by a shell. A folder named `Bob's $(photos)` is just a folder.
 USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET CONCEPTS RUN IDS DEVICE EXPLAIN_ARGS \
-	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS
+	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS LAYER CHANNELS \
+	CONCEPTS_ARGS
 unexport $(USER_VARIABLES)
 quote = '$(subst ','\'',$(1))'
 # a variable's text: as given on the command line or in the environment (unexpanded), else the Makefile's default
@@ -63,7 +64,7 @@ endif
 endif
 
 .PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
-	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
+	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
 
 venv: $(STAMP)
 
@@ -180,6 +181,12 @@ virelay: $(VIRELAY_VENV)/.installed
 # e.g. make heatmaps RUN=runs/x IDS=ILSVRC2012_val_00000001,ILSVRC2012_val_00000002 -> RUN/heatmaps/*.png
 heatmaps: $(STAMP)
 	$(call job,pipeline heatmaps,HEATMAP_ARGS) $(call quote,$(value RUN)) --ids $(call quote,$(value IDS))
+
+# e.g. make concepts RUN=runs/x LAYER=features.28 CHANNELS=1,2,3 (CHANNELS optional: the most relevant ones;
+# CONCEPTS_ARGS='--class 3 --references 12 --float64'): each concept's reference crops -> RUN/concept-references/
+concepts: $(STAMP)
+	$(call job,pipeline concepts,CONCEPTS_ARGS) $(call quote,$(value RUN)) --layer $(call quote,$(value LAYER)) \
+		$(if $(value CHANNELS),--channels $(call quote,$(value CHANNELS)))
 
 # The offline demo: the generated shapes' validation split (data/shapes/, not committed: made in a second) and
 # vgg-shapes trained on a training split (seeded, a few minutes on 2 cores; the result is committed).

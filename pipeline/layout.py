@@ -17,6 +17,8 @@ SHARD_FILE = re.compile(rf"^shard-\d{{{SHARD_DIGITS}}}\.(h5|parquet)$")
 REPORT_IMAGE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\.(png|jpg)$")
 REPORT_OWN_FILES = "report-files.json"  # the report folder's list of the files the report wrote (report/build.py)
 HEATMAP_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*-(heatmap|image|overlay)\.png$")
+# `make concepts`' reference images (pipeline/concepts/references.py): <layer>-c<channel>[-k<class>]-...png
+CONCEPT_REFERENCE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._]*-c\d+(-k\d+)?-(r\d+-image|r\d+-heatmap|grid)\.png$")
 # pipeline/spray's outputs in RUN/spray/ (outputs.py: the analysis; virelay.py: the ViRelAy project), named here
 # only: the strategies of a run are its own files too
 SPRAY_CLUSTERS, SPRAY_SUMMARY, SPRAY_MEANS = "clusters.parquet", "summary.json", "cluster_means.h5"
@@ -40,9 +42,11 @@ class RunLayout:
     RELEVANCE, STATS, FAILURES, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY = (
         "relevance", "stats", "failures", "report", "report/img", "heatmaps", "spray")
     CRP, CRP_RELMAX, CRP_RELSTATS = "crp", "crp/RelMax_sum_normed", "crp/RelStats_sum_normed"
+    CONCEPT_REFERENCES = "concept-references"
     LOCK = "run.lock"
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
-    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY)  # every folder a run's parts write to
+    # every folder a run's parts write to
+    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY, CONCEPT_REFERENCES)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -106,6 +110,11 @@ class RunLayout:
     def heatmaps(self) -> Path:
         return self.root / self.HEATMAPS
 
+    @property
+    def concept_references(self) -> Path:
+        """`make concepts`' PNGs: each concept's reference crops, conditional maps and grid."""
+        return self.root / self.CONCEPT_REFERENCES
+
     def relevance_shard(self, index: int) -> Path:
         return self.root / self.RELEVANCE / f"{shard_name(index)}.h5"
 
@@ -151,7 +160,7 @@ class RunLayout:
         yield from self.temporary_files()
         for folder, pattern in ((self.RELEVANCE, SHARD_FILE), (self.STATS, SHARD_FILE), (self.FAILURES, SHARD_FILE),
                                 (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE),
-                                (self.SPRAY, SPRAY_FILE)):
+                                (self.SPRAY, SPRAY_FILE), (self.CONCEPT_REFERENCES, CONCEPT_REFERENCE_FILE)):
             yield from self._matching(self.root / folder, pattern)
         for folder in self.crp_folders():
             yield from self._matching(folder, CRP_FILE)
@@ -182,7 +191,7 @@ class RunLayout:
                 path.unlink(missing_ok=True)
         crp = [*reversed(self.crp_folders()), self.root / self.CRP]
         for folder in (*(self.root / sub for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY,
-                                                      *self.SHARD_FOLDERS)), *crp):
+                                                      self.CONCEPT_REFERENCES, *self.SHARD_FOLDERS)), *crp):
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
                 folder.rmdir()
 

@@ -57,6 +57,10 @@ FILES: dict[str, str] = {
     f"report/{REPORT_OWN_FILES}": "the list of the files the report wrote",
     "report/img/tile.png": "the report's pictures (`.png`, `.jpg`)",
     "heatmaps/ID-heatmap.png": "`make heatmaps`: `<id>-heatmap.png`, `<id>-image.png`, `<id>-overlay.png`",
+    "concept-references/features.28-c7-grid.png": "`make concepts`: per channel of the layer, "
+                                                   "`<layer>-c<channel>[-k<class>]-grid.png` (the "
+                                                   "reference crops above their conditional maps) and per "
+                                                   "reference `...-r<rank>-image.png` and `...-r<rank>-heatmap.png`",
     "spray/clusters.parquet": "`make spray` ([spray.md](spray.md)): each image's strategy cluster per k, the 2-D "
                               "picture, an outlier score",
     "spray/summary.json": "per class: eigengap, k*, cluster sizes, candidates, skipped classes",
@@ -70,7 +74,8 @@ FILES: dict[str, str] = {
 ALSO_OWN = ("crp/RelMax_sum_normed/features.28_rel.npy", "crp/RelMax_sum_normed/features.28_rf.npy",
             "crp/RelStats_sum_normed/features.28/281_data.npy", "crp/RelStats_sum_normed/targets.npy",
             "heatmaps/ID-image.png", "heatmaps/ID-overlay.png", "report/img/tile.jpg", "spray/label-map.json",
-            "spray/attribution.h5", "spray/dataset.h5", "spray/analysis.h5")
+            "spray/attribution.h5", "spray/dataset.h5", "spray/analysis.h5",
+            "concept-references/features.28-c7-k3-r0-image.png", "concept-references/features.28-c7-r0-heatmap.png")
 USER_FILE = "notes.txt"  # what a user keeps in OUT: never the run's
 
 

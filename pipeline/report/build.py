@@ -15,6 +15,7 @@ from lrp_module.files import write_text_atomic
 
 from ..layout import REPORT_IMAGE, REPORT_OWN_FILES, TEMPORARY, RunLayout
 from ..output_set import files_in, replaced_as_set
+from . import concepts as concepts_section
 from . import html, selection, tables
 from . import strategies as spray_section
 from .files import inside
@@ -182,6 +183,11 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
         sections.append(("strategies", "Strategies", spray_section.section(run, strategies, images,
                                                                            f"{IMAGE_FOLDER}/", cmap)))
         lap("strategies")
+    concepts = concepts_section.load(run.root)  # the run's concept data, when it was explained with concepts
+    if concepts:
+        sections.append(("concepts", "Concepts", concepts_section.section(run, concepts, images, f"{IMAGE_FOLDER}/",
+                                                                          cmap)))
+        lap("concepts")
     sections.append(("distributions", "Distributions", html.section(
         "distributions", "Distributions of the statistics",
         html.plots([(t, f"{IMAGE_FOLDER}/{name}") for t, name in plot_files]),

@@ -17,6 +17,7 @@ th{background:#f3f3f3;position:sticky;top:0}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;border:1px solid #ddd;padding:6px;background:#fafafa}
 figure img{width:128px;height:128px;image-rendering:auto;margin-right:2px}
+figure img.grid{width:auto;height:auto}
 figcaption{font-size:.8em;max-width:400px;overflow-wrap:anywhere}
 .wrong{color:#b00}.right{color:#070}
 .plots img{margin:4px;border:1px solid #eee}

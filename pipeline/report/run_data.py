@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 from ..errors import PipelineError
 from ..run_manifest import Manifest, RecordedConfig, read_manifest
 from ..run_reader import map_pieces, map_size, open_run_folder, read_stats
+from ..schema import CONCEPT_COLUMNS
 
-# Never needed by the report (wide list / repeated string columns); everything else is read.
-UNUSED_COLUMNS = ("top5", "wnid")
+# Never needed by the report (wide list / repeated string columns; the concept columns: the Concepts section reads the
+# run's concept outputs itself); everything else is read.
+UNUSED_COLUMNS = ("top5", "wnid", *CONCEPT_COLUMNS)
 
 
 class ReportError(PipelineError, ValueError):
