@@ -98,16 +98,13 @@ class ConceptsRecord:
 
 class ConceptOutputs(nn.Module):
     """forward(x, target) -> the flat tuple `ConceptsRecord.output_names` lists (see the module's docstring).
-    Built on lrp_module's ExportableConcepts (its plan: one pass); a layer below the maps layer is read from each
-    image's first condition, the unconditional one."""
+    Built on lrp_module's ExportableConcepts (its plan: one pass; a layer below the maps layer is recorded from
+    each image's first condition, the unconditional one)."""
 
     def __init__(self, lrp: LRPModel, request: ConceptRequest, channel_sum: bool = True) -> None:
         super().__init__()
         self.concepts = ExportableConcepts(lrp, list(request.layers), request.map_layer, request.maps,
                                            request.exclude_parallel, channel_sum)
-        maps = self.concepts.maps
-        # steps below the maps layer are recorded on the N x (K + 1) batch (image major): row 0 is the full map's
-        self.below = [maps is not None and layer.step < maps.step for layer in self.concepts.layers]
 
     def forward(self, x: Tensor, target: Tensor) -> tuple[Tensor, ...]:
         concepts = self.concepts
@@ -115,10 +112,8 @@ class ConceptOutputs(nn.Module):
         if concepts.channel_sum:
             relevance = relevance.sum(dim=-3)
         values, positions = [], []
-        for layer, below in zip(concepts.layers, self.below):
+        for layer in concepts.layers:
             at = recorded[layer.step]
-            if below:
-                at = at.reshape(x.shape[0], -1, *at.shape[1:])[:, 0]
             values.append(channel_relevance(at))
             positions.append(at.flatten(2).argmax(dim=2) if at.ndim > 2 else torch.zeros_like(values[-1]).long())
         if concepts.maps is None:
