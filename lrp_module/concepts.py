@@ -185,6 +185,13 @@ def _channels(channels: Sequence[int] | Tensor, layer: ConceptLayer) -> list[int
     return values
 
 
+def check_k(k: object, layer: ConceptLayer) -> int:
+    """k, the number of top channels asked of `layer`: an integer in [1, C]."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layer.channels:
+        raise ConceptError(f"k must be an integer in [1, {layer.channels}] for layer {layer.name}, got {k!r}")
+    return k
+
+
 def resolve(name: str, layers: Mapping[str, ConceptLayer]) -> ConceptLayer:
     """The concept layer of a module name; an unknown name lists the valid ones."""
     if not isinstance(name, str) or name not in layers:

@@ -24,6 +24,7 @@ from .concepts import (
     ConceptPlan,
     apply_mask,
     channel_relevance,
+    check_k,
     concept_layers,
     condition_masks_named,
     normalise,
@@ -351,6 +352,7 @@ class LRPModel(nn.Module):
         """The map and each image's k most relevant channels of `layer` with their conditional maps, in one pass
         (the map is the first of k + 1 conditions, one that keeps everything). See `TopConcepts`."""
         x, target = self._validate(x, target)
+        check_k(k, self._layers([layer])[0])  # k = 0 would be ExportableConcepts' "no maps"
         with torch.inference_mode():
             return ExportableConcepts(self, [layer], layer, k, exclude_parallel, channel_sum=False)(x, target)
 
@@ -512,11 +514,10 @@ class ExportableConcepts(nn.Module):
         super().__init__()
         self.lrp, self.channel_sum = lrp, channel_sum
         self.layers = lrp._layers(layers)
-        self.maps = lrp._layers([maps_layer])[0] if k else None
-        if self.maps is not None and (isinstance(k, bool) or not isinstance(k, int) or
-                                      not 1 <= k <= self.maps.channels):
-            raise ConceptError(f"k must be an integer in [1, {self.maps.channels}] for layer {self.maps.name}, "
-                               f"got {k!r}")
+        no_maps = isinstance(k, int) and not isinstance(k, bool) and k == 0
+        self.maps = None if no_maps else lrp._layers([maps_layer])[0]
+        if self.maps is not None:
+            check_k(k, self.maps)
         steps = [layer.step for layer in self.layers] + ([self.maps.step] if self.maps is not None else [])
         self.plan = ConceptPlan(record=tuple(dict.fromkeys(steps)),
                                 top_k_step=None if self.maps is None else self.maps.step, top_k=k,

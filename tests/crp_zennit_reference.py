@@ -29,11 +29,13 @@ def start_relevance(logits: Tensor, target: Tensor) -> Tensor:
     return torch.zeros_like(logits).scatter_(1, index, logits.gather(1, index))
 
 
-def channel_mask(channels: Sequence[int], like: Tensor) -> Tensor:
-    """1 at the listed channels of dimension 1, 0 elsewhere, broadcastable to `like` (CRP's `ChannelConcept.mask`)."""
-    mask = torch.zeros(like.shape[1], dtype=like.dtype, device=like.device)
-    mask[list(channels)] = 1.0
-    return mask.reshape(1, -1, *(1,) * (like.ndim - 2))
+def channel_masks(rows: Sequence[Sequence[int]], like: Tensor) -> Tensor:
+    """Per batch row, 1 at the row's listed channels of dimension 1, 0 elsewhere, broadcastable to `like` (CRP's
+    `ChannelConcept.mask`, one condition per batch row as zennit-crp's broadcast batches)."""
+    mask = torch.zeros(like.shape[0], like.shape[1], dtype=like.dtype, device=like.device)
+    for row, channels in enumerate(rows):
+        mask[row, list(channels)] = 1.0
+    return mask.reshape(*mask.shape, *(1,) * (like.ndim - 2))
 
 
 @contextmanager
@@ -57,18 +59,21 @@ def _outputs(model: nn.Module, names: Sequence[str], on_output: Callable[[str, T
             handle.remove()
 
 
-def conditional_relevance(model: nn.Module, composite, x: Tensor, target: Tensor,
-                          condition: Mapping[str, Sequence[int]], exclude_parallel: bool = True) -> Tensor:
-    """The input relevance (N, C, H, W) of one condition {module name: [channels]} applied to every image."""
+def masked_relevance(model: nn.Module, composite, x: Tensor, target: Tensor,
+                     conditions: Sequence[Mapping[str, Sequence[int]]], exclude_parallel: bool = True) -> Tensor:
+    """The input relevance (B, C, H, W) of batch row b under conditions[b] {module name: [channels]}; every
+    condition names the same layers (zennit-crp's requirement for exclude_parallel, met by grouping)."""
+    names = list(conditions[0])
+    assert all(set(c) == set(names) for c in conditions), "one set of layer names per pass"
     x = x.detach().clone().requires_grad_(True)
     outputs: dict[str, Tensor] = {}
 
     def mask_hook(name: str, output: Tensor) -> None:
         outputs[name] = output
         if not exclude_parallel:
-            output.register_hook(lambda grad: grad * channel_mask(condition[name], grad))
+            output.register_hook(lambda grad: grad * channel_masks([c[name] for c in conditions], grad))
 
-    with composite.context(model) as modified, _outputs(modified, list(condition), mask_hook) as order:
+    with composite.context(model) as modified, _outputs(modified, names, mask_hook) as order:
         logits = modified(x)
         start = start_relevance(logits.detach(), target)
         if not exclude_parallel:
@@ -77,10 +82,16 @@ def conditional_relevance(model: nn.Module, composite, x: Tensor, target: Tensor
             above, grad = logits, start
             for name in reversed(order):  # topmost first
                 (grad,) = torch.autograd.grad(above, outputs[name], grad, retain_graph=True)
-                grad = grad * channel_mask(condition[name], grad)
+                grad = grad * channel_masks([c[name] for c in conditions], grad)
                 above = outputs[name]
             torch.autograd.backward(above, grad)
     return x.grad.detach()
+
+
+def conditional_relevance(model: nn.Module, composite, x: Tensor, target: Tensor,
+                          condition: Mapping[str, Sequence[int]], exclude_parallel: bool = True) -> Tensor:
+    """The input relevance (N, C, H, W) of one condition {module name: [channels]} applied to every image."""
+    return masked_relevance(model, composite, x, target, [condition] * x.shape[0], exclude_parallel)
 
 
 def layer_relevance(model: nn.Module, composite, x: Tensor, target: Tensor, layers: Sequence[str]
@@ -103,11 +114,21 @@ def layer_relevance(model: nn.Module, composite, x: Tensor, target: Tensor, laye
 
 def concept_maps(model: nn.Module, composite, x: Tensor, target: Tensor,
                  conditions: Sequence[Mapping[str, Sequence[int]]] | Sequence[Sequence[Mapping[str, Sequence[int]]]],
-                 exclude_parallel: bool = True) -> Tensor:
-    """(N, K, H, W) channel-summed maps, as `LRPModel.concept_maps`: K conditions for every image, or N lists of K
-    (one per image); one zennit backward pass per condition (and per image for per-image conditions)."""
-    if isinstance(conditions[0], Mapping):
-        return torch.stack([conditional_relevance(model, composite, x, target, c, exclude_parallel).sum(1)
-                            for c in conditions], dim=1)
-    return torch.cat([concept_maps(model, composite, x[i:i + 1], target[i:i + 1], row, exclude_parallel)
-                      for i, row in enumerate(conditions)])
+                 exclude_parallel: bool = True, channel_sum: bool = True) -> Tensor:
+    """(N, K, H, W) maps ((N, K, C, H, W) with channel_sum=False), as `LRPModel.concept_maps`: K conditions for
+    every image, or N lists of K (one per image). As zennit-crp, the (image, condition) pairs that name the same
+    layers run as one batch (each image repeated), one backward pass per set of layer names."""
+    rows = [list(conditions)] * x.shape[0] if isinstance(conditions[0], Mapping) else [list(r) for r in conditions]
+    k = len(rows[0])
+    groups: dict[frozenset[str], list[tuple[int, int]]] = {}
+    for i, row in enumerate(rows):
+        for j, condition in enumerate(row):
+            groups.setdefault(frozenset(condition), []).append((i, j))
+    maps = torch.zeros(x.shape[0], k, *x.shape[1:], dtype=x.dtype)
+    for pairs in groups.values():
+        images = torch.tensor([i for i, _ in pairs])
+        found = masked_relevance(model, composite, x[images], target[images], [rows[i][j] for i, j in pairs],
+                                 exclude_parallel)
+        for (i, j), relevance in zip(pairs, found):
+            maps[i, j] = relevance
+    return maps.sum(2) if channel_sum else maps
