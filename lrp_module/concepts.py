@@ -51,6 +51,8 @@ class ConceptPlan:
     top_k: int = 0
     exclude_parallel: bool = True
     with_full: bool = False
+    named: dict[int, Tensor] = field(default_factory=dict)  # (N, K) 1 where a condition names the step; a masked
+    # step absent here is named by every condition (the common case, and a top-K step)
 
     @property
     def conditions(self) -> int:
@@ -62,6 +64,26 @@ class ConceptPlan:
     @property
     def masked_steps(self) -> set[int]:
         return set(self.masks) | ({self.top_k_step} if self.top_k_step is not None else set())
+
+    def drops_around(self, step: int) -> bool:
+        """Does every row drop the relevance that reached lower layers around `step` (exclude_parallel, every
+        condition names the step, no full map)?"""
+        return self.exclude_parallel and step not in self.named and not self.with_full
+
+    def around(self, step: int, k_maps: int, like: Tensor) -> Tensor | None:
+        """What each of the N x k_maps rows of `like` keeps of the relevance that reached lower layers around `step`
+        (a skip connection) when the conditions are applied there: None all of it (exclude_parallel=False), else
+        (rows, 1, ...) 0/1: 0 for the conditions that name the step, 1 for the others and the full map's row (CRP
+        computes each group of conditions naming the same layers apart). Only where not `drops_around`."""
+        if not self.exclude_parallel:
+            return None
+        named = self.named.get(step)
+        if named is None:
+            return first_row_only(like.shape[0], k_maps, like)
+        keep = 1.0 - named.to(like.dtype)
+        if self.with_full:
+            keep = with_full_row(keep.unsqueeze(2)).squeeze(2)
+        return keep.reshape(-1, *(1,) * (like.ndim - 1))
 
 
 def channel_relevance(relevance: Tensor) -> Tensor:
@@ -108,6 +130,14 @@ def condition_masks(conditions: Sequence[Condition] | Sequence[Sequence[Conditio
                     layers: Mapping[str, ConceptLayer], dtype: torch.dtype, device: torch.device) -> dict[int, Tensor]:
     """{step: (N, K, C) 0/1 mask} from K conditions shared by the N images, or from N lists of K conditions (one
     list per image). A layer a condition does not name is not masked in that condition."""
+    return condition_masks_named(conditions, n, layers, dtype, device)[0]
+
+
+def condition_masks_named(conditions: Sequence[Condition] | Sequence[Sequence[Condition]], n: int,
+                          layers: Mapping[str, ConceptLayer], dtype: torch.dtype, device: torch.device
+                          ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """`condition_masks` and, for each masked step that not every condition names, (N, K) 1 where the condition
+    names it (`ConceptPlan.named`: exclude_parallel applies only to the conditions that name a layer)."""
     if isinstance(conditions, Mapping) or not isinstance(conditions, Sequence) or len(conditions) == 0:
         raise ConceptError("conditions must be a non-empty list of {layer: [channels]} dicts (or one such list per "
                            "image)")
@@ -125,19 +155,24 @@ def condition_masks(conditions: Sequence[Condition] | Sequence[Sequence[Conditio
                 raise ConceptError(f"a condition must be a non-empty {{layer: [channels]}} dict, got {condition!r}")
             names += [name for name in condition if name not in names]
     masks: dict[int, Tensor] = {}
+    named: dict[int, Tensor] = {}
     for name in names:
         layer = resolve(name, layers)
         mask = torch.ones(n, k, layer.channels, dtype=dtype)
+        names_it = torch.zeros(n, k, dtype=torch.bool)
         for i, row in enumerate(rows):
             for j, condition in enumerate(row):
                 if name in condition:
                     mask[i, j] = 0.0
                     mask[i, j, _channels(condition[name], layer)] = 1.0
+                    names_it[i, j] = True
         if layer.step in masks:  # two names of the same layer (a module and its fused ReLU): both masks hold
             masks[layer.step] = masks[layer.step] * mask.to(device)
+            named[layer.step] = named[layer.step] | names_it
         else:
             masks[layer.step] = mask.to(device)
-    return masks
+            named[layer.step] = names_it
+    return masks, {step: names_it.to(device) for step, names_it in named.items() if not bool(names_it.all())}
 
 
 def _channels(channels: Sequence[int] | Tensor, layer: ConceptLayer) -> list[int]:
@@ -148,6 +183,13 @@ def _channels(channels: Sequence[int] | Tensor, layer: ConceptLayer) -> list[int
         if not 0 <= c < layer.channels:
             raise ConceptError(f"layer {layer.name}: channel {c} is out of range (it has {layer.channels} channels)")
     return values
+
+
+def check_k(k: object, layer: ConceptLayer) -> int:
+    """k, the number of top channels asked of `layer`: an integer in [1, C]."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layer.channels:
+        raise ConceptError(f"k must be an integer in [1, {layer.channels}] for layer {layer.name}, got {k!r}")
+    return k
 
 
 def resolve(name: str, layers: Mapping[str, ConceptLayer]) -> ConceptLayer:

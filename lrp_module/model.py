@@ -24,9 +24,9 @@ from .concepts import (
     ConceptPlan,
     apply_mask,
     channel_relevance,
+    check_k,
     concept_layers,
-    condition_masks,
-    first_row_only,
+    condition_masks_named,
     normalise,
     resolve,
     top_k_masks,
@@ -189,16 +189,16 @@ class CatStep(nn.Module):
         return list(relevance.split([t.shape[self.dim] for t in inputs], dim=self.dim))
 
 
-def _around(relevance: Tensor | None, plan: ConceptPlan, k_maps: int, expanded: bool) -> Tensor | None:
-    """Relevance that reached a lower layer around a conditioned one, when the condition is applied: dropped with
-    exclude_parallel (kept in the full map's row where the plan has one), else the same for every condition."""
-    if relevance is None or (plan.exclude_parallel and not plan.with_full):
+def _around(relevance: Tensor | None, plan: ConceptPlan, step: int, k_maps: int, expanded: bool) -> Tensor | None:
+    """Relevance that reached a lower layer around the conditioned `step`, when the conditions are applied there:
+    dropped in the conditions that name the step with exclude_parallel (kept in the full map's row where the plan
+    has one), else the same for every condition (`ConceptPlan.around`)."""
+    if relevance is None or plan.drops_around(step):
         return None
     if not expanded:
         relevance = relevance.repeat_interleave(k_maps, 0)
-    if plan.exclude_parallel:
-        relevance = relevance * first_row_only(relevance.shape[0], k_maps, relevance)
-    return relevance
+    keep = plan.around(step, k_maps, relevance)
+    return relevance if keep is None else relevance * keep
 
 
 TOP_K_CHANNELS = -1  # the key under which `propagate_concepts` records the (N, K) channels a top-K plan chose
@@ -334,14 +334,15 @@ class LRPModel(nn.Module):
         run once per group of conditions; below it a group's maps run as one batch of at most `batch_size` (N x
         the group's conditions). exclude_parallel: see lrp_module/concepts.py."""
         x, target = self._validate(x, target)
-        masks = condition_masks(conditions, x.shape[0], self.concept_layers, x.dtype, x.device)
+        masks, named = condition_masks_named(conditions, x.shape[0], self.concept_layers, x.dtype, x.device)
         k = next(iter(masks.values())).shape[1]
         group = max(1, batch_size // x.shape[0])
         parts = []
         with torch.inference_mode():
             for start in range(0, k, group):
                 plan = ConceptPlan(masks={step: mask[:, start:start + group] for step, mask in masks.items()},
-                                   exclude_parallel=exclude_parallel)
+                                   exclude_parallel=exclude_parallel,
+                                   named={step: each[:, start:start + group] for step, each in named.items()})
                 parts.append(self.propagate_concepts(x, target, plan)[1])
         relevance = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return relevance.sum(dim=2) if channel_sum else relevance.contiguous()
@@ -351,6 +352,7 @@ class LRPModel(nn.Module):
         """The map and each image's k most relevant channels of `layer` with their conditional maps, in one pass
         (the map is the first of k + 1 conditions, one that keeps everything). See `TopConcepts`."""
         x, target = self._validate(x, target)
+        check_k(k, self._layers([layer])[0])  # k = 0 would be ExportableConcepts' "no maps"
         with torch.inference_mode():
             return ExportableConcepts(self, [layer], layer, k, exclude_parallel, channel_sum=False)(x, target)
 
@@ -416,8 +418,8 @@ class LRPModel(nn.Module):
                 if plan.with_full:
                     mask = with_full_row(mask)
                 relevance = apply_mask(relevance, mask, expanded)
-                incoming = [_around(r, plan, k_maps, expanded) for r in incoming]
-                at_input = _around(at_input, plan, k_maps, expanded)
+                incoming = [_around(r, plan, k, k_maps, expanded) for r in incoming]
+                at_input = _around(at_input, plan, k, k_maps, expanded)
                 expanded = True
             # the one-hot start vector is never filtered (its zeros would beat a negative logit: an all-zero map);
             # seed's softmax start is, as the blog does
@@ -512,11 +514,10 @@ class ExportableConcepts(nn.Module):
         super().__init__()
         self.lrp, self.channel_sum = lrp, channel_sum
         self.layers = lrp._layers(layers)
-        self.maps = lrp._layers([maps_layer])[0] if k else None
-        if self.maps is not None and (isinstance(k, bool) or not isinstance(k, int) or
-                                      not 1 <= k <= self.maps.channels):
-            raise ConceptError(f"k must be an integer in [1, {self.maps.channels}] for layer {self.maps.name}, "
-                               f"got {k!r}")
+        no_maps = isinstance(k, int) and not isinstance(k, bool) and k == 0
+        self.maps = None if no_maps else lrp._layers([maps_layer])[0]
+        if self.maps is not None:
+            check_k(k, self.maps)
         steps = [layer.step for layer in self.layers] + ([self.maps.step] if self.maps is not None else [])
         self.plan = ConceptPlan(record=tuple(dict.fromkeys(steps)),
                                 top_k_step=None if self.maps is None else self.maps.step, top_k=k,
