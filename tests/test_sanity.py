@@ -21,7 +21,7 @@ from lrp_module.zoo import build_model
 from pipeline.cli import main
 from pipeline.sanity.measures import prepared, spearman, ssim, top_k_intersection
 from pipeline.sanity.mprt import SANITY_SCHEMA, SanityParams, explain, mprt
-from pipeline.sanity.randomise import randomisable, randomised, steps
+from pipeline.sanity.randomise import randomisable, randomised, randomised_models, steps
 from pipeline.sanity.run import SanityError, SanityOptions, sanity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +68,14 @@ def test_randomisation_follows_quantus(shapes_model):
     shapes_model_copy = randomised(shapes_model, (), 0)
     shapes_model_copy.features[0].reset_parameters()
     assert torch.equal(shapes_model_copy.features[0].weight, one.features[0].weight)
+
+
+@pytest.mark.parametrize("mode", ["cascading", "independent"])
+def test_models_made_in_place_are_the_defined_ones(shapes_model, mode):
+    """The working copy changed step by step holds, at every step, exactly randomised(model, that step's layers)."""
+    layers = randomisable(shapes_model)
+    for _, _, random_layers, model in randomised_models(shapes_model, layers, mode, seed=3):
+        assert fingerprint(model) == fingerprint(randomised(shapes_model, random_layers, seed=3))
 
 
 def test_measures_of_identical_and_unrelated_maps():

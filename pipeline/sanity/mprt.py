@@ -2,6 +2,7 @@
 LRPModel, on the randomised copy), compared per image and per layer. A table, one row per image, mode and step."""
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from lrp_module import LRPModel
 
 from ..schema import Column
 from .measures import ENTROPY_BINS, SSIM_MODES, discrete_entropy, prepared, spearman, ssim, top_k_intersection
-from .randomise import DEFAULT_SEED, MODES, randomisable, randomised, steps
+from .randomise import DEFAULT_SEED, MODES, randomisable, randomised_models
 
 INTERSECTION_K = 1000  # Quantus's TopKIntersection default (pixels)
 
@@ -83,8 +84,14 @@ class MapSet:
 
 def explain(model: nn.Module, composite: str, top_k: float, x: torch.Tensor, targets: torch.Tensor,
             batch_size: int, device: torch.device, dtype: torch.dtype) -> MapSet:
-    """The channel-summed LRP maps of `model` for `targets`, `batch_size` images per pass, on `device`."""
-    lrp = LRPModel(model.to(device=device, dtype=dtype), composite=composite, top_k=top_k)
+    """The channel-summed LRP maps of `model` for `targets`, `batch_size` images per pass, on `device`. The LRP
+    model holds `model`'s own weight tensors where it can (no copy), or those of a converted copy when `model` is
+    on another device or of another dtype (`model` itself is never changed: it may be a working copy whose
+    next draw must be Quantus's)."""
+    weight = next(model.parameters())
+    if weight.device != device or weight.dtype != dtype:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    lrp = LRPModel(model, composite=composite, top_k=top_k, share_weights=True)
     maps, preds = [], []
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].to(device=device, dtype=dtype)
@@ -135,18 +142,17 @@ def mprt(model: nn.Module, composite: str, top_k: float, x: torch.Tensor, target
         timing.passes += 1
         return maps
 
-    original = explained(copy_of(model))
+    original = explained(copy.deepcopy(model).cpu().eval())
     h0 = discrete_entropy(original.maps, params.entropy_bins)
     frames = []
     cache: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     for mode in params.modes:
         frames.append(_frame(mode, 0, "original", targets, compare(original, original, params, h0)))
-        for step, layer, random_layers in steps(layers, mode):
+        started = time.perf_counter()
+        for step, layer, random_layers, candidate in randomised_models(model, layers, mode, params.seed):
+            timing.randomise += time.perf_counter() - started
             key = tuple(sorted(random_layers))
             if key not in cache:  # the first cascading step is the top layer's independent one
-                started = time.perf_counter()
-                candidate = randomised(model, random_layers, params.seed)
-                timing.randomise += time.perf_counter() - started
                 other = explained(candidate)
                 started = time.perf_counter()
                 cache[key] = compare(original, other, params, h0)
@@ -154,12 +160,8 @@ def mprt(model: nn.Module, composite: str, top_k: float, x: torch.Tensor, target
             frames.append(_frame(mode, step, layer, targets, cache[key]))
             if progress is not None:
                 progress(1)
+            started = time.perf_counter()
     return pd.concat(frames, ignore_index=True)
-
-
-def copy_of(model: nn.Module) -> nn.Module:
-    """The original model as the randomised ones are made: a CPU copy (its weights never touched)."""
-    return randomised(model, (), 0)
 
 
 def _frame(mode: str, step: int, layer: str, targets: torch.Tensor, values: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -21,16 +21,39 @@ def randomisable(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if name and hasattr(module, "reset_parameters")]
 
 
+def reset(module: nn.Module, seed: int) -> None:
+    """Quantus's draw for one layer: the global CPU generator seeded with seed + 1, then the module's own
+    reset_parameters (the caller's generator state is restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        module.reset_parameters()
+
+
 def randomised(model: nn.Module, layers: Sequence[str], seed: int = DEFAULT_SEED) -> nn.Module:
-    """A CPU copy of `model` with `layers` re-initialised (Quantus's draws: the global CPU generator seeded with
-    seed + 1 before each; the caller's generator state is restored)."""
+    """A CPU copy of `model` with `layers` re-initialised (the definition; `randomised_models` makes the same
+    models one after the other in a single working copy)."""
     copied = copy.deepcopy(model).cpu()
     modules = dict(copied.named_modules())
-    with torch.random.fork_rng(devices=[]):
-        for name in layers:
-            torch.manual_seed(seed + 1)
-            modules[name].reset_parameters()
+    for name in layers:
+        reset(modules[name], seed)
     return copied.eval()
+
+
+def randomised_models(model: nn.Module, layers: Sequence[str], mode: str, seed: int = DEFAULT_SEED
+                      ) -> Iterator[tuple[int, str, tuple[str, ...], nn.Module]]:
+    """`steps` with each step's model: one CPU working copy, changed in place (cascading: the next layer reset;
+    independent: the previous layer's weights put back, this one reset), so a step costs one layer's draw, not a
+    copy of the model. The model yielded is valid until the next step."""
+    work = copy.deepcopy(model).cpu().eval()
+    modules = dict(work.named_modules())
+    kept = {name: copy.deepcopy(modules[name].state_dict()) for name in layers} if mode == "independent" else {}
+    previous = None
+    for step, layer, random_layers in steps(layers, mode):
+        if previous is not None and mode == "independent":
+            modules[previous].load_state_dict(kept[previous])
+        reset(modules[layer], seed)
+        previous = layer
+        yield step, layer, random_layers, work
 
 
 def steps(layers: Sequence[str], mode: str) -> Iterator[tuple[int, str, tuple[str, ...]]]:
