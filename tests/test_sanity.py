@@ -20,9 +20,10 @@ from PIL import Image
 from lrp_module.zoo import build_model
 from pipeline.cli import main
 from pipeline.sanity.measures import prepared, spearman, ssim, top_k_intersection
-from pipeline.sanity.mprt import SANITY_SCHEMA, SanityParams, explain, mprt
+from pipeline.sanity.mprt import SanityParams, explain, mprt
 from pipeline.sanity.randomise import randomisable, randomised, randomised_models, steps
 from pipeline.sanity.run import SanityError, SanityOptions, sanity
+from pipeline.sanity.schema import SANITY_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANTUS_PYTHON = ROOT / ".venv-quantus" / "bin" / "python"

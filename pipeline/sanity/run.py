@@ -23,8 +23,9 @@ from ..preprocess import Preprocessing, decode_oriented, preprocess
 from ..reading import read_bytes
 from ..run_manifest import Manifest, read_manifest
 from ..run_reader import map_size, open_run_folder, read_stats
-from .mprt import SANITY_SCHEMA, SanityParams, Timing, mprt, total_steps
+from .mprt import SanityParams, Timing, mprt, total_steps
 from .randomise import randomisable
+from .schema import SANITY_SCHEMA
 
 COLUMNS = ("image_id", "path", "target", "shard", "row")
 DEVICES = ("auto", "cpu", "cuda")
