@@ -209,3 +209,20 @@ def test_writes_the_table_for_a_sample_of_the_run(tmp_path, capsys):
     assert (frame.groupby("image_id")["target"].first() == frame.groupby("image_id")["row"].first()).all()
     with pytest.raises(SanityError, match="explained only 3"):
         sanity(run, SanityOptions(images=9))
+
+
+def test_report_section_draws_the_cascade(tmp_path):
+    """The report's section: the cascade plot written beside it and linked, the means per layer in the table
+    (a layer's mean is the mean over its images)."""
+    from pipeline.report.sanity import PLOT_FILE, means, section
+    rows = [{"image_id": f"i{i}", "mode": mode, "step": step, "layer": layer, "spearman_abs": value + i / 10,
+             "spearman": value, "ssim": value, "top_k_intersection": value, "emprt": 1 - value}
+            for mode in ("cascading", "independent") for step, layer, value in ((0, "original", 1.0),
+                                                                                 (1, "classifier.6", 0.5))
+            for i in range(2)]
+    table = pd.DataFrame(rows)
+    page = section(table, tmp_path, "img/")
+    assert (tmp_path / PLOT_FILE).stat().st_size > 0 and f'src="img/{PLOT_FILE}"' in page
+    assert 'id="sanity"' in page and "classifier.6" in page
+    summary = means(table)
+    assert np.allclose(summary["spearman_abs"], [1.05, 0.55, 1.05, 0.55]) and (summary["images"] == 2).all()
