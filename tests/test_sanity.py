@@ -211,16 +211,32 @@ def test_writes_the_table_for_a_sample_of_the_run(tmp_path, capsys):
         sanity(run, SanityOptions(images=9))
 
 
-def test_report_section_draws_the_cascade(tmp_path):
-    """The report's section: the cascade plot written beside it and linked, the means per layer in the table
-    (a layer's mean is the mean over its images)."""
-    from pipeline.report.sanity import PLOT_FILE, means, section
+def _sanity_table() -> pd.DataFrame:
     rows = [{"image_id": f"i{i}", "mode": mode, "step": step, "layer": layer, "spearman_abs": value + i / 10,
              "spearman": value, "ssim": value, "top_k_intersection": value, "emprt": 1 - value}
             for mode in ("cascading", "independent") for step, layer, value in ((0, "original", 1.0),
                                                                                  (1, "classifier.6", 0.5))
             for i in range(2)]
-    table = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def test_the_report_has_the_section_exactly_when_the_run_has_the_test(tmp_path):
+    """`make report` on a run without sanity.parquet: no Sanity check section; with it: the section, its plot."""
+    from bench.synthetic_run import stats_table, synthesise_run
+    from pipeline.report import build_report
+    table = stats_table(8, 2, [str(tmp_path / "gone.png")], size=32, shard_size=8)
+    run = synthesise_run(tmp_path / "run", table, size=32, shard_size=8)
+    assert 'id="sanity"' not in build_report(run).read_text()
+    _sanity_table().to_parquet(run / "sanity.parquet")
+    index = build_report(run)
+    assert 'id="sanity"' in index.read_text() and (index.parent / "img" / "sanity-cascade.png").is_file()
+
+
+def test_report_section_draws_the_cascade(tmp_path):
+    """The report's section: the cascade plot written beside it and linked, the means per layer in the table
+    (a layer's mean is the mean over its images)."""
+    from pipeline.report.sanity import PLOT_FILE, means, section
+    table = _sanity_table()
     page = section(table, tmp_path, "img/")
     assert (tmp_path / PLOT_FILE).stat().st_size > 0 and f'src="img/{PLOT_FILE}"' in page
     assert 'id="sanity"' in page and "classifier.6" in page
