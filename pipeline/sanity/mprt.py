@@ -45,8 +45,6 @@ class SanityParams:
         return None
 
 
-
-
 @dataclass
 class MapSet:
     """One model's maps (N, H, W) and predictions (N,) for the sample."""
