@@ -18,8 +18,8 @@ EXPORT_ARGS ?=
 # exported, which would expand them), the shell gets each as one single-quoted word, and the `*_ARGS` are split into
 # words by bin/make_job.py (shlex), never by a shell. A folder named `Bob's $(photos)` is just a folder.
 USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET CONCEPTS RUN IDS DEVICE EXPLAIN_ARGS \
-	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS LAYER CHANNELS \
-	CONCEPTS_ARGS
+	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS SANITY_ARGS N HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS \
+	LAYER CHANNELS CONCEPTS_ARGS
 unexport $(USER_VARIABLES)
 quote = '$(subst ','\'',$(1))'
 # a variable's text: as given on the command line or in the environment (unexpanded), else the Makefile's default
@@ -63,7 +63,7 @@ endif
 endif
 endif
 
-.PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity sanity export explain \
 	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
 
 venv: $(STAMP)
@@ -103,7 +103,7 @@ test-precision: $(STAMP)
 		[ $$status -eq 0 ] || exit 1; \
 	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
-bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
+bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity
 
 # A new user's first run timed by phase: set-up (a fresh temporary venv + the pinned install), then `make explain`'s
 # command with a fresh artifact cache (artifact build, Ray start, explain, probe, finish); BENCH_ARGS=--skip-setup
@@ -148,6 +148,25 @@ $(CORELAY_VENV)/.installed:
 bench-spray: $(STAMP) $(CORELAY_VENV)/.installed
 	$(call job,bench.spray_speed,BENCH_ARGS)
 
+# Quantus 0.6.0, the metrics' reference (tests/test_metrics_quantus.py, bench/metrics_speed.py): in its own venv,
+# never imported by the project. Its own dependencies (NumPy, SciPy, scikit-image, OpenCV, pandas, ...) come from
+# the registry (~3 min, ~600 MB); torch, which Quantus needs to run a model but does not declare, is the project's
+# own, found through a .pth file after Quantus's packages (one torch build on both sides of the comparison).
+QUANTUS_VENV := .venv-quantus
+quantus-venv: $(QUANTUS_VENV)/.installed
+
+$(QUANTUS_VENV)/.installed: | $(STAMP)
+	test -x $(QUANTUS_VENV)/bin/python || $(PYTHON) -m venv $(QUANTUS_VENV)
+	$(QUANTUS_VENV)/bin/pip install -q quantus==0.6.0 numpy==2.4.6 scipy==1.17.1
+	$(PY) -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' > \
+		"$$($(QUANTUS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-project-torch.pth"
+	$(QUANTUS_VENV)/bin/python -c 'import quantus, torch; assert quantus.__version__ == "0.6.0"'
+	touch $@
+
+# the cascading randomisation of VGG16's 16 weight layers against (layers + 1) LRP passes (docs/sanity.md)
+bench-sanity: $(STAMP)
+	$(call job,bench.sanity_speed,BENCH_ARGS)
+
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)
 	$(if $(JOB_STATUS),@exit $(JOB_STATUS),$(EXPORT_COMMAND))
@@ -179,6 +198,11 @@ virelay: $(VIRELAY_VENV)/.installed
 		$(call quote,$(value RUN)/spray/project.yaml)
 
 # e.g. make heatmaps RUN=runs/x IDS=ILSVRC2012_val_00000001,ILSVRC2012_val_00000002 -> RUN/heatmaps/*.png
+# e.g. make sanity RUN=runs/x N=16 (SANITY_ARGS='--modes cascading --ssim flat'): the model parameter randomisation
+# test (MPRT, eMPRT) on N of the run's images -> RUN/sanity.parquet, drawn by the report (docs/sanity.md)
+sanity: $(STAMP)
+	$(call job,pipeline sanity,SANITY_ARGS) $(call quote,$(value RUN)) --images $(call quote,$(value N))
+
 heatmaps: $(STAMP)
 	$(call job,pipeline heatmaps,HEATMAP_ARGS) $(call quote,$(value RUN)) --ids $(call quote,$(value IDS))
 

@@ -12,6 +12,7 @@ from .report.cli import REPORT_COMMANDS, add_report_commands, run_report_command
 from .run import explain
 from .run_lock import hold_run
 from .run_manifest import Manifest
+from .sanity.cli import add_sanity_command, run_sanity_command
 from .spray.cli import add_spray_command, run_spray_command
 
 EXIT_CODES = ("exit codes: 0 every image explained; 1 some images could not be explained (listed in "
@@ -86,14 +87,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_report_commands(commands)
     add_spray_command(commands)
+    add_sanity_command(commands)
     return p
 
 
 def _run_reader(args: argparse.Namespace) -> int:
-    """report, heatmaps and spray under the run's lock (pipeline/run_lock.py): none reads a run that an explain
+    """report, heatmaps, spray and sanity under the run's lock (pipeline/run_lock.py): none reads a run that an explain
     is writing, nor writes beside another one's outputs."""
     try:
         with hold_run(args.run, args.command, create=False):
+            if args.command == "sanity":
+                return run_sanity_command(args)
             return run_report_command(args) if args.command in REPORT_COMMANDS else run_spray_command(args)
     except PipelineError as error:  # the lock (the commands print their own errors)
         print(f"error: {error}", file=sys.stderr)
@@ -102,7 +106,7 @@ def _run_reader(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in (*REPORT_COMMANDS, "spray"):
+    if args.command in (*REPORT_COMMANDS, "spray", "sanity"):
         return _run_reader(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["faithfulness"] = args.faithfulness

@@ -99,6 +99,11 @@ class RunLayout:
         return self.root / self.SPRAY
 
     @property
+    def sanity(self) -> Path:
+        """The model parameter randomisation test's table (pipeline/sanity: per image, mode and layer)."""
+        return self.root / "sanity.parquet"
+
+    @property
     def failures(self) -> Path:
         return self.root / "failures.parquet"
 
@@ -154,7 +159,7 @@ class RunLayout:
     def own_files(self) -> Iterator[Path]:
         """Every file of this folder that a run (or its report) wrote: the layout's names, nothing else."""
         for path in (self.run_file, self.manifest, self.success, self.virtual_dataset, self.failures, self.precision,
-                     self.relmax, self.lock, self.report / "index.html", self.report / REPORT_OWN_FILES):
+                     self.relmax, self.sanity, self.lock, self.report / "index.html", self.report / REPORT_OWN_FILES):
             if path.is_file() or path.is_symlink():
                 yield path
         yield from self.temporary_files()

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from .concepts import outputs as concept_outputs
 from .layout import REPORT_OWN_FILES, RunLayout, shard_name
+from .sanity.schema import SANITY_SCHEMA
 from .schema import FAILURE_SCHEMA, RELMAX_SCHEMA, STATS_SCHEMA
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "outputs.md"
@@ -51,7 +52,7 @@ FILES: dict[str, str] = {
                      "the dataset's layout and files, shards with row counts, sha256 and provenance (node, process, "
                      "invocation), totals, failure reasons, retries, the precision probe, every invocation's timing",
     "_SUCCESS": "written last, when every shard is done",
-    "run.lock": "present while a process (`explain`, `report`, `heatmaps`, `spray`) uses the folder "
+    "run.lock": "present while a process (`explain`, `report`, `heatmaps`, `spray`, `sanity`) uses the folder "
                 "([reliability.md](reliability.md#one-process-per-run-folder)); `--overwrite` leaves it to its holder",
     "report/index.html": "the audit report (`make report`, [report.md](report.md))",
     f"report/{REPORT_OWN_FILES}": "the list of the files the report wrote",
@@ -67,6 +68,9 @@ FILES: dict[str, str] = {
     "spray/cluster_means.h5": "each cluster's mean map (the report's Strategies section)",
     "spray/project.yaml": "the ViRelAy project (with `label-map.json`, `attribution.h5`, `dataset.h5`, "
                           "`analysis.h5`)",
+    "sanity.parquet": "`make sanity` ([sanity.md](sanity.md)): the model parameter randomisation test (MPRT, "
+                      "eMPRT) on a sample of the run's images, one row per image, mode and layer randomised: the "
+                      "sanity columns below",
     ".tmp-1234-manifest.json": "a file being written (`.tmp-<pid>-<name>`); renamed when complete, swept by the "
                                "next run",
 }
@@ -177,6 +181,12 @@ def render() -> str:
         "(pipeline/concepts/tables.py), so the same whatever the number of actors or invocations.",
         "",
         *_columns(RELMAX_SCHEMA),
+        "",
+        "## Sanity columns (`sanity.parquet`)",
+        "",
+        "Written by `make sanity RUN=... N=...`; the protocol and its parameters: [sanity.md](sanity.md).",
+        "",
+        *_columns(SANITY_SCHEMA),
         "",
         "## Reading a run",
         "",

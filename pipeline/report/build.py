@@ -17,6 +17,7 @@ from ..layout import REPORT_IMAGE, REPORT_OWN_FILES, TEMPORARY, RunLayout
 from ..output_set import files_in, replaced_as_set
 from . import concepts as concepts_section
 from . import html, selection, tables
+from . import sanity as sanity_section
 from . import strategies as spray_section
 from .files import inside
 from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
@@ -188,6 +189,10 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
         sections.append(("concepts", "Concepts", concepts_section.section(run, concepts, images, f"{IMAGE_FOLDER}/",
                                                                           cmap)))
         lap("concepts")
+    sanity = sanity_section.load(run.root)  # RUN/sanity.parquet, when `make sanity` ran
+    if sanity is not None:
+        sections.append(("sanity", "Sanity check", sanity_section.section(sanity, images, f"{IMAGE_FOLDER}/")))
+        lap("sanity check")
     sections.append(("distributions", "Distributions", html.section(
         "distributions", "Distributions of the statistics",
         html.plots([(t, f"{IMAGE_FOLDER}/{name}") for t, name in plot_files]),
