@@ -284,7 +284,7 @@ def bench_relmax(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="vgg16,resnet50", help="comma-separated (layers: " +
+    parser.add_argument("--models", default="vgg16,resnet50", help="comma-separated, '' for none (layers: " +
                         ", ".join(f"{m} {layer}" for m, layer in LAYERS.items()) + ")")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": _commit(), "peak_memory": "VmHWM of a fresh process, added by one call after a warm-up call",
         "weights": "random (torchvision's initialisation, seed 0)"}, "models": {}}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         if name not in LAYERS:
             parser.error(f"--models: no layer known for {name!r} (known: {', '.join(LAYERS)})")
         args.model, args.layer = name, LAYERS[name]

@@ -216,8 +216,11 @@ def _rows(t: Tensor | None, rows: int) -> Tensor | None:
     return None if t is None else t.expand(rows, *t.shape[1:])
 
 
-def _row(t: Tensor | None, i: int) -> Tensor | None:
-    return None if t is None else t[i:i + 1]
+def _row(t: Tensor | None, i: int, layout: torch.memory_format | None = None) -> Tensor | None:
+    """Row i of a batch tensor (a view), or a copy in `layout` where it is 4-d."""
+    if t is None:
+        return None
+    return t[i:i + 1] if layout is None or t.ndim != 4 else t[i:i + 1].contiguous(memory_format=layout)
 
 
 @dataclass
@@ -235,12 +238,14 @@ class _Walk:
     expanded: bool = False
     image: int | None = None
 
-    def one_image(self, i: int) -> _Walk:
-        """Image i's part of this walk (views, one row each), to go on from where this one stopped."""
-        return _Walk([_row(v, i) for v in self.values],
-                     [None if s is None else Stash(*(_row(t, i) for t in (s.preactivation, s.rms, s.indices)))
+    def one_image(self, i: int, layout: torch.memory_format | None = None) -> _Walk:
+        """Image i's part of this walk (one row each: views, or 4-d copies in `layout`), to go on from where this
+        one stopped."""
+        return _Walk([_row(v, i, layout) for v in self.values],
+                     [None if s is None else Stash(*(_row(t, i, layout) for t in (s.preactivation, s.rms, s.indices)))
                       for s in self.stashes],
-                     [_row(r, i) for r in self.incoming], _row(self.x, i), _row(self.at_input, i), image=i)
+                     [_row(r, i, layout) for r in self.incoming], _row(self.x, i, layout),
+                     _row(self.at_input, i, layout), image=i)
 
     def input_relevance(self, k_maps: int) -> Tensor:
         """The relevance that reached the input (zeros where none did), K rows per image once expanded."""
@@ -445,13 +450,16 @@ class LRPModel(nn.Module):
         stopped = self._backward(walk, len(self.steps) - 1, plan, k_maps, traceable, split)
         if stopped >= 0:  # the first masked step: from here on, one image at a time
             images = []
+            # float32 on the CPU: the K rows channels-last (oneDNN's convolutions skip their layout conversions; up
+            # to 1.5x faster). float64 runs no oneDNN kernel and is left as it is.
+            layout = torch.channels_last if x.device.type == "cpu" and x.dtype != torch.float64 else None
             for i in range(x.shape[0]):
-                image = walk.one_image(i)
+                image = walk.one_image(i, layout)
                 self._backward(image, stopped, plan, k_maps, traceable, False)
                 images.append(image)
             for key in images[0].recorded:
                 walk.recorded[key] = torch.cat([image.recorded[key] for image in images])
-            at_input = torch.cat([image.input_relevance(k_maps) for image in images])
+            at_input = torch.cat([image.input_relevance(k_maps) for image in images]).contiguous()
             return logits, at_input.reshape(x.shape[0], k_maps, *x.shape[1:]), walk.recorded
         at_input = walk.input_relevance(k_maps)
         if walk.expanded:
