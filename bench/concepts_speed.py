@@ -196,7 +196,8 @@ def bench_model(args: argparse.Namespace) -> dict:
               flush=True)
         del fn
     if not args.no_memory:
-        for spec in ("plain", "kmaps") + (("zennit",) if args.memory_zennit else ()):
+        for spec in ("plain", "kmaps") + (("baseline_kmaps",) if args.baseline else ()) + \
+                (("zennit",) if args.memory_zennit else ()):
             results[spec]["peak_memory_mb"] = peak_memory_mb(spec, args)
     plain = results["plain"]["seconds"]
     for row in results.values():
