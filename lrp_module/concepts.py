@@ -5,7 +5,9 @@ A concept is a channel of a hidden layer's output. A condition `{layer: [channel
 only the relevance of the listed channels (CRP's `ChannelConcept.mask`; an empty list keeps none); a condition may
 name several layers (CRP's nested conditions). Every LRP rule here is linear in the relevance it receives (the
 forward pass fixes every denominator), so the backward pass above the topmost conditioned layer is shared by all K
-conditions and only what lies below it runs K times, as one batch of N x K.
+conditions and only what lies below it runs K times: in eager calls one image at a time as a batch of K rows that
+reads the image's stored activations as one row (broadcast, nothing repeated; memory: one image's K rows), in traced
+and exported modules as one batch of N x K (a loop over the batch would fix N in the trace).
 
 `exclude_parallel` (CRP's default, True): at a conditioned layer only the relevance that flows through it goes on;
 relevance that reached the layers below by a path around it (a ResNet's skip connection, a parallel branch) is
