@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=None, help="best of (default 3; 1 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: vgg11 and resnet18 at 64 px, batch 2, "
+    parser.add_argument("--quick", action="store_true", help="a smoke test (its ratios mean nothing: fixed costs "
+                        "dominate at this size): vgg11 and resnet18 at 64 px, batch 2, "
                         "K = 3, RelMax with 2,000 and 4,000 images")
     parser.add_argument("--baseline", help="also time the K-map pass of lrp_module from this git revision")
     parser.add_argument("--no-memory", action="store_true")
