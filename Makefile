@@ -63,7 +63,7 @@ endif
 endif
 endif
 
-.PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity sanity export explain \
+.PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity bench-concepts sanity export explain \
 	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
 
 venv: $(STAMP)
@@ -103,7 +103,7 @@ test-precision: $(STAMP)
 		[ $$status -eq 0 ] || exit 1; \
 	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
-bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity
+bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity bench-concepts
 
 # A new user's first run timed by phase: set-up (a fresh temporary venv + the pinned install), then `make explain`'s
 # command with a fresh artifact cache (artifact build, Ray start, explain, probe, finish); BENCH_ARGS=--skip-setup
@@ -166,6 +166,11 @@ $(QUANTUS_VENV)/.installed: | $(STAMP)
 # the cascading randomisation of VGG16's 16 weight layers against (layers + 1) LRP passes (docs/sanity.md)
 bench-sanity: $(STAMP)
 	$(call job,bench.sanity_speed,BENCH_ARGS)
+
+# CRP: concept relevance and K = 8 concept maps against a plain LRP pass and the zennit way (one masked backward per
+# concept), VGG16 features.28 and ResNet-50 layer4, 224 px, batch 8; RelMax memory at two sizes (BENCH_ARGS=--quick)
+bench-concepts: $(STAMP)
+	$(call job,bench.concepts_speed,BENCH_ARGS)
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)

@@ -5,7 +5,9 @@ A concept is a channel of a hidden layer's output. A condition `{layer: [channel
 only the relevance of the listed channels (CRP's `ChannelConcept.mask`; an empty list keeps none); a condition may
 name several layers (CRP's nested conditions). Every LRP rule here is linear in the relevance it receives (the
 forward pass fixes every denominator), so the backward pass above the topmost conditioned layer is shared by all K
-conditions and only what lies below it runs K times, as one batch of N x K.
+conditions and only what lies below it runs K times: in eager calls one image at a time as a batch of K rows that
+reads the image's stored activations as one row (broadcast, nothing repeated; memory: one image's K rows), in traced
+and exported modules as one batch of N x K (a loop over the batch would fix N in the trace).
 
 `exclude_parallel` (CRP's default, True): at a conditioned layer only the relevance that flows through it goes on;
 relevance that reached the layers below by a path around it (a ResNet's skip connection, a parallel branch) is
@@ -70,17 +72,18 @@ class ConceptPlan:
         condition names the step, no full map)?"""
         return self.exclude_parallel and step not in self.named and not self.with_full
 
-    def around(self, step: int, k_maps: int, like: Tensor) -> Tensor | None:
+    def around(self, step: int, k_maps: int, like: Tensor, image: int | None = None) -> Tensor | None:
         """What each of the N x k_maps rows of `like` keeps of the relevance that reached lower layers around `step`
         (a skip connection) when the conditions are applied there: None all of it (exclude_parallel=False), else
         (rows, 1, ...) 0/1: 0 for the conditions that name the step, 1 for the others and the full map's row (CRP
-        computes each group of conditions naming the same layers apart). Only where not `drops_around`."""
+        computes each group of conditions naming the same layers apart). Only where not `drops_around`. image: the
+        rows are that image's alone."""
         if not self.exclude_parallel:
             return None
         named = self.named.get(step)
         if named is None:
             return first_row_only(like.shape[0], k_maps, like)
-        keep = 1.0 - named.to(like.dtype)
+        keep = 1.0 - (named if image is None else named[image:image + 1]).to(like.dtype)
         if self.with_full:
             keep = with_full_row(keep.unsqueeze(2)).squeeze(2)
         return keep.reshape(-1, *(1,) * (like.ndim - 1))

@@ -11,6 +11,7 @@ and each rule binds the first of its paths that the proof allows.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -189,15 +190,16 @@ class CatStep(nn.Module):
         return list(relevance.split([t.shape[self.dim] for t in inputs], dim=self.dim))
 
 
-def _around(relevance: Tensor | None, plan: ConceptPlan, step: int, k_maps: int, expanded: bool) -> Tensor | None:
+def _around(relevance: Tensor | None, plan: ConceptPlan, step: int, k_maps: int, expanded: bool,
+            image: int | None = None) -> Tensor | None:
     """Relevance that reached a lower layer around the conditioned `step`, when the conditions are applied there:
     dropped in the conditions that name the step with exclude_parallel (kept in the full map's row where the plan
-    has one), else the same for every condition (`ConceptPlan.around`)."""
+    has one), else the same for every condition (`ConceptPlan.around`). image: a walk over that image alone."""
     if relevance is None or plan.drops_around(step):
         return None
     if not expanded:
         relevance = relevance.repeat_interleave(k_maps, 0)
-    keep = plan.around(step, k_maps, relevance)
+    keep = plan.around(step, k_maps, relevance, image)
     return relevance if keep is None else relevance * keep
 
 
@@ -208,6 +210,50 @@ def _expand_stash(stash: Stash, times: int) -> Stash:
     """A step's stash for a batch repeated `times` times per image (image major), as the concept maps need."""
     return Stash(*(None if t is None else t.repeat_interleave(times, 0) for t in
                    (stash.preactivation, stash.rms, stash.indices)))
+
+
+def _rows(t: Tensor | None, rows: int) -> Tensor | None:
+    """One image's stored tensor (one row) as `rows` rows: a view, nothing copied."""
+    return None if t is None else t.expand(rows, *t.shape[1:])
+
+
+def _row(t: Tensor | None, i: int, layout: torch.memory_format | None = None) -> Tensor | None:
+    """Row i of a batch tensor (a view), or a copy in `layout` where it is 4-d."""
+    if t is None:
+        return None
+    return t[i:i + 1] if layout is None or t.ndim != 4 else t[i:i + 1].contiguous(memory_format=layout)
+
+
+@dataclass
+class _Walk:
+    """The relevance pass's state: the forward's values and stashes (None once read), the relevance arriving at
+    each step and at the input, what was recorded; expanded: the batch is N x K rows (a mask was applied); image:
+    a walk over one image of the batch (its index), whose stored tensors are one row each."""
+
+    values: list[Tensor | None]
+    stashes: list[Stash | None]
+    incoming: list[Tensor | None]
+    x: Tensor
+    at_input: Tensor | None = None
+    recorded: dict[int, Tensor] = field(default_factory=dict)
+    expanded: bool = False
+    image: int | None = None
+
+    def one_image(self, i: int, layout: torch.memory_format | None = None) -> _Walk:
+        """Image i's part of this walk (one row each: views, or 4-d copies in `layout`), to go on from where this
+        one stopped."""
+        return _Walk([_row(v, i, layout) for v in self.values],
+                     [None if s is None else Stash(*(_row(t, i, layout) for t in (s.preactivation, s.rms, s.indices)))
+                      for s in self.stashes],
+                     [_row(r, i, layout) for r in self.incoming], _row(self.x, i, layout),
+                     _row(self.at_input, i, layout), image=i)
+
+    def input_relevance(self, k_maps: int) -> Tensor:
+        """The relevance that reached the input (zeros where none did), K rows per image once expanded."""
+        if self.at_input is not None:
+            return self.at_input
+        rows = self.x.shape[0] * (k_maps if self.expanded else 1)
+        return self.x.new_zeros((rows, *self.x.shape[1:]))
 
 
 _STEP_MODULES = {
@@ -354,7 +400,8 @@ class LRPModel(nn.Module):
         x, target = self._validate(x, target)
         check_k(k, self._layers([layer])[0])  # k = 0 would be ExportableConcepts' "no maps"
         with torch.inference_mode():
-            return ExportableConcepts(self, [layer], layer, k, exclude_parallel, channel_sum=False)(x, target)
+            return ExportableConcepts(self, [layer], layer, k, exclude_parallel, channel_sum=False,
+                                      per_image=True)(x, target)
 
     def _layers(self, names: Sequence[str]) -> list[ConceptLayer]:
         if isinstance(names, str) or not names:
@@ -379,11 +426,16 @@ class LRPModel(nn.Module):
         return logits, relevance
 
     def propagate_concepts(self, x: Tensor, target: Tensor | None, plan: ConceptPlan | None,
-                           traceable: bool = False) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+                           traceable: bool = False, per_image: bool | None = None
+                           ) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
         """`propagate` that also does what `plan` asks (lrp_module/concepts.py): the relevance at its recorded
         steps' outputs ({step: tensor}), and its masks. Once the first mask is applied the batch is N x K (image
-        major) from there down: each step below expands its stored input, output and stash to match, one step at
-        a time. Returns the input relevance (N, C, H, W), or (N, K, C, H, W) when the plan masks."""
+        major) from there down. Returns the input relevance (N, C, H, W), or (N, K, C, H, W) when the plan masks.
+
+        per_image (default: not traceable): below the first masked step the K rows run one image at a time, each
+        rule reading the image's stored input, output and stash as one row that broadcasts against the K rows
+        (nothing is repeated, and the memory is one image's K rows). Otherwise (tracers: no loop over the batch)
+        the whole N x K batch runs at once, each step expanding its stored tensors to match."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: list[Tensor | None] = []
@@ -395,53 +447,83 @@ class LRPModel(nn.Module):
         logits = values[self.output]
         incoming: list[Tensor | None] = [None] * len(self.steps)
         incoming[self.output] = self.start_relevance(logits, target)
-        at_input: Tensor | None = None
-        start_filtered = self.composite.start == "softmax"
-        recorded: dict[int, Tensor] = {}
+        walk = _Walk(values, stashes, incoming, x)
         k_maps = 1 if plan is None else plan.conditions
-        expanded = False
+        split = plan is not None and bool(plan.masked_steps) and (not traceable if per_image is None else per_image)
+        stopped = self._backward(walk, len(self.steps) - 1, plan, k_maps, traceable, split)
+        if stopped >= 0:  # the first masked step: from here on, one image at a time
+            images = []
+            # float32 on the CPU: the K rows channels-last (oneDNN's convolutions skip their layout conversions; up
+            # to 1.5x faster). float64 runs no oneDNN kernel and is left as it is.
+            layout = torch.channels_last if x.device.type == "cpu" and x.dtype != torch.float64 else None
+            for i in range(x.shape[0]):
+                image = walk.one_image(i, layout)
+                self._backward(image, stopped, plan, k_maps, traceable, False)
+                images.append(image)
+            for key in images[0].recorded:
+                walk.recorded[key] = torch.cat([image.recorded[key] for image in images])
+            at_input = torch.cat([image.input_relevance(k_maps) for image in images]).contiguous()
+            return logits, at_input.reshape(x.shape[0], k_maps, *x.shape[1:]), walk.recorded
+        at_input = walk.input_relevance(k_maps)
+        if walk.expanded:
+            at_input = at_input.reshape(x.shape[0], k_maps, *x.shape[1:])
+        return logits, at_input, walk.recorded
+
+    def _backward(self, walk: _Walk, start: int, plan: ConceptPlan | None, k_maps: int, traceable: bool,
+                  split: bool) -> int:
+        """Steps `start`..0 of the relevance pass over `walk`, in reverse topological order, summing where a value
+        fans out. split: stop at the first masked step (returned, its relevance not taken), so that the caller runs
+        the rest one image at a time; -1 once done."""
+        start_filtered = self.composite.start == "softmax"
         masked = set() if plan is None else plan.masked_steps
-        for k in range(len(self.steps) - 1, -1, -1):
-            relevance, incoming[k] = incoming[k], None
-            if relevance is None:  # a value the output does not depend on
+        values, stashes = walk.values, walk.stashes
+        for k in range(start, -1, -1):
+            if walk.incoming[k] is None:  # a value the output does not depend on
                 continue
+            if split and k in masked and not walk.expanded:
+                return k
+            relevance, walk.incoming[k] = walk.incoming[k], None
             step, wiring = self.steps[k], self.wiring[k]
             if plan is not None and k in plan.record:
                 # a copy (some rules divide their incoming relevance in place); below the first mask of a plan
                 # with the full map, the full map's rows (the unconditional relevance at this layer)
-                recorded[k] = (relevance[::k_maps] if expanded and plan.with_full else relevance).clone()
+                walk.recorded[k] = (relevance[::k_maps] if walk.expanded and plan.with_full else relevance).clone()
             if k in masked:
                 if k == plan.top_k_step:
-                    recorded[TOP_K_CHANNELS], mask = top_k_masks(channel_relevance(relevance), plan.top_k)
+                    walk.recorded[TOP_K_CHANNELS], mask = top_k_masks(channel_relevance(relevance), plan.top_k)
                 else:
-                    mask = plan.masks[k]
+                    mask = plan.masks[k] if walk.image is None else plan.masks[k][walk.image:walk.image + 1]
                 if plan.with_full:
                     mask = with_full_row(mask)
-                relevance = apply_mask(relevance, mask, expanded)
-                incoming = [_around(r, plan, k, k_maps, expanded) for r in incoming]
-                at_input = _around(at_input, plan, k, k_maps, expanded)
-                expanded = True
+                relevance = apply_mask(relevance, mask, walk.expanded)
+                walk.incoming = [_around(r, plan, k, k_maps, walk.expanded, walk.image) for r in walk.incoming]
+                walk.at_input = _around(walk.at_input, plan, k, k_maps, walk.expanded, walk.image)
+                walk.expanded = True
             # the one-hot start vector is never filtered (its zeros would beat a negative logit: an all-zero map);
             # seed's softmax start is, as the blog does
             if self.top_k.active and step.filtered and (k != self.output or start_filtered):
                 relevance = self.top_k(relevance, traceable)
-            inputs, out, stash = [x if i < 0 else values[i] for i in wiring], values[k], stashes[k]
-            if expanded:
+            inputs, out, stash = [walk.x if i < 0 else values[i] for i in wiring], values[k], stashes[k]
+            if not walk.expanded:
+                parts = step.relevance(inputs, out, stash, relevance)
+            elif walk.image is None:  # the whole batch, each image's tensors repeated K times
                 inputs, out, stash = [t.repeat_interleave(k_maps, 0) for t in inputs], \
                     out.repeat_interleave(k_maps, 0), _expand_stash(stash, k_maps)
-            parts = step.relevance(inputs, out, stash, relevance, k_maps) if expanded and \
-                isinstance(step, AffineStep) else step.relevance(inputs, out, stash, relevance)
+                parts = step.relevance(inputs, out, stash, relevance, k_maps) if isinstance(step, AffineStep) else \
+                    step.relevance(inputs, out, stash, relevance)
+            else:  # one image: its tensors (one row) broadcast against the K rows; views where a step needs rows
+                if not isinstance(step, (AffineStep, SumStep)):
+                    rows = relevance.shape[0]
+                    inputs, out, stash = [_rows(t, rows) for t in inputs], _rows(out, rows), \
+                        Stash(*(_rows(t, rows) for t in (stash.preactivation, stash.rms, stash.indices)))
+                parts = step.relevance(inputs, out, stash, relevance)
             values[k] = stashes[k] = None  # every reader of this value is done: free it
             for i, part in zip(wiring, parts):
                 if i < 0:
-                    at_input = part if at_input is None else at_input + part
+                    walk.at_input = part if walk.at_input is None else walk.at_input + part
                 else:
-                    incoming[i] = part if incoming[i] is None else incoming[i] + part
-        if at_input is None:
-            at_input = torch.zeros_like(x.repeat_interleave(k_maps, 0) if expanded else x)
-        if expanded:
-            at_input = at_input.reshape(x.shape[0], k_maps, *x.shape[1:])
-        return logits, at_input, recorded
+                    walk.incoming[i] = part if walk.incoming[i] is None else walk.incoming[i] + part
+        return -1
 
     def start_relevance(self, logits: Tensor, target: Tensor | None) -> Tensor:
         """one-hot(target) * logits (target -1 or None: the predicted class), or softmax for `seed`."""
@@ -507,12 +589,13 @@ class TopConcepts(NamedTuple):
 class ExportableConcepts(nn.Module):
     """forward(x, target) -> TopConcepts: the map, each of `layers`' concept relevance and, at `maps_layer`, each
     image's k most relevant channels and their conditional maps, in one pass (k = 0: no maps). Layers and k are
-    fixed when it is built, so tracers and exporters capture it; target (N,) int64, -1 = predicted class."""
+    fixed when it is built, so tracers and exporters capture it; target (N,) int64, -1 = predicted class.
+    per_image: the maps below the layer one image at a time (`propagate_concepts`; eager only, not traceable)."""
 
     def __init__(self, lrp: LRPModel, layers: Sequence[str], maps_layer: str | None = None, k: int = 0,
-                 exclude_parallel: bool = True, channel_sum: bool = True) -> None:
+                 exclude_parallel: bool = True, channel_sum: bool = True, per_image: bool = False) -> None:
         super().__init__()
-        self.lrp, self.channel_sum = lrp, channel_sum
+        self.lrp, self.channel_sum, self.per_image = lrp, channel_sum, per_image
         self.layers = lrp._layers(layers)
         no_maps = isinstance(k, int) and not isinstance(k, bool) and k == 0
         self.maps = None if no_maps else lrp._layers([maps_layer])[0]
@@ -524,7 +607,8 @@ class ExportableConcepts(nn.Module):
                                 exclude_parallel=exclude_parallel, with_full=True)
 
     def forward(self, x: Tensor, target: Tensor | None) -> TopConcepts:
-        logits, relevance, recorded = self.lrp.propagate_concepts(x, target, self.plan, traceable=True)
+        logits, relevance, recorded = self.lrp.propagate_concepts(x, target, self.plan, traceable=True,
+                                                                  per_image=self.per_image)
         if self.channel_sum:
             relevance = relevance.sum(dim=-3)
         concept = tuple(channel_relevance(recorded[layer.step]) for layer in self.layers)
