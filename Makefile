@@ -62,7 +62,7 @@ endif
 endif
 endif
 
-.PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
+.PHONY: venv quantus-venv bench-metrics test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability export explain \
 	report heatmaps train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
 
 venv: $(STAMP)
@@ -82,7 +82,7 @@ $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
 # The wall times end the log (`wall time: ...`, never mistaken for pytest's `N passed` line), so a slowdown shows.
-test: $(STAMP) $(CHROMIUM) lint
+test: $(STAMP) $(CHROMIUM) $(QUANTUS_VENV)/.installed lint
 	@start=$$SECONDS; status=0; $(call job,pytest,PYTEST_ARGS) -q || status=$$?; \
 	echo "wall time: suite $$((SECONDS - start)) s"; exit $$status
 
@@ -102,7 +102,7 @@ test-precision: $(STAMP)
 		[ $$status -eq 0 ] || exit 1; \
 	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
-bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray
+bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-metrics
 
 # A new user's first run timed by phase: set-up (a fresh temporary venv + the pinned install), then `make explain`'s
 # command with a fresh artifact cache (artifact build, Ray start, explain, probe, finish); BENCH_ARGS=--skip-setup
@@ -146,6 +146,25 @@ $(CORELAY_VENV)/.installed:
 
 bench-spray: $(STAMP) $(CORELAY_VENV)/.installed
 	$(call job,bench.spray_speed,BENCH_ARGS)
+
+# Quantus 0.6.0, the metrics' reference (tests/test_metrics_quantus.py, bench/metrics_speed.py): in its own venv,
+# never imported by the project. Its own dependencies (NumPy, SciPy, scikit-image, OpenCV, pandas, ...) come from
+# the registry (~3 min, ~600 MB); torch, which Quantus needs to run a model but does not declare, is the project's
+# own, found through a .pth file after Quantus's packages (one torch build on both sides of the comparison).
+QUANTUS_VENV := .venv-quantus
+quantus-venv: $(QUANTUS_VENV)/.installed
+
+$(QUANTUS_VENV)/.installed: | $(STAMP)
+	test -x $(QUANTUS_VENV)/bin/python || $(PYTHON) -m venv $(QUANTUS_VENV)
+	$(QUANTUS_VENV)/bin/pip install -q quantus==0.6.0 numpy==2.4.6 scipy==1.17.1
+	$(PY) -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' > \
+		"$$($(QUANTUS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-project-torch.pth"
+	$(QUANTUS_VENV)/bin/python -c 'import quantus, torch; assert quantus.__version__ == "0.6.0"'
+	touch $@
+
+# every metric of pipeline/metrics for 256 VGG16 224 images against Quantus 0.6.0's batched calls on the same maps
+bench-metrics: $(STAMP) $(QUANTUS_VENV)/.installed
+	$(call job,bench.metrics_speed,BENCH_ARGS)
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)

@@ -52,6 +52,9 @@ OPTIONS = [
     ("cache", str, "where traced LRP modules are kept"),
     ("flip_steps", int, "pixel flipping: regions perturbed (with --faithfulness)"),
     ("flip_patch", int, "pixel flipping: region side in pixels (with --faithfulness)"),
+    ("metrics", str, "evaluation metrics: comma-separated names or groups (localisation, complexity, faithfulness, "
+                     "randomisation, all; docs/metrics.md)"),
+    ("pointing_tolerance", float, "pointing game: pixels around the boxes that count as a hit (TorchRay: 15)"),
 ]
 
 

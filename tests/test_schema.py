@@ -13,6 +13,8 @@ import torch
 
 from pipeline import stats
 from pipeline.faithfulness import flip_statistics
+from pipeline.metrics import METRICS, MetricSettings
+from pipeline.metrics import batch_columns as metric_columns
 from pipeline.schema import (
     FAILURE_SCHEMA,
     FLIP_COLUMNS,
@@ -47,6 +49,11 @@ def _computed() -> dict[str, torch.Tensor]:
     values.update(stats.correctness(values["pred"], [int(target[0]), None, (int(target[2]) + 1) % CLASSES]))
     values.update(flip_statistics(lambda batch: batch.flatten(1) @ weights, x, relevance, target,
                                   ["a", "b", "c"], steps=3, patch=4))
+    settings = MetricSettings(names=METRICS, top_k_pixels=8, correlation_runs=3, correlation_subset=5,
+                              region_patch=4, region_steps=2, road_percentages=(10, 50))
+    values.update(metric_columns(settings, relevance, [[(0.0, 0.0, 4.0, 4.0)], [], [(6.0, 6.0, 8.0, 8.0)]], x,
+                                 target, CLASSES, ["a", "b", "c"], lambda batch: batch.flatten(1) @ weights.to(batch),
+                                 lambda inputs, classes: inputs.sum(1)))
     return values
 
 
