@@ -9,6 +9,7 @@ name, or "imputation" (quantus.functions.perturb_func.noisy_linear_imputation on
 to float32 (torch.Tensor(x)), exact for the float32-valued inputs the test uses."""
 import json
 import sys
+import time
 
 import numpy as np
 import quantus
@@ -35,36 +36,46 @@ def explainer(other_a, other_y):
     return explain
 
 
-def main(inputs, spec_file, out_file, model_file=None):
+def main(inputs, spec_file, out_file, model_file=None, precision="float64"):
+    """Each spec item's values under its name, and its seconds under name + '_seconds' (bench/metrics_speed.py)."""
     data = dict(np.load(inputs))
-    model = Float64(torch.jit.load(model_file).double()).eval() if model_file else None
+    model = torch.jit.load(model_file).eval() if model_file else None
+    if model is not None and precision == "float64":
+        model = Float64(model.double()).eval()
     results = {}
     for item in json.load(open(spec_file)):
-        x, y, a, s = (data[item.get(key, key)] for key in ("x", "y", "a", "s"))  # an item may name other arrays
-        np.random.seed(item.get("seed", 0))
-        kind = item["metric"]
-        if kind == "imputation":
-            results[item["name"]] = np.stack([noisy_linear_imputation(x[i], np.asarray(p), noise=item["noise"])
-                                              for i, p in zip(item["images"], item["pixels"])])
-            continue
-        if kind == "road":  # Quantus ROAD's loops (percentage, then image) over pixel indices; its imputation
-            hits = []
-            for pixels in item["pixels"]:  # one list of per-image pixel lists per percentage
-                batch = np.stack([noisy_linear_imputation(x[i], np.asarray(p, dtype=int), noise=item["noise"])
-                                  for i, p in enumerate(pixels)])
-                with torch.no_grad():
-                    predicted = model(torch.Tensor(batch)).argmax(1).numpy()
-                hits.append(predicted == y[:len(batch)])
-            results[item["name"]] = np.stack(hits, 1).astype(float)
-            continue
-        init = dict(item.get("init", {}))
-        metric = getattr(quantus, kind)(disable_warnings=True, **init)
-        call = dict(item.get("call", {}))
-        if kind == "RandomLogit":
-            call["explain_func"] = explainer(data["other_a"], data["other_y"])
-        scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a, s_batch=s, device="cpu", **call)
-        results[item["name"]] = np.asarray(scores, dtype=float)
+        started = time.perf_counter()
+        run(item, data, model, results)
+        results[item["name"] + "_seconds"] = np.float64(time.perf_counter() - started)
     np.savez(out_file, **results)
+
+
+def run(item, data, model, results):
+    """One spec item's Quantus values into results[item["name"]]."""
+    x, y, a, s = (data[item.get(key, key)] for key in ("x", "y", "a", "s"))  # an item may name other arrays
+    np.random.seed(item.get("seed", 0))
+    kind = item["metric"]
+    if kind == "imputation":
+        results[item["name"]] = np.stack([noisy_linear_imputation(x[i], np.asarray(p), noise=item["noise"])
+                                          for i, p in zip(item["images"], item["pixels"])])
+        return
+    if kind == "road":  # Quantus ROAD's loops (percentage, then image) over pixel indices; its imputation
+        hits = []
+        for pixels in item["pixels"]:  # one list of per-image pixel lists per percentage
+            batch = np.stack([noisy_linear_imputation(x[i], np.asarray(p, dtype=int), noise=item["noise"])
+                              for i, p in enumerate(pixels)])
+            with torch.no_grad():
+                predicted = model(torch.Tensor(batch)).argmax(1).numpy()
+            hits.append(predicted == y[:len(batch)])
+        results[item["name"]] = np.stack(hits, 1).astype(float)
+        return
+    init = dict(item.get("init", {}))
+    metric = getattr(quantus, kind)(disable_warnings=True, **init)
+    call = dict(item.get("call", {}))
+    if kind == "RandomLogit":
+        call["explain_func"] = explainer(data["other_a"], data["other_y"])
+    scores = metric(model=model, x_batch=x, y_batch=y, a_batch=a, s_batch=s, device="cpu", **call)
+    results[item["name"]] = np.asarray(scores, dtype=float)
 
 
 if __name__ == "__main__":
