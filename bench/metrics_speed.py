@@ -4,7 +4,7 @@ timed). Map metrics on `--images` (256), the model metrics with Quantus's defaul
 (their cost is forward passes, the same count on both sides; seconds per image extrapolate linearly). Quantus runs
 in .venv-quantus (`make quantus-venv`) through tests/tools/quantus_reference.py. Prints a table, writes JSON.
 
-    python -m bench.metrics_speed [--quick] [--images 256] [--model-images 4]
+    python -m bench.metrics_speed [--quick] [--images 256] [--model-images 4]  (--quick: 16 and 1)
 """
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def _quantus(arrays: dict, spec: list, model_file: Path | None) -> dict:
                    str(folder / "out.npz")]
         if model_file is not None:
             command += [str(model_file), "float32"]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"Quantus failed: {done.stderr[-2000:]}")
         return dict(np.load(folder / "out.npz"))
 
 
@@ -70,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256, help="images for the map metrics")
     parser.add_argument("--model-images", type=int, default=4, help="images for the model metrics")
-    parser.add_argument("--quick", action="store_true", help="32 and 2 images, ROAD at 5 percentages")
+    parser.add_argument("--quick", action="store_true", help="16 and 1 images, ROAD at 5 percentages")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if not QUANTUS_PYTHON.exists():
         print(f"error: {QUANTUS_PYTHON} missing: run `make quantus-venv`", file=sys.stderr)
         return 2
     if args.quick:
-        args.images, args.model_images = 32, 2
+        args.images, args.model_images = 16, 1
     percentages = ROAD_PERCENTAGES[::10] if args.quick else ROAD_PERCENTAGES
     load_before = os.getloadavg()
     net = build_model("vgg16").eval()
@@ -101,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds, _ = _timed(lambda ours=ours: ours(relevance, masks))
         rows[name] = {"images": len(x), "ours_s_per_image": seconds / len(x),
                       "quantus_s_per_image": float(theirs[f"{name}_seconds"]) / len(x)}
+        print(name, rows[name], flush=True)
 
     m = args.model_images
     xm, ym, am = x[:m], y[:m], relevance[:m]
-    other = metrics.other_classes(ym, 1000, torch.randint(0, 999, (m,), generator=generator))
+    # Quantus RandomLogit's own draw (seed 42), so that it asks for the maps computed here
+    other = metrics.other_classes(ym, 1000, torch.from_numpy(np.random.RandomState(42).randint(0, 999, m)))
     with torch.no_grad():
         other_a = explainer(xm, other)
     chosen = dict(metrics.road_pixels(am, percentages))
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         traced = Path(folder) / "vgg16.pt"
         torch.jit.trace(net, x[:1]).save(str(traced))
         theirs = _quantus(model_arrays, model_spec, traced)
+    print("Quantus model metrics:", {k: float(v) for k, v in theirs.items() if k.endswith("_seconds")}, flush=True)
     classifier = torch.jit.trace(net, x[:1])
     gens = [torch.Generator().manual_seed(i) for i in range(m)]
     ours = {
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds, _ = _timed(fn)
         rows[name] = {"images": m, "ours_s_per_image": seconds / m,
                       "quantus_s_per_image": float(theirs[f"{name}_seconds"]) / m}
+        print(name, rows[name], flush=True)
     for row in rows.values():
         row["ratio"] = row["quantus_s_per_image"] / max(row["ours_s_per_image"], 1e-12)
     total_ours = sum(r["ours_s_per_image"] for r in rows.values()) * 256
