@@ -63,7 +63,7 @@ endif
 endif
 endif
 
-.PHONY: venv test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity bench-concepts sanity export explain \
+.PHONY: venv quantus-venv bench-metrics test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity bench-concepts sanity export explain \
 	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
 
 venv: $(STAMP)
@@ -83,7 +83,7 @@ $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
 # The wall times end the log (`wall time: ...`, never mistaken for pytest's `N passed` line), so a slowdown shows.
-test: $(STAMP) $(CHROMIUM) lint
+test: $(STAMP) $(CHROMIUM) $(QUANTUS_VENV)/.installed lint
 	@start=$$SECONDS; status=0; $(call job,pytest,PYTEST_ARGS) -q || status=$$?; \
 	echo "wall time: suite $$((SECONDS - start)) s"; exit $$status
 
@@ -103,7 +103,7 @@ test-precision: $(STAMP)
 		[ $$status -eq 0 ] || exit 1; \
 	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
-bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity bench-concepts
+bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity bench-concepts bench-metrics
 
 # A new user's first run timed by phase: set-up (a fresh temporary venv + the pinned install), then `make explain`'s
 # command with a fresh artifact cache (artifact build, Ray start, explain, probe, finish); BENCH_ARGS=--skip-setup
@@ -171,6 +171,10 @@ bench-sanity: $(STAMP)
 # concept), VGG16 features.28 and ResNet-50 layer4, 224 px, batch 8; RelMax memory at two sizes (BENCH_ARGS=--quick)
 bench-concepts: $(STAMP)
 	$(call job,bench.concepts_speed,BENCH_ARGS)
+
+# every metric of pipeline/metrics for 256 VGG16 224 images against Quantus 0.6.0's batched calls on the same maps
+bench-metrics: $(STAMP) $(QUANTUS_VENV)/.installed
+	$(call job,bench.metrics_speed,BENCH_ARGS)
 
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)

@@ -55,6 +55,9 @@ OPTIONS = [
     ("flip_patch", int, "pixel flipping: region side in pixels (with --faithfulness)"),
     ("concepts", str, "concepts (CRP) at these layers: comma-separated module names, e.g. features.28 (the rest "
                       "from configs/run.yaml's concepts: block)"),
+    ("metrics", str, "evaluation metrics: comma-separated names or groups (localisation, complexity, faithfulness, "
+                     "randomisation, all; docs/metrics.md)"),
+    ("pointing_tolerance", float, "pointing game: pixels around the boxes that count as a hit (TorchRay: 15)"),
 ]
 
 

@@ -23,6 +23,8 @@ from .classes import ClassesError, read_classes_file
 from .datasets.layouts import LAYOUTS
 from .errors import PipelineError
 from .faithfulness import region_count
+from .metrics import METRICS, ROAD_PERCENTAGES, MetricSettings, expand
+from .metrics.model import SCORES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,6 +88,19 @@ class RunConfig:
     faithfulness: bool = False
     flip_steps: int = 100
     flip_patch: int = 9
+    # the evaluation metrics (pipeline/metrics/, docs/metrics.md): names or groups, and their parameters
+    metrics: list[str] | str | None = ()  # off by default: a run costs what it did and earlier runs still resume
+    pointing_tolerance: float = 0.0
+    top_k_pixels: int = 1000
+    effective_complexity_eps: float = 1e-5
+    correlation_runs: int = 100
+    correlation_subset: int = 224
+    region_patch: int = 8
+    region_steps: int = 100
+    region_score: str = "softmax"
+    road_percentages: list[float] | None = None
+    road_noise: float = 0.01
+    metric_seed: int = 0
     labels: str | None = None  # label file (Kaggle CSV or devkit ground truth), else searched for
     boxes: str | None = None  # folder of VOC box XMLs, else searched for
     synsets: str | None = None  # meta.mat or LOC_synset_mapping.txt, else searched for
@@ -100,6 +115,9 @@ class RunConfig:
         identity["faithfulness"] = self.faithfulness and {"steps": self.flip_steps, "patch": self.flip_patch}
         if self.concepts.enabled:  # absent while off: runs made before concepts still match
             identity["concepts"] = self.concepts.identity()
+        settings = self.metric_settings()
+        if settings.names:  # absent without metrics: runs made before them still match
+            identity["metrics"] = {k: v for k, v in asdict(settings).items() if k != "classifier"}
         # absent unless named: runs made before these keys still match
         for key in ("labels", "boxes", "synsets", "classes"):
             if identity[key] is None:
@@ -107,6 +125,17 @@ class RunConfig:
         if self.classes is not None and Path(self.classes).is_file():  # an edited list must not mix names in a run
             identity["classes"] = {"file": self.classes, "sha256": sha256_file(self.classes)}
         return identity
+
+    def metric_settings(self, classifier: str | None = None) -> MetricSettings:
+        """The metrics' settings as the workers take them (checked by `validate` first)."""
+        percentages = ROAD_PERCENTAGES if self.road_percentages is None else tuple(self.road_percentages)
+        return MetricSettings(
+            names=expand(self.metrics), pointing_tolerance=float(self.pointing_tolerance),
+            top_k_pixels=self.top_k_pixels, effective_complexity_eps=float(self.effective_complexity_eps),
+            correlation_runs=self.correlation_runs, correlation_subset=self.correlation_subset,
+            region_patch=self.region_patch, region_steps=self.region_steps, region_score=self.region_score,
+            road_percentages=percentages, road_noise=float(self.road_noise), seed=self.metric_seed,
+            classifier=classifier)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -293,6 +322,7 @@ def validate(config: RunConfig, sources: dict[str, str]) -> None:
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         fail("shard_retries", f"must be an integer 0-10, got {retries!r}")
     _validate_faithfulness(config, fail, positive_int)
+    _validate_metrics(config, fail, positive_int)
     if config.classes is not None:
         if not isinstance(config.classes, str) or not config.classes:
             fail("classes", f"must be a file of class names or null, got {config.classes!r}")
@@ -314,6 +344,60 @@ def _validate_faithfulness(config: RunConfig, fail, positive_int) -> None:
     if config.faithfulness and config.flip_steps > regions:
         fail("flip_steps", f"must be at most {regions} (the {config.flip_patch}x{config.flip_patch} regions of a "
                            f"{config.size}x{config.size} image), got {config.flip_steps}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_metrics(config: RunConfig, fail, positive_int) -> None:
+    """The evaluation metrics: known names, and each parameter in its range for the crop size."""
+    if isinstance(config.metrics, str):  # the command line's comma-separated list
+        config.metrics = [name.strip() for name in config.metrics.split(",") if name.strip()]
+    if config.metrics is not None and not isinstance(config.metrics, (list, tuple)):
+        fail("metrics", f"must be a list of metric or group names, got {config.metrics!r}")
+    if config.metrics is not None and not all(isinstance(name, str) for name in config.metrics):
+        fail("metrics", f"must be a list of metric or group names, got {config.metrics!r}")
+    try:
+        names = expand(config.metrics)
+    except ValueError as error:
+        fail("metrics", f"names an {error}")
+    pixels = config.size * config.size
+    if not _number(config.pointing_tolerance) or config.pointing_tolerance < 0:
+        fail("pointing_tolerance", f"must be a number of pixels >= 0 (Quantus 0, TorchRay 15), "
+                                   f"got {config.pointing_tolerance!r}")
+    for key in ("top_k_pixels", "correlation_runs", "correlation_subset", "region_patch", "region_steps"):
+        positive_int(key)
+    if not _number(config.effective_complexity_eps) or config.effective_complexity_eps < 0:
+        fail("effective_complexity_eps", f"must be a number >= 0, got {config.effective_complexity_eps!r}")
+    if not _number(config.road_noise) or config.road_noise < 0:
+        fail("road_noise", f"must be a number >= 0, got {config.road_noise!r}")
+    if isinstance(config.metric_seed, bool) or not isinstance(config.metric_seed, int) or config.metric_seed < 0:
+        fail("metric_seed", f"must be an integer >= 0, got {config.metric_seed!r}")
+    if config.region_score not in SCORES:
+        fail("region_score", f"must be one of {', '.join(SCORES)}, got {config.region_score!r}")
+    percentages = config.road_percentages
+    if percentages is not None and (not isinstance(percentages, (list, tuple)) or not percentages or
+                                    not all(_number(p) and 0 < p < 100 for p in percentages)):
+        fail("road_percentages", f"must be a list of percentages in (0, 100) or null, got {percentages!r}")
+    if "top_k_intersection" in names and config.top_k_pixels > pixels:
+        fail("top_k_pixels", f"must be at most {pixels} (the pixels of a {config.size}x{config.size} map), "
+                             f"got {config.top_k_pixels}")
+    if "faithfulness_correlation" in names:
+        if config.correlation_runs < 2:
+            fail("correlation_runs", f"must be at least 2 (a correlation), got {config.correlation_runs}")
+        if config.correlation_subset > 3 * pixels:
+            fail("correlation_subset", f"must be at most {3 * pixels} (the input values of a {config.size}x"
+                                       f"{config.size} image), got {config.correlation_subset}")
+    if "region_perturbation" in names:
+        if config.region_patch > config.size:
+            fail("region_patch", f"must be at most size ({config.size}), got {config.region_patch}")
+        regions = region_count(config.size, config.size, config.region_patch)
+        if config.region_steps > regions:
+            fail("region_steps", f"must be at most {regions} (the {config.region_patch}x{config.region_patch} "
+                                 f"regions of a {config.size}x{config.size} image), got {config.region_steps}")
+    unknown = set(names) - set(METRICS)
+    assert not unknown, unknown
 
 
 def as_dict(config: RunConfig) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from export.concepts import ConceptsRecord
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .metrics import MetricSettings
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,13 @@ class WorkerSettings:
     concepts: ConceptWork | None = None  # the artifact's concept outputs (None: concepts off)
     device: str = "cpu"  # decided by the driver's actor plan
     threads: int = 1  # torch threads of a CPU actor
+    metrics: MetricSettings | None = None  # the evaluation metrics (pipeline/metrics/); None: none
 
     @classmethod
     def from_config(cls, config: RunConfig, **decided: Any) -> WorkerSettings:
         """The worker's share of a run configuration; `decided` adds what the driver worked out (class names,
         the artifact's start, the probe, pixel flipping's classifier, device and threads)."""
+        decided.setdefault("metrics", config.metric_settings())
         return cls(size=config.size, batch_size=config.batch_size, map_dtype=config.map_dtype,
                    compression=config.compression, target=config.target, decode_threads=config.decode_threads,
                    precision=config.precision, gpu_decode=config.gpu_decode,

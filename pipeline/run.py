@@ -7,6 +7,7 @@ reads it, so a second driver is refused before it writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -95,7 +96,11 @@ def _run(config: RunConfig, layout: RunLayout, started: float, replace: bool, st
     classes = _classes(config, metadata.class_count, metadata.class_names, metadata.weights.kind)  # its logits
     _check_target(config, classes.count)
     check_classes(records, classes, config.model, config.root)
-    classifier = cached_classifier(config, weights.choice, artifact) if config.faithfulness else None
+    metrics = config.metric_settings()
+    classifier = cached_classifier(config, weights.choice, artifact) \
+        if config.faithfulness or metrics.needs_classifier() else None
+    if classifier is not None and metrics.needs_classifier():
+        metrics = dataclasses.replace(metrics, classifier=str(classifier.resolve()))
     run_folder.prepare(layout, config, replace)
     print(dataset.describe(), file=sys.stderr, flush=True)  # once the run starts: a refused one is one line
     todo = run_folder.unfinished(layout, shards)
@@ -107,7 +112,8 @@ def _run(config: RunConfig, layout: RunLayout, started: float, replace: bool, st
         concepts=concepts,
         start=metadata.start,
         probe_images=probe.job.spec.images if probe else 0,  # shard 0's first images go back for the probe
-        flipping=Flipping(str(classifier.resolve()), config.flip_steps, config.flip_patch) if classifier else None)
+        flipping=Flipping(str(classifier.resolve()), config.flip_steps, config.flip_patch)
+        if classifier and config.faithfulness else None, metrics=metrics)
     before_ray = time.time() - started
     work = run_shards(config, artifact, settings, shards, todo, progress, probe) if todo else InvocationWork()
     if work.phases:  # the manifest's timings: seconds per phase (bench/first_run.py)

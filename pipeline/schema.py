@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-GROUPS = ("record", "prediction", "map", "localisation", "faithfulness", "concepts", "bookkeeping")
+GROUPS = ("record", "prediction", "map", "localisation", "faithfulness", "concepts", "bookkeeping", "metrics")
 # columns the worker fills in from the image record, its boxes, the class names and the batch's bookkeeping;
 # every other statistics column is computed by pipeline/stats.py or pipeline/faithfulness.py
 SUPPLIED_GROUPS = ("record", "bookkeeping")
@@ -97,6 +97,51 @@ STATS_COLUMNS = (
            "of |relevance| over the layer's channels", "concepts"),
     Column("concepts_by_layer", pa.list_(CONCEPT_LAYER_TOP), "every concept layer's top channels and shares, in "
            "`concepts.layers` order: {layer, top, share}", "concepts"),
+    # the evaluation metrics (pipeline/metrics/, docs/metrics.md): each as Quantus 0.6.0 computes it, with the
+    # run's `metrics` settings; null unless the run's `metrics` names it (default: localisation and complexity).
+    # Maps are normalised per image by their largest |value| (Quantus: by the batch's; docs/metrics.md).
+    Column("pointing_game", pa.bool_(), "pointing game (Zhang et al. 2018): a pixel holding the map's largest "
+           "value lies within `pointing_tolerance` pixels of a label box (Quantus PointingGame: 0; TorchRay: 15 px "
+           "at 224; ties: any maximum counts; null without boxes)", "metrics"),
+    Column("relevance_rank_accuracy", pa.float32(), "relevance rank accuracy (Arras et al. 2022): share of the K "
+           "highest-relevance pixels inside the label boxes, K = the boxes' pixels (null without boxes)", "metrics"),
+    Column("top_k_intersection", pa.float32(), "top-k intersection (Theiner et al. 2021): share of the "
+           "`top_k_pixels` highest-relevance pixels inside the label boxes (Quantus default k 1000; null without "
+           "boxes)", "metrics"),
+    Column("attribution_localisation", pa.float32(), "attribution localisation (Kohlbrenner et al. 2020): |R| "
+           "inside the label boxes / (all |R| + 1e-9), R normalised by its largest |value| (Quantus's defaults: "
+           "abs, unweighted; null without boxes)", "metrics"),
+    Column("sparseness", pa.float32(), "Quantus Sparseness (Chalasani et al. 2020): Gini index of |R| / max|R| + "
+           "1e-7 (`gini` is the same without the 1e-7)", "metrics"),
+    Column("complexity", pa.float32(), "Quantus Complexity (Bhatt et al. 2020): entropy in nats of |R| / sum |R| "
+           "over pixels, log(p + 1e-12) (`entropy` differs: positive part, divided by log(pixels))", "metrics"),
+    Column("effective_complexity", pa.int64(), "effective complexity (Nguyen and Martinez 2020): pixels with "
+           "|R| / max|R| > `effective_complexity_eps` (Quantus default 1e-5)", "metrics"),
+    Column("faithfulness_correlation", pa.float32(), "faithfulness correlation (Bhatt et al. 2020): Pearson, over "
+           "`correlation_runs` random subsets of `correlation_subset` input values (C x H x W), between their "
+           "relevance sum and the target logit's drop when they are set to the image's minimum (Quantus: 100 runs "
+           "of 224, 'black' baseline, logits)", "metrics"),
+    Column("region_morf", pa.list_(pa.float32()), "region perturbation (Samek et al. 2017), most relevant first: "
+           "f(x) - f(x_k), k = 1..`region_steps`, the k first `region_patch`-square regions (centred padding) set "
+           "to the image's minimum; f the target's `region_score` (Quantus: softmax; Samek et al.: logit)",
+           "metrics"),
+    Column("region_lerf", pa.list_(pa.float32()), "region perturbation, least relevant first (as region_morf)",
+           "metrics"),
+    Column("region_morf_aopc", pa.float32(), "AOPC of region_morf: sum / (region_steps + 1)", "metrics"),
+    Column("region_lerf_aopc", pa.float32(), "AOPC of region_lerf: sum / (region_steps + 1)", "metrics"),
+    Column("region_abpc", pa.float32(), "area between the perturbation curves (Schulz et al. 2020): "
+           "region_morf_aopc - region_lerf_aopc (high: the map orders regions by their effect)", "metrics"),
+    Column("road", pa.list_(pa.float32()), "ROAD (Rong et al. 2022), MoRF: 1 where the model still predicts the "
+           "target with the `road_percentages` % most relevant pixels replaced, all channels, by noisy linear "
+           "imputation (noise std `road_noise`), else 0", "metrics"),
+    Column("road_auc", pa.float32(), "mean of `road` over its percentages (low: the map finds what the model "
+           "needs)", "metrics"),
+    Column("random_logit", pa.float32(), "random logit (Sixt et al. 2020): SSIM (1-D, window 7, as Quantus) between "
+           "the map and the map of `random_logit_class`, each / its largest |value| (low: the map depends on the "
+           "class)", "metrics"),
+    Column("random_logit_class", pa.int64(), "the other class random logit explained, drawn uniformly from the "
+           "classes but the target (seeded by the image id and `metric_seed`)", "metrics"),
+    Column("metrics_seconds", pa.float32(), "time of the batch's evaluation metrics, per image", "metrics"),
 )
 
 FAILURE_COLUMNS = (

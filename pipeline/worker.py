@@ -31,6 +31,7 @@ from .faithfulness import flip_statistics
 from .faults import inject_fault
 from .gpu_decode import DeviceDecoder
 from .layout import RunLayout
+from .metrics import batch_columns as metric_columns
 from .preprocess import DecodeError, Preprocessing, load
 from .reading import expect
 from .schema import FAILURE_SCHEMA, STATS_SCHEMA, failure_row, map_columns, stats_rows
@@ -59,8 +60,9 @@ class ShardExplainer:
             if self.device == "cuda" and settings.gpu_decode else None
         self.compressors = ThreadPoolExecutor(max_workers=2, thread_name_prefix="compress")  # while the model runs
         # pixel flipping needs plain forward passes: the traced classifier
-        self.classifier = torch.jit.load(settings.flipping.classifier, map_location=self.device) \
-            if settings.flipping else None
+        classifier = settings.flipping.classifier if settings.flipping else \
+            settings.metrics.classifier if settings.metrics else None
+        self.classifier = torch.jit.load(classifier, map_location=self.device) if classifier else None
 
     def _name(self, index: int) -> str | None:
         names = self.settings.class_names
@@ -199,7 +201,9 @@ class ShardExplainer:
         start = statistics.start_relevance(logits, used, self.settings.start)
         values.update(statistics.conservation(values["relevance_sum"], start))
         values.update(statistics.localisation(relevance, [boxes for _, (_, boxes) in chunk]))
-        if self.classifier is not None:
+        if self.settings.metrics is not None and self.settings.metrics.names:
+            values.update(self._metrics(x, used.to(self.device), relevance, logits.shape[1], chunk))
+        if self.settings.flipping is not None:
             flipping = self.settings.flipping
             values.update(flip_statistics(self.classifier, x, relevance, used.to(self.device),
                                           [record.image_id for record, _ in chunk], flipping.steps,
@@ -217,6 +221,18 @@ class ShardExplainer:
                     "row": range(offset, offset + len(chunk)), "seconds": [seconds] * len(chunk)}
         rows = stats_rows({**values, **supplied}, len(chunk))
         return list(relevance.numpy()), rows, (x, used, relevance), concepts
+
+    def _metrics(self, x: torch.Tensor, used: torch.Tensor, relevance: torch.Tensor, classes: int, chunk
+                 ) -> dict[str, torch.Tensor]:
+        """The run's evaluation metrics (pipeline/metrics/) for one batch: maps and boxes, the classifier's
+        forward passes, a second LRP pass for random logit."""
+        def explain(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.module(inputs, targets)[1].float().cpu()
+
+        return metric_columns(self.settings.metrics, relevance, [boxes for _, (_, boxes) in chunk], x, used,
+                              classes, [record.image_id for record, _ in chunk], self.classifier, explain,
+                              self.settings.batch_size)
 
     def _targets(self, records: list[ImageRecord]) -> torch.Tensor:
         mode = self.settings.target

@@ -16,6 +16,8 @@ from pipeline import stats
 from pipeline.concepts.per_image import ConceptImage
 from pipeline.concepts.per_image import statistics as concept_statistics
 from pipeline.faithfulness import flip_statistics
+from pipeline.metrics import METRICS, MetricSettings
+from pipeline.metrics import batch_columns as metric_columns
 from pipeline.schema import (
     FAILURE_SCHEMA,
     FLIP_COLUMNS,
@@ -56,6 +58,11 @@ def _computed() -> dict[str, torch.Tensor]:
                               "features.0": torch.randn(3, generator=generator).numpy()}, {}, None, None)
                 for _ in range(N)]
     values.update(concept_statistics(concepts, record, top=2))  # pipeline/concepts/per_image.py
+    settings = MetricSettings(names=METRICS, top_k_pixels=8, correlation_runs=3, correlation_subset=5,
+                              region_patch=4, region_steps=2, road_percentages=(10, 50))
+    values.update(metric_columns(settings, relevance, [[(0.0, 0.0, 4.0, 4.0)], [], [(6.0, 6.0, 8.0, 8.0)]], x,
+                                 target, CLASSES, ["a", "b", "c"], lambda batch: batch.flatten(1) @ weights.to(batch),
+                                 lambda inputs, classes: inputs.sum(1)))
     return values
 
 
