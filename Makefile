@@ -3,6 +3,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+# Quantus 0.6.0, the metrics' test reference, in its own venv (below)
+QUANTUS_VENV := .venv-quantus
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ZENNIT := zennit==1.0.0
@@ -152,7 +154,6 @@ bench-spray: $(STAMP) $(CORELAY_VENV)/.installed
 # never imported by the project. Its own dependencies (NumPy, SciPy, scikit-image, OpenCV, pandas, ...) come from
 # the registry (~3 min, ~600 MB); torch, which Quantus needs to run a model but does not declare, is the project's
 # own, found through a .pth file after Quantus's packages (one torch build on both sides of the comparison).
-QUANTUS_VENV := .venv-quantus
 quantus-venv: $(QUANTUS_VENV)/.installed
 
 $(QUANTUS_VENV)/.installed: | $(STAMP)
