@@ -50,7 +50,11 @@ def atomic(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, OutputError):
+        if isinstance(error, OutputError):
+            raise
+        # h5py raises RuntimeError, not OSError, when HDF5 cannot flush its metadata to a full disk
+        full = isinstance(error, RuntimeError) and reason(error) == "no space left on device"
+        if isinstance(error, OSError) or full:
             raise OutputError(f"cannot write {path}: {reason(error)}") from error
         raise
 

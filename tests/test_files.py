@@ -111,3 +111,18 @@ def test_the_sweep_covers_every_folder_the_run_and_its_report_write_to(tmp_path)
     assert sorted(own) == sorted(left) and len(own) == len(set(own))
     layout.sweep_temporary()
     assert not any(p.exists() for p in left)
+
+
+def test_a_full_disk_reported_by_hdf5_is_an_output_error_other_errors_are_not(tmp_path):
+    """h5py raises RuntimeError (not OSError) when HDF5 cannot flush its metadata to a full disk: that is a write
+    error naming the file, with nothing left behind; any other RuntimeError stays what it is."""
+    target = tmp_path / "shard.h5"
+    with pytest.raises(OutputError, match=r"cannot write .*shard\.h5: no space left on device"):
+        with atomic(target) as tmp:
+            tmp.write_bytes(b"x")
+            raise RuntimeError("Unable to flush file's cached information (file write failed: errno = 28, "
+                               "error message = 'No space left on device')")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="something else"):
+        with atomic(target):
+            raise RuntimeError("something else")
