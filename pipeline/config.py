@@ -90,17 +90,18 @@ class RunConfig:
     flip_patch: int = 9
     # the evaluation metrics (pipeline/metrics/, docs/metrics.md): names or groups, and their parameters
     metrics: list[str] | str | None = ()  # off by default: a run costs what it did and earlier runs still resume
-    pointing_tolerance: float = 0.0
-    top_k_pixels: int = 1000
-    effective_complexity_eps: float = 1e-5
-    correlation_runs: int = 100
-    correlation_subset: int = 224
-    region_patch: int = 8
-    region_steps: int = 100
-    region_score: str = "softmax"
-    road_percentages: list[float] | None = None
-    road_noise: float = 0.01
-    metric_seed: int = 0
+    # their parameters' defaults are MetricSettings' (one place); configs/run.yaml states them
+    pointing_tolerance: float = MetricSettings.pointing_tolerance
+    top_k_pixels: int = MetricSettings.top_k_pixels
+    effective_complexity_eps: float = MetricSettings.effective_complexity_eps
+    correlation_runs: int = MetricSettings.correlation_runs
+    correlation_subset: int = MetricSettings.correlation_subset
+    region_patch: int = MetricSettings.region_patch
+    region_steps: int = MetricSettings.region_steps
+    region_score: str = MetricSettings.region_score
+    road_percentages: list[float] | None = None  # None: MetricSettings' ROAD_PERCENTAGES
+    road_noise: float = MetricSettings.road_noise
+    metric_seed: int = MetricSettings.seed
     labels: str | None = None  # label file (Kaggle CSV or devkit ground truth), else searched for
     boxes: str | None = None  # folder of VOC box XMLs, else searched for
     synsets: str | None = None  # meta.mat or LOC_synset_mapping.txt, else searched for
