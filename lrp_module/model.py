@@ -72,6 +72,8 @@ class AffineStep(nn.Module):
     def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor,
                   repeats: int = 1) -> list[Tensor]:
         """repeats: the batch is each image repeated this many times (concept maps): z is computed once per image."""
+        if repeats == 1:  # every plain pass: no context to enter
+            return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
         with repeated_images(self.op, relevance.shape[0], repeats):
             return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
 
@@ -206,15 +208,9 @@ def _around(relevance: Tensor | None, plan: ConceptPlan, step: int, k_maps: int,
 TOP_K_CHANNELS = -1  # the key under which `propagate_concepts` records the (N, K) channels a top-K plan chose
 
 
-def _expand_stash(stash: Stash, times: int) -> Stash:
-    """A step's stash for a batch repeated `times` times per image (image major), as the concept maps need."""
-    return Stash(*(None if t is None else t.repeat_interleave(times, 0) for t in
-                   (stash.preactivation, stash.rms, stash.indices)))
-
-
-def _rows(t: Tensor | None, rows: int) -> Tensor | None:
+def _rows(t: Tensor, rows: int) -> Tensor:
     """One image's stored tensor (one row) as `rows` rows: a view, nothing copied."""
-    return None if t is None else t.expand(rows, *t.shape[1:])
+    return t.expand(rows, *t.shape[1:])
 
 
 def _row(t: Tensor | None, i: int, layout: torch.memory_format | None = None) -> Tensor | None:
@@ -243,8 +239,7 @@ class _Walk:
         """Image i's part of this walk (one row each: views, or 4-d copies in `layout`), to go on from where this
         one stopped."""
         return _Walk([_row(v, i, layout) for v in self.values],
-                     [None if s is None else Stash(*(_row(t, i, layout) for t in (s.preactivation, s.rms, s.indices)))
-                      for s in self.stashes],
+                     [None if s is None else s.map(lambda t: _row(t, i, layout)) for s in self.stashes],
                      [_row(r, i, layout) for r in self.incoming], _row(self.x, i, layout),
                      _row(self.at_input, i, layout), image=i)
 
@@ -508,14 +503,14 @@ class LRPModel(nn.Module):
                 parts = step.relevance(inputs, out, stash, relevance)
             elif walk.image is None:  # the whole batch, each image's tensors repeated K times
                 inputs, out, stash = [t.repeat_interleave(k_maps, 0) for t in inputs], \
-                    out.repeat_interleave(k_maps, 0), _expand_stash(stash, k_maps)
+                    out.repeat_interleave(k_maps, 0), stash.map(lambda t: t.repeat_interleave(k_maps, 0))
                 parts = step.relevance(inputs, out, stash, relevance, k_maps) if isinstance(step, AffineStep) else \
                     step.relevance(inputs, out, stash, relevance)
             else:  # one image: its tensors (one row) broadcast against the K rows; views where a step needs rows
                 if not isinstance(step, (AffineStep, SumStep)):
                     rows = relevance.shape[0]
                     inputs, out, stash = [_rows(t, rows) for t in inputs], _rows(out, rows), \
-                        Stash(*(_rows(t, rows) for t in (stash.preactivation, stash.rms, stash.indices)))
+                        stash.map(lambda t, rows=rows: _rows(t, rows))
                 parts = step.relevance(inputs, out, stash, relevance)
             values[k] = stashes[k] = None  # every reader of this value is done: free it
             for i, part in zip(wiring, parts):

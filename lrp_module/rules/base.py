@@ -8,6 +8,7 @@ explicit conv / conv-transpose / matmul calls: no autograd, no hooks.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -27,6 +28,10 @@ class Stash:
     preactivation: Tensor | None = None  # the layer's output before its fused ReLU
     rms: Tensor | None = None  # per-image root mean square of the pre-activation (Epsilon's rms_scale)
     indices: Tensor | None = None  # max pooling's arg-max positions
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Stash:
+        """The same stash with `fn` applied to each tensor it holds (the concept maps' row views and repeats)."""
+        return Stash(*(None if t is None else fn(t) for t in (self.preactivation, self.rms, self.indices)))
 
 
 NOTHING = Stash()
