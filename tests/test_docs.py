@@ -8,6 +8,7 @@ import io
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
@@ -155,3 +156,22 @@ def test_links_between_pages_resolve():
             elif anchor and anchor not in {_anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}:
                 broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
     assert not broken, f"links to missing pages or headings: {', '.join(broken)}"
+
+
+CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7})( |$)", re.MULTILINE)
+
+
+def test_no_merge_conflict_markers_left_in_tracked_text_files():
+    """A merge's leftover `<<<<<<<` / `=======` / `>>>>>>>` lines (docs/benchmarks.md once kept three blocks)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, timeout=60)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: no tracked files to list")
+    culprits = []
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        path = ROOT / name
+        if path.suffix not in (".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".sh", ".cfg", ".json", ".html") \
+                and path.name not in ("Makefile", "run"):
+            continue
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        culprits += [f"{name}:{text.count(chr(10), 0, m.start()) + 1}" for m in CONFLICT_MARKER.finditer(text)]
+    assert not culprits, f"merge conflict markers left in: {', '.join(culprits)}"

@@ -17,11 +17,18 @@ from pipeline.datasets import load_records
 from pipeline.metrics import METRICS, expand, maps
 from pipeline.metrics import model as model_metrics
 from pipeline.preprocess import Preprocessing, load
+from pipeline.report import metrics as metrics_report
+from pipeline.report.run_data import open_run
+from pipeline.report.tables import fmt
 
 from .test_pipeline import SIZE, _config, _run, dataset  # noqa: F401  (the dataset fixture)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
+# the scalar metric columns the report summarises, in the schema's order
+METRIC_SCALARS = ["pointing_game", "relevance_rank_accuracy", "top_k_intersection", "attribution_localisation",
+                  "sparseness", "complexity", "effective_complexity", "faithfulness_correlation", "region_morf_aopc",
+                  "region_lerf_aopc", "region_abpc", "road_auc", "random_logit"]
 SETTINGS = dict(metrics=["all"], correlation_runs=3, correlation_subset=12, region_patch=16, region_steps=3,
                 road_percentages=[10, 60], top_k_pixels=50)
 
@@ -54,6 +61,27 @@ def test_every_metric_column_equals_its_function(dataset, tmp_path, local_ray): 
     assert (table.random_logit_class != table.target).all() and table.random_logit.between(-1, 1).all()
     assert table.faithfulness_correlation.between(-1, 1).all() and (table.metrics_seconds > 0).all()
     assert manifest["config"]["metrics"] == ["all"]
+    _check_report_section(tmp_path / "run", table)
+
+
+def _check_report_section(run, table: pd.DataFrame) -> None:
+    """The report's Evaluation metrics section summarises exactly the metrics the run computed, each row's mean
+    the column's mean; a run without metrics gets no section."""
+    stats = open_run(run).stats
+    headings, rows = metrics_report.overall(stats, metrics_report.metric_columns(stats))
+    summarised = {row[0]: row for row in rows}
+    computed = [c for c in METRIC_SCALARS if table[c].notna().any()]
+    assert list(summarised) == computed and "pointing_game" not in summarised  # no boxes: nothing to summarise
+    for name in computed:
+        values = table[name].astype(float)
+        assert summarised[name][headings.index("mean")] == fmt(values.mean())
+        assert summarised[name][headings.index("images")] == fmt(int(values.notna().sum()))
+    class_headings, class_rows = metrics_report.per_class(stats, metrics_report.metric_columns(stats), False)
+    assert sum(int(row[2]) for row in class_rows) == len(table) and class_headings[3:] == computed
+    section = metrics_report.section(stats, False)
+    assert section is not None and 'id="metrics"' in section and "faithfulness_correlation" in section
+    without = stats.assign(**{name: None for name in computed})
+    assert metrics_report.section(without, False) is None
 
 
 @pytest.mark.parametrize("values,message", [

@@ -17,6 +17,7 @@ from ..layout import REPORT_IMAGE, REPORT_OWN_FILES, TEMPORARY, RunLayout
 from ..output_set import files_in, replaced_as_set
 from . import concepts as concepts_section
 from . import html, selection, tables
+from . import metrics as metrics_section
 from . import sanity as sanity_section
 from . import strategies as spray_section
 from .files import inside
@@ -189,6 +190,9 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
         sections.append(("concepts", "Concepts", concepts_section.section(run, concepts, images, f"{IMAGE_FOLDER}/",
                                                                           cmap)))
         lap("concepts")
+    metrics = metrics_section.section(run.stats, run.has_labels)  # when the run's `metrics` named any
+    if metrics:
+        sections.append(("metrics", "Evaluation metrics", metrics))
     sanity = sanity_section.load(run.root)  # RUN/sanity.parquet, when `make sanity` ran
     if sanity is not None:
         sections.append(("sanity", "Sanity check", sanity_section.section(sanity, images, f"{IMAGE_FOLDER}/")))
