@@ -77,6 +77,7 @@ def audit(data: Path, run: Path, layer: str, marked: int = MARKED, name: str = "
                                         truth=str(data / shapes_hans.HANS_FILE), masks=str(inputs / "tag.npz"),
                                         name=name))
     images = pd.read_parquet(RunLayout(run).cav_images(name))
+    channels = pd.read_parquet(RunLayout(run).cav_channels(name))
     tagged = images["truth"].fillna(False).to_numpy(bool)
     best = summary["best_channels"][0]
     retrieval = summary["truth"]["retrieval"]
@@ -84,7 +85,9 @@ def audit(data: Path, run: Path, layer: str, marked: int = MARKED, name: str = "
         "layer": layer, "images": summary["images"], "tagged": int(tagged.sum()), "marked": marked,
         "best_channel": best["channel"], "best_channel_auroc_marked": best["auroc_marked"],
         "best_channel_auroc_truth": best["auroc_truth"],
-        "best_auroc_truth_any_channel": float(pd.read_parquet(RunLayout(run).cav_channels(name))["auroc_truth"].max()),
+        "best_channel_auroc_truth_marked_classes": best["auroc_truth_marked_classes"],
+        "best_auroc_truth_any_channel": float(channels["auroc_truth"].max()),
+        "best_auroc_truth_marked_classes_any_channel": float(channels["auroc_truth_marked_classes"].max()),
         "cav_pattern": retrieval["cav_pattern"], "cav_classifier": retrieval["cav_classifier"],
         "r_bias_concept_tagged": summary["masks"]["r_bias_concept_mean"]["truth"],
         "r_bias_concept_tagged_images": int(images.loc[tagged, "r_bias_concept"].notna().sum()),

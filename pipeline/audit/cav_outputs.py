@@ -50,6 +50,8 @@ CHANNEL_COLUMNS = (
     Column("rank", pa.int64(), "1 = the channel with the highest auroc_marked (ties by channel)", "cav", False),
     Column("auroc_truth", pa.float64(), "AUROC of its relevance retrieving the truth's positive images, over the "
            "images the truth CSV names (null without `--truth`)", "cav"),
+    Column("auroc_truth_marked_classes", pa.float64(), "the same over the images explained for the marked images' "
+           "classes only (`target`): the artifact apart from the class it comes with (null without `--truth`)", "cav"),
     Column("marked_mean", pa.float32(), "its mean concept relevance over the marked images", "cav", False),
     Column("clean_mean", pa.float32(), "its mean concept relevance over the other images", "cav", False),
     *(Column(kind, pa.float32(), f"its component of the {kind} CAV (unit vector)", "cav", False) for kind in KINDS),

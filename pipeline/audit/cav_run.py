@@ -103,19 +103,25 @@ def _r_bias(layout: RunLayout, images: pd.DataFrame, masks: dict[str, np.ndarray
     return r_map, r_concept
 
 
+def _figure(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 6)
+
+
 def _mean(values: np.ndarray, where: np.ndarray) -> float | None:
     chosen = values[where & ~np.isnan(values)]
     return round(float(chosen.mean()), 6) if len(chosen) else None
 
 
-def _retrieval(truth: np.ndarray, marked: np.ndarray, scores: dict[str, np.ndarray]) -> dict:
-    """Per score: AUROC and AP over the images the truth names, and over those of them that were not marked (the
-    held-out images: what the CAV found by itself)."""
+def _retrieval(truth: np.ndarray, marked: np.ndarray, classes: np.ndarray, scores: dict[str, np.ndarray]) -> dict:
+    """Per score: AUROC and AP over the images the truth names, over those of them that were not marked (the
+    held-out images: what the CAV found by itself), and over the unmarked ones of the marked images' classes
+    (`classes`: the artifact apart from the class it comes with)."""
     known = ~np.isnan(truth)
     out = {}
     for name, values in scores.items():
         entry = {}
-        for label, where in (("all", known), ("unmarked", known & ~marked)):
+        for label, where in (("all", known), ("unmarked", known & ~marked),
+                             ("unmarked_marked_classes", known & ~marked & classes)):
             auroc, ap = auroc_ap(truth[where] == 1, values[where])
             entry[label] = {"images": int(where.sum()), "positives": int((truth[where] == 1).sum()),
                             "auroc": None if auroc is None else round(auroc, 6),
@@ -163,7 +169,12 @@ def cav_audit(run: str | Path, options: CavOptions) -> dict:
     channel_rank[order] = np.arange(1, len(order) + 1)
     best = int(order[0])
     known = ~np.isnan(truth)
-    truth_auroc = column_aurocs(vectors[known], truth[known] == 1) if options.truth else np.full(len(order), np.nan)
+    no_truth = np.full(len(order), np.nan)
+    truth_auroc = column_aurocs(vectors[known], truth[known] == 1) if options.truth else no_truth
+    # within the marked images' classes: the artifact apart from the class it comes with (tagged vs untagged stars)
+    classes = np.isin(images["target"].to_numpy(), np.unique(images["target"].to_numpy()[marked]))
+    in_class = known & classes
+    class_auroc = column_aurocs(vectors[in_class], truth[in_class] == 1) if options.truth else no_truth
     concept_channel = options.channel if options.channel is not None else best
     maps_here = bool(record.maps) and (record.maps_layer or record.layers[0].name) == layer.name
     r_map = r_concept = np.full(len(ids), np.nan)
@@ -183,18 +194,21 @@ def cav_audit(run: str | Path, options: CavOptions) -> dict:
     cav_by_kind = {cav.kind: cav for cav in cavs}
     channel_columns = {
         "channel": np.arange(layer.channels), "auroc_marked": channel_auroc, "rank": channel_rank,
-        "auroc_truth": truth_auroc, "marked_mean": cav_by_kind["pattern"].marked_mean,
-        "clean_mean": cav_by_kind["pattern"].clean_mean, **{kind: cav_by_kind[kind].vector for kind in KINDS}}
+        "auroc_truth": truth_auroc, "auroc_truth_marked_classes": class_auroc,
+        "marked_mean": cav_by_kind["pattern"].marked_mean, "clean_mean": cav_by_kind["pattern"].clean_mean,
+        **{kind: cav_by_kind[kind].vector for kind in KINDS}}
     retrieval = None
     if options.truth:
-        retrieval = _retrieval(truth, marked, {**{f"cav_{kind}": scores[kind] for kind in KINDS},
+        retrieval = _retrieval(truth, marked, classes, {**{f"cav_{kind}": scores[kind] for kind in KINDS},
                                                "best_channel": vectors[:, best].astype(np.float64)})
     summary = {
         "run": str(layout.root), "name": options.name, "layer": layer.name, "channels": layer.channels,
         "normalised": options.normalised, "seed": options.seed, "images": len(ids),
-        "marked": {"source": options.marked or f"prototype {options.prototype}", "images": int(marked.sum())},
+        "marked": {"source": options.marked or f"prototype {options.prototype}", "images": int(marked.sum()),
+                   "classes": sorted(int(c) for c in np.unique(images["target"].to_numpy()[marked]))},
         "best_channels": [{"channel": int(c), "auroc_marked": round(float(channel_auroc[c]), 6),
-                           "auroc_truth": None if np.isnan(truth_auroc[c]) else round(float(truth_auroc[c]), 6)}
+                           "auroc_truth": _figure(truth_auroc[c]),
+                           "auroc_truth_marked_classes": _figure(class_auroc[c])}
                           for c in order[:BEST_LISTED]],
         "truth": None if not options.truth else {"source": options.truth, "images": int(known.sum()),
                                                  "positives": int((truth == 1).sum()), "ids_not_in_run": truth_outside,
