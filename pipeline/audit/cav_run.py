@@ -28,7 +28,7 @@ from . import cav_outputs
 from .cav import KINDS, fit_cavs, ranks
 from .marked import marked_from_csv, marked_from_prototype, truth_from_csv
 from .masks import map_masks, positive_share, read_masks
-from .retrieval import auroc_ap, column_aurocs
+from .retrieval import auroc_ap, column_aurocs, column_ranks
 
 STATS_COLUMNS = ("image_id", "shard", "row", "target", "pred", "path")
 PIECE = 256  # maps read per piece for R_bias
@@ -163,14 +163,16 @@ def cav_audit(run: str | Path, options: CavOptions) -> dict:
     cavs = fit_cavs(vectors, marked, layer.name, options.seed)
     scores = {cav.kind: cav.scores(vectors) for cav in cavs}
     fit_s = time.perf_counter() - started - read_s
-    channel_auroc = column_aurocs(vectors, marked)
+    ranked = column_ranks(vectors)  # one ranking of every channel, for the marks and (where it names all) the truth
+    channel_auroc = column_aurocs(vectors, marked, ranked)
     order = np.lexsort((np.arange(len(channel_auroc)), -np.nan_to_num(channel_auroc, nan=-1.0)))
     channel_rank = np.empty(len(order), np.int64)
     channel_rank[order] = np.arange(1, len(order) + 1)
     best = int(order[0])
     known = ~np.isnan(truth)
     no_truth = np.full(len(order), np.nan)
-    truth_auroc = column_aurocs(vectors[known], truth[known] == 1) if options.truth else no_truth
+    truth_auroc = no_truth if not options.truth else (
+        column_aurocs(vectors, truth == 1, ranked) if known.all() else column_aurocs(vectors[known], truth[known] == 1))
     # within the marked images' classes: the artifact apart from the class it comes with (tagged vs untagged stars)
     classes = np.isin(images["target"].to_numpy(), np.unique(images["target"].to_numpy()[marked]))
     in_class = known & classes
