@@ -176,7 +176,8 @@ def cav_audit(run: str | Path, options: CavOptions) -> dict:
     # within the marked images' classes: the artifact apart from the class it comes with (tagged vs untagged stars)
     classes = np.isin(images["target"].to_numpy(), np.unique(images["target"].to_numpy()[marked]))
     in_class = known & classes
-    class_auroc = column_aurocs(vectors[in_class], truth[in_class] == 1) if options.truth else no_truth
+    class_auroc = no_truth if not options.truth else (
+        truth_auroc if in_class.all() else column_aurocs(vectors[in_class], truth[in_class] == 1))
     concept_channel = options.channel if options.channel is not None else best
     maps_here = bool(record.maps) and (record.maps_layer or record.layers[0].name) == layer.name
     r_map = r_concept = np.full(len(ids), np.nan)
