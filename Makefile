@@ -21,7 +21,7 @@ EXPORT_ARGS ?=
 # words by bin/make_job.py (shlex), never by a shell. A folder named `Bob's $(photos)` is just a folder.
 USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET CONCEPTS RUN IDS DEVICE EXPLAIN_ARGS \
 	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS SANITY_ARGS N HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS \
-	LAYER CHANNELS CONCEPTS_ARGS
+	LAYER CHANNELS CONCEPTS_ARGS MARKED PROTOTYPE TRUTH MASKS CAV_ARGS
 unexport $(USER_VARIABLES)
 quote = '$(subst ','\'',$(1))'
 # a variable's text: as given on the command line or in the environment (unexpanded), else the Makefile's default
@@ -66,7 +66,8 @@ endif
 endif
 
 .PHONY: venv quantus-venv bench-metrics test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity bench-concepts sanity export explain \
-	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs
+	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs \
+	cav bench-cav
 
 venv: $(STAMP)
 
@@ -105,7 +106,7 @@ test-precision: $(STAMP)
 		[ $$status -eq 0 ] || exit 1; \
 	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
-bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity bench-concepts bench-metrics
+bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity bench-concepts bench-metrics bench-cav
 
 # A new user's first run timed by phase: set-up (a fresh temporary venv + the pinned install), then `make explain`'s
 # command with a fresh artifact cache (artifact build, Ray start, explain, probe, finish); BENCH_ARGS=--skip-setup
@@ -173,6 +174,11 @@ bench-sanity: $(STAMP)
 bench-concepts: $(STAMP)
 	$(call job,bench.concepts_speed,BENCH_ARGS)
 
+# the CAV ranking of a 50,000-image synthetic run with C = 512 concepts, phase by phase (target < 1 min;
+# BENCH_ARGS='--images 5000' for a quick one)
+bench-cav: $(STAMP)
+	$(call job,bench.cav_speed,BENCH_ARGS)
+
 # every metric of pipeline/metrics for 256 VGG16 224 images against Quantus 0.6.0's batched calls on the same maps
 bench-metrics: $(STAMP) $(QUANTUS_VENV)/.installed
 	$(call job,bench.metrics_speed,BENCH_ARGS)
@@ -212,6 +218,15 @@ virelay: $(VIRELAY_VENV)/.installed
 # test (MPRT, eMPRT) on N of the run's images -> RUN/sanity.parquet, drawn by the report (docs/sanity.md)
 sanity: $(STAMP)
 	$(call job,pipeline sanity,SANITY_ARGS) $(call quote,$(value RUN)) --images $(call quote,$(value N))
+
+# e.g. make cav RUN=runs/x LAYER=features.28 MARKED=ids.csv (or PROTOTYPE=3:1; TRUTH=truth.csv, MASKS=masks.npz;
+# CAV_ARGS='--name tag --channel 7 --raw'): the marked images' CAVs at LAYER, every image ranked by them, each
+# channel's AUROC, retrieval against the truth, R_bias inside the masks -> RUN/cav/ (docs/audit.md)
+cav: $(STAMP)
+	$(call job,pipeline cav,CAV_ARGS) $(call quote,$(value RUN)) --layer $(call quote,$(value LAYER)) \
+		$(if $(value MARKED),--marked $(call quote,$(value MARKED))) \
+		$(if $(value PROTOTYPE),--prototype $(call quote,$(value PROTOTYPE))) \
+		$(if $(value TRUTH),--truth $(call quote,$(value TRUTH))) $(if $(value MASKS),--masks $(call quote,$(value MASKS)))
 
 heatmaps: $(STAMP)
 	$(call job,pipeline heatmaps,HEATMAP_ARGS) $(call quote,$(value RUN)) --ids $(call quote,$(value IDS))

@@ -30,6 +30,10 @@ SPRAY_FILE = re.compile(rf"^({'|'.join(re.escape(name) for name in SPRAY_FILES)}
 # relmax.parquet again in zennit-crp's .npy layout (pipeline/concepts/crp_layout.py): RelMax_sum_normed/<layer>_*.npy,
 # RelStats_sum_normed/<layer>/<class>_*.npy and RelStats_sum_normed/targets.npy
 CRP_FILE = re.compile(r"^([A-Za-z0-9_.-]+_(data|rel|rf)\.npy|targets\.npy)$")
+# `make cav`'s outputs in RUN/cav/ (pipeline/audit/cav_outputs.py), per artifact concept NAME (`--name`):
+# NAME-images.parquet, NAME-channels.parquet, NAME-vectors.parquet, NAME.json
+CAV_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+CAV_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(-(images|channels|vectors)\.parquet|\.json)$")
 
 
 def shard_name(index: int) -> str:
@@ -43,10 +47,11 @@ class RunLayout:
         "relevance", "stats", "failures", "report", "report/img", "heatmaps", "spray")
     CRP, CRP_RELMAX, CRP_RELSTATS = "crp", "crp/RelMax_sum_normed", "crp/RelStats_sum_normed"
     CONCEPT_REFERENCES = "concept-references"
+    CAV = "cav"
     LOCK = "run.lock"
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
     # every folder a run's parts write to
-    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY, CONCEPT_REFERENCES)
+    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY, CONCEPT_REFERENCES, CAV)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -120,6 +125,27 @@ class RunLayout:
         """`make concepts`' PNGs: each concept's reference crops, conditional maps and grid."""
         return self.root / self.CONCEPT_REFERENCES
 
+    @property
+    def cav(self) -> Path:
+        """`make cav`'s folder: per artifact concept, its CAVs, the run's images ranked by them, its channels."""
+        return self.root / self.CAV
+
+    def cav_images(self, name: str) -> Path:
+        """Every image of the run with its score and rank on each CAV, marked, truth, R_bias."""
+        return self.cav / f"{name}-images.parquet"
+
+    def cav_channels(self, name: str) -> Path:
+        """Per channel of the layer: its retrieval AUROC for the marked set (the best single channels)."""
+        return self.cav / f"{name}-channels.parquet"
+
+    def cav_vectors(self, name: str) -> Path:
+        """The CAVs: layer, unit vector, the clean and the marked images' means."""
+        return self.cav / f"{name}-vectors.parquet"
+
+    def cav_summary(self, name: str) -> Path:
+        """What was marked, the settings, the retrieval figures."""
+        return self.cav / f"{name}.json"
+
     def relevance_shard(self, index: int) -> Path:
         return self.root / self.RELEVANCE / f"{shard_name(index)}.h5"
 
@@ -165,7 +191,8 @@ class RunLayout:
         yield from self.temporary_files()
         for folder, pattern in ((self.RELEVANCE, SHARD_FILE), (self.STATS, SHARD_FILE), (self.FAILURES, SHARD_FILE),
                                 (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE),
-                                (self.SPRAY, SPRAY_FILE), (self.CONCEPT_REFERENCES, CONCEPT_REFERENCE_FILE)):
+                                (self.SPRAY, SPRAY_FILE), (self.CONCEPT_REFERENCES, CONCEPT_REFERENCE_FILE),
+                                (self.CAV, CAV_FILE)):
             yield from self._matching(self.root / folder, pattern)
         for folder in self.crp_folders():
             yield from self._matching(folder, CRP_FILE)
@@ -196,7 +223,7 @@ class RunLayout:
                 path.unlink(missing_ok=True)
         crp = [*reversed(self.crp_folders()), self.root / self.CRP]
         for folder in (*(self.root / sub for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY,
-                                                      self.CONCEPT_REFERENCES, *self.SHARD_FOLDERS)), *crp):
+                                                      self.CONCEPT_REFERENCES, self.CAV, *self.SHARD_FOLDERS)), *crp):
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
                 folder.rmdir()
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .audit.cav_outputs import CHANNELS_SCHEMA as CAV_CHANNELS_SCHEMA
+from .audit.cav_outputs import IMAGES_SCHEMA as CAV_IMAGES_SCHEMA
+from .audit.cav_outputs import VECTORS_SCHEMA as CAV_VECTORS_SCHEMA
 from .concepts import outputs as concept_outputs
 from .layout import REPORT_OWN_FILES, RunLayout, shard_name
 from .sanity.schema import SANITY_SCHEMA
@@ -71,6 +74,15 @@ FILES: dict[str, str] = {
     "sanity.parquet": "`make sanity` ([sanity.md](sanity.md)): the model parameter randomisation test (MPRT, "
                       "eMPRT) on a sample of the run's images, one row per image, mode and layer randomised: the "
                       "sanity columns below",
+    "cav/artifact-images.parquet": "`make cav` ([audit.md](audit.md)), per artifact concept NAME (`--name`, "
+                                   "default `artifact`): every image of the run with its score and rank on each CAV, "
+                                   "marked, truth, R_bias: the CAV image columns below",
+    "cav/artifact-channels.parquet": "per channel of the layer: its AUROC for the marked set (the best single "
+                                     "channels), its CAV components: the CAV channel columns below",
+    "cav/artifact-vectors.parquet": "the CAVs (pattern, classifier): layer, unit vector, the clean and the marked "
+                                    "images' means: the CAV vector columns below",
+    "cav/artifact.json": "what was marked, the settings, the best channels, retrieval AUROC / AP against the truth, "
+                         "mean R_bias, timings",
     ".tmp-1234-manifest.json": "a file being written (`.tmp-<pid>-<name>`); renamed when complete, swept by the "
                                "next run",
 }
@@ -187,6 +199,21 @@ def render() -> str:
         "Written by `make sanity RUN=... N=...`; the protocol and its parameters: [sanity.md](sanity.md).",
         "",
         *_columns(SANITY_SCHEMA),
+        "",
+        "## CAV columns (`cav/NAME-images.parquet`, `cav/NAME-channels.parquet`, `cav/NAME-vectors.parquet`)",
+        "",
+        "Written by `make cav RUN=... LAYER=... MARKED=ids.csv` (or `PROTOTYPE=CLASS:K`); the method and its choices:",
+        "[audit.md](audit.md). Per image (`NAME-images.parquet`, joinable with the statistics on `image_id`):",
+        "",
+        *_columns(CAV_IMAGES_SCHEMA),
+        "",
+        "Per channel of the layer (`NAME-channels.parquet`):",
+        "",
+        *_columns(CAV_CHANNELS_SCHEMA),
+        "",
+        "Per CAV (`NAME-vectors.parquet`):",
+        "",
+        *_columns(CAV_VECTORS_SCHEMA),
         "",
         "## Reading a run",
         "",

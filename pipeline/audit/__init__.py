@@ -1,0 +1,1 @@
+"""The concept audit of a finished run: prototypes per class, artifact concepts (CAVs), their retrieval and R_bias."""
