@@ -1,0 +1,1 @@
+"""The concept audit over a finished run: prototypes, artifact concepts (CAVs) and their correction."""
