@@ -28,6 +28,7 @@ from .localisation import mask_view
 MODEL = "vgg-shapes-hans"
 LAYERS = ("features.12", "features.16")  # the last two convolutions (8x8 and 4x4 positions at 64 px)
 COMPOSITE = "epsilon_gamma_box"
+PROOF_LAYER = "features.12"  # the one of LAYERS that meets the flip and R_bias targets (docs/audit.md#correction)
 
 
 @dataclass(frozen=True)

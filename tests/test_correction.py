@@ -263,7 +263,7 @@ def test_correct_writes_a_verified_model_that_explain_re_audits(hans_run, tmp_pa
     assert f"WEIGHTS={out / 'model.pt'}" in record["explain"]
 
     config = load_config({"dataset": str(data), "model": "vgg-shapes-hans", "weights": str(out / "model.pt"),
-                          "out": str(tmp_path / "re-audit"), "cache": str(artifact_cache), "limit": 8,
+                          "out": str(tmp_path / "re-audit"), "cache": str(artifact_cache), "limit": 8, "size": 64,
                           "actors": "1"})
     manifest = explain_on_local_ray(config)
     assert manifest["totals"]["explained"] == 8 and manifest["weights"]["kind"] == "file"
@@ -273,3 +273,28 @@ def test_correct_writes_a_verified_model_that_explain_re_audits(hans_run, tmp_pa
     with torch.inference_mode():
         predicted = corrected(load_inputs(stats, 64)).argmax(1).numpy()
     np.testing.assert_array_equal(stats["pred"].to_numpy(), predicted)  # the run used the corrected model
+
+
+# ------------------------------------------------------------------- the proof on the planted Clever Hans
+@pytest.fixture(scope="module")
+def hans_proof() -> dict:
+    """vgg-shapes-hans before and after the correction at the proof's layer (~20 s on 2 shared cores)."""
+    from demo.hans_correction import PROOF_LAYER, compare
+    result = compare((PROOF_LAYER,))
+    return {"before": result["original"], "after": result[PROOF_LAYER]}
+
+
+@pytest.mark.slow
+def test_the_correction_removes_the_tags_effect(hans_proof):
+    """The pasted tag flips 65 % of the other classes' images to "star"; after the correction at most 10 %, and
+    the tagged stars' relevance inside the tag (R_bias) is at least halved."""
+    before, after = hans_proof["before"], hans_proof["after"]
+    assert before["tag_flips_to_star"] >= 0.6 and after["tag_flips_to_star"] <= 0.10
+    assert after["r_bias_tagged_stars"] <= before["r_bias_tagged_stars"] / 2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="P-ClArC at one layer costs this model ~7 points of clean accuracy (stars "
+                                       "lose most): the issue's 1-point target is not met (docs/audit.md#correction)")
+def test_the_correction_keeps_clean_accuracy_within_one_point(hans_proof):
+    assert abs(hans_proof["after"]["accuracy_no_tag"] - hans_proof["before"]["accuracy_no_tag"]) <= 0.01
