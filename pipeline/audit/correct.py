@@ -167,7 +167,8 @@ def correct(run: str | Path, options: CorrectionOptions) -> dict:
         exported = export_corrected(corrected, manifest.config.model, composite, size, out)
     record = {
         "method": "P-ClArC: h' = h - v v^T (h - z) at every position of the layer (Anders et al. 2022)",
-        "run": str(layout.root), "model": manifest.config.model, "weights": {"kind": manifest.weights.kind, "source": manifest.weights.source},
+        "run": str(layout.root), "model": manifest.config.model,
+        "weights": {"kind": manifest.weights.kind, "source": manifest.weights.source},
         "composite": composite, "size": size, "layer": options.layer, "after_module": site.module,
         "inserted": site.inserted, "channels": site.channels,
         "cav": {"kind": "pattern (signal) CAV, Pahde et al. 2024: cov(activation, marked) normalised",
