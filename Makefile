@@ -21,7 +21,7 @@ EXPORT_ARGS ?=
 # words by bin/make_job.py (shlex), never by a shell. A folder named `Bob's $(photos)` is just a folder.
 USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET CONCEPTS RUN IDS DEVICE EXPLAIN_ARGS \
 	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS SANITY_ARGS N HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS \
-	LAYER CHANNELS CONCEPTS_ARGS MARKED PROTOTYPE TRUTH MASKS CAV_ARGS
+	LAYER CHANNELS CONCEPTS_ARGS MARKED PROTOTYPE TRUTH MASKS CAV_ARGS CONCEPT CORRECT_ARGS
 unexport $(USER_VARIABLES)
 quote = '$(subst ','\'',$(1))'
 # a variable's text: as given on the command line or in the environment (unexpanded), else the Makefile's default
@@ -67,7 +67,7 @@ endif
 
 .PHONY: venv quantus-venv bench-metrics test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity bench-concepts sanity export explain \
 	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs \
-	cav bench-cav
+	cav bench-cav correct
 
 venv: $(STAMP)
 
@@ -236,6 +236,14 @@ heatmaps: $(STAMP)
 concepts: $(STAMP)
 	$(call job,pipeline concepts,CONCEPTS_ARGS) $(call quote,$(value RUN)) --layer $(call quote,$(value LAYER)) \
 		$(if $(value CHANNELS),--channels $(call quote,$(value CHANNELS)))
+
+# e.g. make correct RUN=runs/x CONCEPT=marked.csv LAYER=features.28 (OUT=folder; CORRECT_ARGS='--clean clean.csv'):
+# P-ClArC, the marked images' direction (CONCEPT: a CSV with an image_id column, or a 0/1 `marked` / `tag` column as
+# shapes-hans' hans.csv) projected out of LAYER -> OUT (default artifacts/<run>-pclarc-<layer>): verified corrected
+# artifacts and correction.json; it prints the `make explain` line that re-audits the corrected model
+correct: $(STAMP)
+	$(call job,pipeline correct,CORRECT_ARGS) $(call quote,$(value RUN)) --layer $(call quote,$(value LAYER)) \
+		--marked $(call quote,$(value CONCEPT)) $(call given,OUT,out)
 
 # The offline demo: the generated shapes' validation split (data/shapes/, not committed: made in a second) and
 # vgg-shapes trained on a training split (seeded, a few minutes on 2 cores; the result is committed).

@@ -9,6 +9,12 @@ Keys are checked in this order: module name ("features.0", "layer1.0.conv1"; an 
 whose forward does it: "layer1.0.add"), layer index (int, position among the model's operations in execution order,
 for a VGG `features..., avgpool, flatten, classifier...`; negative counts from the end), then `first`, then type
 (`lrp_module.Sum` for additions, as zennit's `Sum`).
+
+A `ChannelProjection` (the 1x1 convolution a P-ClArC correction inserts, lrp_module/projection.py) gets LRP-epsilon
+in every composite unless a name, an index or its own type names it: it is a fixed projection I - v v^T with a bias,
+not a learned filter. Epsilon passes relevance through its identity part unchanged (the corrected model's maps
+equal the original's where the projection changes nothing); gamma and z+ would favour the positive part of its
+mixed-sign weights and of the pre-projection activations, which reshapes relevance even where it projects nothing.
 """
 from __future__ import annotations
 
@@ -19,12 +25,19 @@ from typing import Any
 
 from torch import nn
 
-from .graph import Sum
+from .graph import ChannelProjection, Sum
 from .rules import AlphaBeta, AvgPoolRule, Epsilon, Flat, Gamma, Norm, PoolRule, Rule, WinnerTakesAll, ZBox, ZPlus
 from .weights_recipe import IMAGENET_HIGH, IMAGENET_LOW
 
 AnyRule = Rule | PoolRule
 STARTS = ("logit", "softmax")
+PROJECTION_EPSILON = 1e-6  # LRP-epsilon's epsilon on an inserted ChannelProjection
+
+
+def projection_rule(composite: Composite) -> Rule:
+    """The rule of an inserted `ChannelProjection`: LRP-epsilon with the composite's epsilon (or stabiliser)."""
+    params = composite.params
+    return Epsilon(float(params.get("epsilon", params.get("stabilizer", PROJECTION_EPSILON))))
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,8 @@ class Composite:
         for key, rule in self.rules.items():
             if isinstance(key, int) and not isinstance(key, bool) and key % info.count == info.index:
                 return rule
+        if isinstance(info.module, ChannelProjection) and ChannelProjection not in self.rules:
+            return projection_rule(self)
         if info.first_affine and self.first is not None:
             return self.first
         for key, rule in self.rules.items():
@@ -171,6 +186,8 @@ class _Montavon(Composite):
         return 0 if info.name in ("conv1", "bn1", "relu", "maxpool") else info.block
 
     def rule_for(self, info: LayerInfo) -> AnyRule:
+        if isinstance(info.module, ChannelProjection):
+            return projection_rule(self)
         low_block = self._block(info) < self._gamma_blocks
         if isinstance(info.module, nn.Conv2d):
             if info.first_affine:

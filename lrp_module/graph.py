@@ -36,6 +36,31 @@ class Sum(nn.Module):
         return torch.stack(inputs, dim=-1).sum(dim=-1)
 
 
+class ChannelProjection(nn.Conv2d):
+    """A 1x1 convolution inserted after a layer to project a direction out of its activations (P-ClArC:
+    lrp_module/projection.py). A torch.fx leaf like torch.nn's own layers, so it is captured as one conv;
+    composites give it LRP-epsilon (lrp_module/composites.py), since it is a fixed projection, not a filter."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, kernel_size=1, bias=True)
+        with torch.no_grad():  # the identity until a direction is set
+            self.weight.copy_(torch.eye(channels).reshape(channels, channels, 1, 1))
+            self.bias.zero_()
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with `ChannelProjection` a leaf (it is defined outside torch.nn)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ChannelProjection) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """fx.symbolic_trace with `_Tracer`."""
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
 class Concat(nn.Module):
     """A concatenation along `dim`: relevance is split back along it."""
 
@@ -163,7 +188,7 @@ def _operation(node: fx.Node) -> str:
 def capture(model: nn.Module) -> list[Layer]:
     """The model's operations in execution order (torch.fx symbolic tracing), each one checked as supported."""
     try:
-        traced = fx.symbolic_trace(model)
+        traced = _symbolic_trace(model)
     except Exception as error:  # data-dependent control flow, unsupported Python: one line, the tracer's reason
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise GraphError(f"cannot capture {type(model).__name__} with torch.fx ({first[:200]}): LRP needs a model "

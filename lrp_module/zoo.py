@@ -20,6 +20,7 @@ from torch import nn
 
 from . import demo_model
 from .files import sha256_file
+from .projection import ProjectionError, with_projections
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,12 @@ def _build_demo(name: str, weights: str | os.PathLike, seed: int, warn: bool) ->
 
 
 def _loaded(model: nn.Module, state: dict, info: WeightsInfo, name: str) -> tuple[nn.Module, WeightsInfo]:
-    """`model` with `state` loaded strictly, in eval mode; a state of another architecture is one clear error."""
+    """`model` with `state` loaded strictly, in eval mode; a state of another architecture is one clear error.
+    A corrected model's state (P-ClArC, lrp_module/projection.py) brings its projection layers with it."""
+    try:
+        model = with_projections(model, state)
+    except ProjectionError as error:
+        raise WeightsError(f"weights {info.source} do not match {name}: {error}") from None
     mismatch = _mismatch(model.state_dict(), state)
     if mismatch:
         raise WeightsError(f"weights {info.source} do not match {name}: {mismatch}")

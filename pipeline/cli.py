@@ -6,6 +6,7 @@ import sys
 import traceback
 
 from .audit.cav_cli import add_cav_command, run_cav_command
+from .audit.correct_cli import add_correct_command, run_correct_command
 from .config import load_config
 from .errors import PipelineError, StrictStop, lower_layer_errors
 from .layout import RunLayout
@@ -93,18 +94,21 @@ def parser() -> argparse.ArgumentParser:
     add_spray_command(commands)
     add_sanity_command(commands)
     add_cav_command(commands)
+    add_correct_command(commands)
     return p
 
 
 def _run_reader(args: argparse.Namespace) -> int:
-    """report, heatmaps, spray, sanity and cav under the run's lock (pipeline/run_lock.py): none reads a run that an
-    explain is writing, nor writes beside another one's outputs."""
+    """report, heatmaps, spray, sanity, cav and correct under the run's lock (pipeline/run_lock.py): none reads a
+    run that an explain is writing, nor writes beside another one's outputs."""
     try:
         with hold_run(args.run, args.command, create=False):
             if args.command == "sanity":
                 return run_sanity_command(args)
             if args.command == "cav":
                 return run_cav_command(args)
+            if args.command == "correct":
+                return run_correct_command(args)
             return run_report_command(args) if args.command in REPORT_COMMANDS else run_spray_command(args)
     except PipelineError as error:  # the lock (the commands print their own errors)
         print(f"error: {error}", file=sys.stderr)
@@ -113,7 +117,7 @@ def _run_reader(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in (*REPORT_COMMANDS, "spray", "sanity", "cav"):
+    if args.command in (*REPORT_COMMANDS, "spray", "sanity", "cav", "correct"):
         return _run_reader(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["faithfulness"] = args.faithfulness
