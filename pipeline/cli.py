@@ -5,6 +5,7 @@ import argparse
 import sys
 import traceback
 
+from .audit.prototype_cli import add_prototypes_command, run_prototypes_command
 from .config import load_config
 from .errors import PipelineError, StrictStop, lower_layer_errors
 from .layout import RunLayout
@@ -91,16 +92,19 @@ def parser() -> argparse.ArgumentParser:
     add_report_commands(commands)
     add_spray_command(commands)
     add_sanity_command(commands)
+    add_prototypes_command(commands)
     return p
 
 
 def _run_reader(args: argparse.Namespace) -> int:
-    """report, heatmaps, spray and sanity under the run's lock (pipeline/run_lock.py): none reads a run that an explain
-    is writing, nor writes beside another one's outputs."""
+    """report, heatmaps, spray, sanity and prototypes under the run's lock (pipeline/run_lock.py): none reads a run
+    that an explain is writing, nor writes beside another one's outputs."""
     try:
         with hold_run(args.run, args.command, create=False):
             if args.command == "sanity":
                 return run_sanity_command(args)
+            if args.command == "prototypes":
+                return run_prototypes_command(args)
             return run_report_command(args) if args.command in REPORT_COMMANDS else run_spray_command(args)
     except PipelineError as error:  # the lock (the commands print their own errors)
         print(f"error: {error}", file=sys.stderr)
@@ -109,7 +113,7 @@ def _run_reader(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in (*REPORT_COMMANDS, "spray", "sanity"):
+    if args.command in (*REPORT_COMMANDS, "spray", "sanity", "prototypes"):
         return _run_reader(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["faithfulness"] = args.faithfulness
