@@ -59,7 +59,8 @@ def summary_rows(found: Prototypes) -> list[tuple[str, str]]:
 
 
 def _profile_plot(row, layer: str, path: Path) -> None:
-    figure, axes = _figure(3.2, 2.2)
+    figure, axes = _figure(3.2, 2.4)
+    figure.subplots_adjust(bottom=0.2)  # room for the axis label under the channel numbers
     concepts = list(row.top_concepts[:PROFILE_CONCEPTS])
     shares = list(row.top_shares[:PROFILE_CONCEPTS])
     axes.bar(range(len(concepts)), shares, color="#1f77b4")
