@@ -21,7 +21,7 @@ EXPORT_ARGS ?=
 # words by bin/make_job.py (shlex), never by a shell. A folder named `Bob's $(photos)` is just a folder.
 USER_VARIABLES := DATASET MODEL WEIGHTS COMPOSITE TOPK OUT LIMIT TARGET CONCEPTS RUN IDS DEVICE EXPLAIN_ARGS \
 	EXPORT_ARGS REPORT_ARGS SPRAY_ARGS SANITY_ARGS N HEATMAP_ARGS VIRELAY_ARGS BENCH_ARGS PIPELINE_ARGS PYTEST_ARGS \
-	LAYER CHANNELS CONCEPTS_ARGS MARKED PROTOTYPE TRUTH MASKS CAV_ARGS CONCEPT CORRECT_ARGS
+	LAYER CHANNELS CONCEPTS_ARGS MARKED PROTOTYPE TRUTH MASKS CAV_ARGS CONCEPT CORRECT_ARGS PROTOTYPES_ARGS
 unexport $(USER_VARIABLES)
 quote = '$(subst ','\'',$(1))'
 # a variable's text: as given on the command line or in the environment (unexpanded), else the Makefile's default
@@ -67,7 +67,7 @@ endif
 
 .PHONY: venv quantus-venv bench-metrics test lint test-precision bench bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-sanity bench-concepts sanity export explain \
 	report heatmaps concepts train-demo shapes-data clean spray bench-spray train-demo-hans shapes-hans-data virelay docs \
-	cav bench-cav correct
+	cav bench-cav correct prototypes bench-prototypes
 
 venv: $(STAMP)
 
@@ -106,7 +106,7 @@ test-precision: $(STAMP)
 		[ $$status -eq 0 ] || exit 1; \
 	done; echo "wall time: precision passes $$((SECONDS - begun)) s"
 
-bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity bench-concepts bench-metrics bench-cav
+bench: bench-first-run bench-lrp bench-lrp-resnet bench-export bench-pipeline bench-topk bench-report bench-faithfulness bench-reliability bench-spray bench-sanity bench-concepts bench-metrics bench-cav bench-prototypes
 
 # A new user's first run timed by phase: set-up (a fresh temporary venv + the pinned install), then `make explain`'s
 # command with a fresh artifact cache (artifact build, Ray start, explain, probe, finish); BENCH_ARGS=--skip-setup
@@ -183,6 +183,11 @@ bench-cav: $(STAMP)
 bench-metrics: $(STAMP) $(QUANTUS_VENV)/.installed
 	$(call job,bench.metrics_speed,BENCH_ARGS)
 
+# PCX's prototypes: a Gaussian mixture over 100,000 synthetic concept-relevance vectors of one class (C = 512), time and
+# peak memory in a fresh process (BENCH_ARGS='--images 20000 --channels 256')
+bench-prototypes: $(STAMP)
+	$(call job,bench.prototypes_speed,BENCH_ARGS)
+
 # e.g. make export MODEL=vgg16 WEIGHTS=imagenet COMPOSITE=epsilon_gamma_box TOPK=0.1 OUT=artifacts/x
 export: $(STAMP)
 	$(if $(JOB_STATUS),@exit $(JOB_STATUS),$(EXPORT_COMMAND))
@@ -212,6 +217,12 @@ $(VIRELAY_VENV)/.installed:
 virelay: $(VIRELAY_VENV)/.installed
 	$(VIRELAY_VENV)/bin/python bin/make_job.py VIRELAY_ARGS $(call quote,$(value VIRELAY_ARGS)) virelay \
 		$(call quote,$(value RUN)/spray/project.yaml)
+
+# e.g. make prototypes RUN=runs/x LAYER=features.28 (LAYER optional: the run's maps layer; PROTOTYPES_ARGS='--classes
+# 3,7 --max-components 4 --seed 1'): per class, PCX's prototypes of a run explained with concepts -> RUN/prototypes/
+prototypes: $(STAMP)
+	$(call job,pipeline prototypes,PROTOTYPES_ARGS) $(call quote,$(value RUN)) \
+		$(if $(value LAYER),--layer $(call quote,$(value LAYER)))
 
 # e.g. make heatmaps RUN=runs/x IDS=ILSVRC2012_val_00000001,ILSVRC2012_val_00000002 -> RUN/heatmaps/*.png
 # e.g. make sanity RUN=runs/x N=16 (SANITY_ARGS='--modes cascading --ssim flat'): the model parameter randomisation

@@ -7,6 +7,7 @@ import traceback
 
 from .audit.cav_cli import add_cav_command, run_cav_command
 from .audit.correct_cli import add_correct_command, run_correct_command
+from .audit.prototype_cli import add_prototypes_command, run_prototypes_command
 from .config import load_config
 from .errors import PipelineError, StrictStop, lower_layer_errors
 from .layout import RunLayout
@@ -95,12 +96,13 @@ def parser() -> argparse.ArgumentParser:
     add_sanity_command(commands)
     add_cav_command(commands)
     add_correct_command(commands)
+    add_prototypes_command(commands)
     return p
 
 
 def _run_reader(args: argparse.Namespace) -> int:
-    """report, heatmaps, spray, sanity, cav and correct under the run's lock (pipeline/run_lock.py): none reads a
-    run that an explain is writing, nor writes beside another one's outputs."""
+    """report, heatmaps, spray, sanity, prototypes, cav and correct under the run's lock (pipeline/run_lock.py): none
+    reads a run that an explain is writing, nor writes beside another one's outputs."""
     try:
         with hold_run(args.run, args.command, create=False):
             if args.command == "sanity":
@@ -109,6 +111,8 @@ def _run_reader(args: argparse.Namespace) -> int:
                 return run_cav_command(args)
             if args.command == "correct":
                 return run_correct_command(args)
+            if args.command == "prototypes":
+                return run_prototypes_command(args)
             return run_report_command(args) if args.command in REPORT_COMMANDS else run_spray_command(args)
     except PipelineError as error:  # the lock (the commands print their own errors)
         print(f"error: {error}", file=sys.stderr)
@@ -117,7 +121,7 @@ def _run_reader(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in (*REPORT_COMMANDS, "spray", "sanity", "cav", "correct"):
+    if args.command in (*REPORT_COMMANDS, "spray", "sanity", "prototypes", "cav", "correct"):
         return _run_reader(args)
     overrides = {name: getattr(args, name) for name, _, _ in OPTIONS}
     overrides["faithfulness"] = args.faithfulness

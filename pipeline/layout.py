@@ -27,6 +27,10 @@ SPRAY_PROJECT, SPRAY_LABEL_MAP, SPRAY_ATTRIBUTION, SPRAY_DATASET, SPRAY_ANALYSIS
 SPRAY_FILES = (SPRAY_CLUSTERS, SPRAY_SUMMARY, SPRAY_MEANS, SPRAY_PROJECT, SPRAY_LABEL_MAP, SPRAY_ATTRIBUTION,
                SPRAY_DATASET, SPRAY_ANALYSIS)
 SPRAY_FILE = re.compile(rf"^({'|'.join(re.escape(name) for name in SPRAY_FILES)})$")
+# pipeline/audit/prototypes.py's outputs in RUN/prototypes/ (PCX: per image, per prototype, the summary)
+PROTOTYPE_IMAGES, PROTOTYPE_TABLE, PROTOTYPE_SUMMARY = "images.parquet", "prototypes.parquet", "summary.json"
+PROTOTYPE_FILES = (PROTOTYPE_IMAGES, PROTOTYPE_TABLE, PROTOTYPE_SUMMARY)
+PROTOTYPE_FILE = re.compile(rf"^({'|'.join(re.escape(name) for name in PROTOTYPE_FILES)})$")
 # relmax.parquet again in zennit-crp's .npy layout (pipeline/concepts/crp_layout.py): RelMax_sum_normed/<layer>_*.npy,
 # RelStats_sum_normed/<layer>/<class>_*.npy and RelStats_sum_normed/targets.npy
 CRP_FILE = re.compile(r"^([A-Za-z0-9_.-]+_(data|rel|rf)\.npy|targets\.npy)$")
@@ -48,10 +52,11 @@ class RunLayout:
     CRP, CRP_RELMAX, CRP_RELSTATS = "crp", "crp/RelMax_sum_normed", "crp/RelStats_sum_normed"
     CONCEPT_REFERENCES = "concept-references"
     CAV = "cav"
+    PROTOTYPES = "prototypes"
     LOCK = "run.lock"
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
     # every folder a run's parts write to
-    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY, CONCEPT_REFERENCES, CAV)
+    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY, CONCEPT_REFERENCES, CAV, PROTOTYPES)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -102,6 +107,12 @@ class RunLayout:
     @property
     def spray(self) -> Path:
         return self.root / self.SPRAY
+
+    @property
+    def prototypes(self) -> Path:
+        """`make prototypes`' folder (pipeline/audit/prototypes.py): images.parquet, prototypes.parquet,
+        summary.json."""
+        return self.root / self.PROTOTYPES
 
     @property
     def sanity(self) -> Path:
@@ -192,7 +203,7 @@ class RunLayout:
         for folder, pattern in ((self.RELEVANCE, SHARD_FILE), (self.STATS, SHARD_FILE), (self.FAILURES, SHARD_FILE),
                                 (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE),
                                 (self.SPRAY, SPRAY_FILE), (self.CONCEPT_REFERENCES, CONCEPT_REFERENCE_FILE),
-                                (self.CAV, CAV_FILE)):
+                                (self.CAV, CAV_FILE), (self.PROTOTYPES, PROTOTYPE_FILE)):
             yield from self._matching(self.root / folder, pattern)
         for folder in self.crp_folders():
             yield from self._matching(folder, CRP_FILE)
@@ -223,7 +234,8 @@ class RunLayout:
                 path.unlink(missing_ok=True)
         crp = [*reversed(self.crp_folders()), self.root / self.CRP]
         for folder in (*(self.root / sub for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY,
-                                                      self.CONCEPT_REFERENCES, self.CAV, *self.SHARD_FOLDERS)), *crp):
+                                                      self.CONCEPT_REFERENCES, self.CAV, self.PROTOTYPES,
+                                                      *self.SHARD_FOLDERS)), *crp):
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
                 folder.rmdir()
 

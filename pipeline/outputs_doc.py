@@ -14,6 +14,7 @@ import pyarrow as pa
 from .audit.cav_outputs import CHANNELS_SCHEMA as CAV_CHANNELS_SCHEMA
 from .audit.cav_outputs import IMAGES_SCHEMA as CAV_IMAGES_SCHEMA
 from .audit.cav_outputs import VECTORS_SCHEMA as CAV_VECTORS_SCHEMA
+from .audit.prototype_schema import PROTOTYPE_IMAGE_SCHEMA, PROTOTYPE_SCHEMA
 from .concepts import outputs as concept_outputs
 from .layout import REPORT_OWN_FILES, RunLayout, shard_name
 from .sanity.schema import SANITY_SCHEMA
@@ -55,8 +56,9 @@ FILES: dict[str, str] = {
                      "the dataset's layout and files, shards with row counts, sha256 and provenance (node, process, "
                      "invocation), totals, failure reasons, retries, the precision probe, every invocation's timing",
     "_SUCCESS": "written last, when every shard is done",
-    "run.lock": "present while a process (`explain`, `report`, `heatmaps`, `spray`, `sanity`) uses the folder "
-                "([reliability.md](reliability.md#one-process-per-run-folder)); `--overwrite` leaves it to its holder",
+    "run.lock": "present while a process (`explain`, `report`, `heatmaps`, `spray`, `sanity`, `prototypes`) uses the "
+                "folder ([reliability.md](reliability.md#one-process-per-run-folder)); `--overwrite` leaves it to its "
+                "holder",
     "report/index.html": "the audit report (`make report`, [report.md](report.md))",
     f"report/{REPORT_OWN_FILES}": "the list of the files the report wrote",
     "report/img/tile.png": "the report's pictures (`.png`, `.jpg`)",
@@ -71,6 +73,14 @@ FILES: dict[str, str] = {
     "spray/cluster_means.h5": "each cluster's mean map (the report's Strategies section)",
     "spray/project.yaml": "the ViRelAy project (with `label-map.json`, `attribution.h5`, `dataset.h5`, "
                           "`analysis.h5`)",
+    "prototypes/images.parquet": "`make prototypes` ([concepts.md](concepts.md#prototypes-pcx)): per image of a "
+                                 "run with concepts, its class's prototype, log-likelihood, outlier rank and the "
+                                 "concepts it uses more or less than its prototype: the prototype image columns "
+                                 "below",
+    "prototypes/prototypes.parquet": "per class and prototype: weight, closest images, mean concept profile: the "
+                                     "prototype columns below",
+    "prototypes/summary.json": "the layer, the settings, per class the number of prototypes BIC chose (and BIC for "
+                               "each number tried), the principal components used, skipped classes and why",
     "sanity.parquet": "`make sanity` ([sanity.md](sanity.md)): the model parameter randomisation test (MPRT, "
                       "eMPRT) on a sample of the run's images, one row per image, mode and layer randomised: the "
                       "sanity columns below",
@@ -193,6 +203,18 @@ def render() -> str:
         "(pipeline/concepts/tables.py), so the same whatever the number of actors or invocations.",
         "",
         *_columns(RELMAX_SCHEMA),
+        "",
+        "## Prototype image columns (`prototypes/images.parquet`)",
+        "",
+        "Written by `make prototypes RUN=...`; the method: [concepts.md](concepts.md#prototypes-pcx). One row per",
+        "image of each analysed class, class by class, dataset order within a class; join the statistics on",
+        "`image_id`.",
+        "",
+        *_columns(PROTOTYPE_IMAGE_SCHEMA),
+        "",
+        "## Prototype columns (`prototypes/prototypes.parquet`)",
+        "",
+        *_columns(PROTOTYPE_SCHEMA),
         "",
         "## Sanity columns (`sanity.parquet`)",
         "",

@@ -312,13 +312,16 @@ def test_bad_input_is_one_line_and_writes_nothing(concept_run, tmp_path, capsys)
 
 
 def test_a_prototypes_images_are_the_marks(concept_run, tmp_path, capsys):
-    """--prototype CLASS:K marks the images prototypes.parquet gives prototype K of class CLASS (its columns
-    prototype, class, image_id); an unknown class or prototype is one line naming what there is."""
+    """--prototype CLASS:K marks the images `make prototypes` gives prototype K of class CLASS
+    (RUN/prototypes/images.parquet, its columns prototype, class, image_id); an unknown class or prototype is one
+    line naming what there is."""
     run = tmp_path / "run"
     shutil.copytree(concept_run, run, ignore=shutil.ignore_patterns(RunLayout.CAV, "run.lock"))
     ids = concept_relevance(RunLayout(run), LAYER)[0]
+    prototypes = RunLayout(run).prototypes
+    prototypes.mkdir()
     pd.DataFrame({"image_id": ids, "class": [3] * 5 + [1] * (len(ids) - 5),
-                  "prototype": [0, 0, 1, 1, 1] + [0] * (len(ids) - 5)}).to_parquet(run / "prototypes.parquet")
+                  "prototype": [0, 0, 1, 1, 1] + [0] * (len(ids) - 5)}).to_parquet(prototypes / "images.parquet")
     assert _cli(run, "--layer", LAYER, "--prototype", "3:1") == 0
     images = pd.read_parquet(RunLayout(run).cav_images("artifact"))
     assert images.loc[images["marked"], "image_id"].tolist() == ids[2:5]

@@ -23,7 +23,8 @@ def add_cav_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", required=True, help="a concept layer of the run (e.g. features.28)")
     marked = p.add_mutually_exclusive_group(required=True)
     marked.add_argument("--marked", help="CSV with an image_id column: the images marked as carrying the artifact")
-    marked.add_argument("--prototype", help="CLASS:K: the images of prototype K of class CLASS (prototypes.parquet)")
+    marked.add_argument("--prototype", help="CLASS:K: the images of prototype K of class CLASS "
+                        "(RUN/prototypes/images.parquet: make prototypes)")
     p.add_argument("--truth", help="CSV of image_id and a 0/1 column (`truth`, or its only other column): retrieval "
                    "AUROC and average precision")
     p.add_argument("--masks", help=".npz as the dataset's masks.npz: `mask` (M, H, W) in the images' own pixels with "

@@ -45,7 +45,7 @@ class CavOptions:
 
     layer: str
     marked: str | None = None  # CSV with an image_id column
-    prototype: str | None = None  # CLASS:K of prototypes.parquet
+    prototype: str | None = None  # CLASS:K of RUN/prototypes/images.parquet
     truth: str | None = None  # CSV: image_id and a 0/1 column
     masks: str | None = None  # .npz as the dataset's masks.npz
     name: str = "artifact"

@@ -1,6 +1,6 @@
-"""Which of a run's images are marked as carrying an artifact (a CSV of image ids, or the images of one prototype of
-prototypes.parquet), and which truly do where that is known (a CSV of image ids with a 0/1 column): as boolean
-arrays over the run's images. Every check is made before anything is computed or written."""
+"""Which of a run's images are marked as carrying an artifact (a CSV of image ids, or the images of one prototype:
+RUN/prototypes/images.parquet), and which truly do where that is known (a CSV of image ids with a 0/1 column): as
+boolean arrays over the run's images. Every check is made before anything is computed or written."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,10 +11,8 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import PipelineError
-from ..layout import RunLayout
+from ..layout import PROTOTYPE_IMAGES, RunLayout
 
-# the prototypes' table in the run folder (pipeline/audit/prototypes.py), read for its prototype, class, image_id
-PROTOTYPES_FILE = "prototypes.parquet"
 ID_COLUMN = "image_id"
 TRUTH_COLUMN = "truth"  # the truth CSV's 0/1 column; else its one column besides image_id (e.g. hans.csv's `tag`)
 
@@ -63,9 +61,10 @@ def parse_prototype(text: str) -> tuple[int, int]:
 
 
 def marked_from_prototype(layout: RunLayout, text: str, run_ids: Sequence[str]) -> np.ndarray:
-    """The images of prototype K of class CLASS in the run's prototypes.parquet."""
+    """The images of prototype K of class CLASS: those `make prototypes` assigned to it (RUN/prototypes/images.parquet,
+    its columns prototype, class, image_id)."""
     klass, prototype = parse_prototype(text)
-    path = layout.root / PROTOTYPES_FILE
+    path = layout.prototypes / PROTOTYPE_IMAGES
     if not path.is_file():
         raise MarkedError(f"{path}: no prototypes table (make the prototypes first: make prototypes RUN=...)")
     try:

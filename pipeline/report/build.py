@@ -18,6 +18,7 @@ from ..output_set import files_in, replaced_as_set
 from . import concepts as concepts_section
 from . import html, selection, tables
 from . import metrics as metrics_section
+from . import prototypes as prototypes_section
 from . import sanity as sanity_section
 from . import strategies as spray_section
 from .files import inside
@@ -177,6 +178,8 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
                                                     "moved? — heat map only)" if missing else ""))]
     strategies = spray_section.load(run.root)  # RUN/spray/, when `make spray` ran
     extra += spray_section.summary_rows(strategies) if strategies else []
+    prototypes = prototypes_section.load(run.root)  # RUN/prototypes/, when `make prototypes` ran
+    extra += prototypes_section.summary_rows(prototypes) if prototypes else []
     sections = [("summary", "Summary", html.section("summary", "Summary", html.key_values(tables.summary(run, extra))))]
     for anchor, title, note, rows in galleries:
         body = html.gallery(_tiles(rows, files), "None in this run.")
@@ -193,6 +196,10 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
     metrics = metrics_section.section(run.stats, run.has_labels)  # when the run's `metrics` named any
     if metrics:
         sections.append(("metrics", "Evaluation metrics", metrics))
+    if prototypes:
+        sections.append(("prototypes", "Prototypes", prototypes_section.section(run, prototypes, images,
+                                                                                f"{IMAGE_FOLDER}/", cmap)))
+        lap("prototypes")
     sanity = sanity_section.load(run.root)  # RUN/sanity.parquet, when `make sanity` ran
     if sanity is not None:
         sections.append(("sanity", "Sanity check", sanity_section.section(sanity, images, f"{IMAGE_FOLDER}/")))
