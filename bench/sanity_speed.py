@@ -1,8 +1,9 @@
 """Cost of the model parameter randomisation test against the LRP it checks: VGG16 224x224 (random weights), a
 batch of images; one LRP pass (the median of --repeats before and after the test, after a warm-up) and the
 cascading randomisation of every weight layer as `python -m pipeline sanity` runs it (pipeline/sanity/mprt.py: the
-original model and one model per layer, each explained on the whole batch, layer draws in place, the
-similarities), one run. The target (issue 23): cascading <= (layers + 1) x one LRP pass per image. Prints a table,
+original model and one model per layer, each explained on the whole batch, layer draws in place, one LRP engine
+refreshed per layer and the forward below the randomised layers taken from the original's, the similarities), one
+run. The target (issue 23): cascading <= (layers + 1) x one LRP pass per image. Prints a table,
 writes JSON.
 
     python -m bench.sanity_speed [--model vgg16] [--images 4] [--modes cascading] [--device cpu]
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         r = rows[mode]
         print(f"  {mode}: LRP {r['lrp_seconds_per_image']:.3f} s/image ({r['lrp_seconds_per_pass_and_image']:.3f} per "
-              f"pass, model construction included), randomisation "
+              f"pass, the engines' builds and refreshes included), randomisation "
               f"{r['randomise_seconds_per_image']:.3f}, similarities {r['compare_seconds_per_image']:.3f}")
     report = {
         "setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -108,6 +108,7 @@ class Step:
     first_affine: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     covers: list[str] = field(default_factory=list)  # the names of the layers folded or fused into this step
+    batchnorm: str | None = None  # the module name of the batch norm folded into `weight` and `bias` (affine steps)
 
     @property
     def name(self) -> str:
@@ -286,7 +287,7 @@ def canonize(layers: list[Layer]) -> tuple[list[Step], int]:
                 except ValueError as error:
                     raise GraphError(f"batch norm {bn.name}: {error}") from None
                 absorbed.add(bn.index)
-                tail = bn
+                step.batchnorm, tail = bn.name, bn
         if layer.kind in ("conv", "linear", "add"):
             relu = only_reader(tail.index, "relu")
             if relu is not None:

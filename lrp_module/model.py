@@ -10,14 +10,16 @@ and each rule binds the first of its paths that the proof allows.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .canonize import fold_batchnorm
 from .composites import AnyRule, Composite, LayerInfo, get_composite
 from .concepts import (
     ConceptError,
@@ -54,10 +56,14 @@ class AffineStep(nn.Module):
             self.op = make_op(layer)
         except ValueError as error:
             raise GraphError(f"layer {name}: {error}") from None
+        self.hold(weight, bias, share)
+        self.rule: BoundRule | None = None
+
+    def hold(self, weight: Tensor, bias: Tensor | None, share: bool) -> None:
+        """Hold `weight` and `bias` (themselves when `share`, else copies); a bound rule must be bound again."""
         held = (lambda t: t.detach()) if share else (lambda t: t.detach().clone())
         self.register_buffer("weight", held(weight))
         self.register_buffer("bias", None if bias is None else held(bias))
-        self.rule: BoundRule | None = None
 
     def bind(self, rule: Rule, ctx: LayerContext) -> None:
         self.rule = rule.bind(self.op, self.weight, self.bias, ctx)
@@ -205,6 +211,17 @@ def _around(relevance: Tensor | None, plan: ConceptPlan, step: int, k_maps: int,
     return relevance if keep is None else relevance * keep
 
 
+@dataclass(frozen=True)
+class Forward:
+    """A forward pass over one batch (`LRPModel.record`): the input as the steps read it and every step's value and
+    stash, all the relevance pass reads. `LRPModel.explain_from` runs the relevance pass from it, recomputing the
+    steps from a given one up (those whose weights changed since)."""
+
+    x: Tensor
+    values: tuple[Tensor, ...]
+    stashes: tuple[Stash, ...]
+
+
 TOP_K_CHANNELS = -1  # the key under which `propagate_concepts` records the (N, K) channels a top-K plan chose
 
 
@@ -306,17 +323,23 @@ class LRPModel(nn.Module):
         float64 weights, not two). By default the LRPModel is a snapshot that later changes to `model` do not touch."""
         super().__init__()
         model = model.eval()
+        self.share_weights = share_weights
         self.composite = get_composite(composite, **(composite_params or {}))
         layers = capture(model)
         specs, self.output = canonize(layers)
         steps = [_STEP_MODULES[spec.kind](spec, share_weights) for spec in specs]
         rules = _choose_rules(specs, self.composite, len(layers) - 1)
-        for step, rule, ctx in zip(steps, rules, prove(specs, rules, self.output)):
+        contexts = prove(specs, rules, self.output)
+        for step, rule, ctx in zip(steps, rules, contexts):
             if rule is not None:
                 step.bind(rule, ctx)
         self.steps = nn.ModuleList(steps)
         self.wiring: list[list[int]] = [list(spec.inputs) for spec in specs]  # input step indices, -1 = image
         self.rules = rules
+        # what `refresh` needs to redo an affine step's build: its context, its module and folded batch norm's names
+        self._contexts: list[LayerContext] = contexts
+        self._weight_sources: dict[int, tuple[str, str | None]] = {
+            k: (spec.layer.name, spec.batchnorm) for k, spec in enumerate(specs) if spec.kind is StepKind.AFFINE}
         self.top_k = TopKFilter(top_k, rescale_top_k)
         self.channels_last = channels_last
         first = next(spec for spec in specs if spec.first_affine)
@@ -338,6 +361,73 @@ class LRPModel(nn.Module):
         x, target = self._validate(x, target)
         with torch.inference_mode():
             logits, relevance = self.propagate(x, target)
+        return logits, relevance.contiguous()
+
+    # ------------------------------------------------------------------------------- changed weights
+    def refresh(self, model: nn.Module, names: Iterable[str]) -> list[int]:
+        """Read again the weights of `model`'s modules `names`, changed in place since this LRPModel was built (e.g.
+        re-initialised: the model parameter randomisation test), and redo what the build derived from them: the batch
+        norm folded into the layer before it, the rule's precomputed weights (gamma's W + gamma W+, the transposes,
+        ...). Afterwards this LRPModel equals `LRPModel(model, <the same settings>)` bit for bit, at the cost of the
+        changed layers alone: nothing else the build computes depends on weights (the graph, the rules chosen, the
+        facts of lrp_module/contexts.py come from the architecture). `model` is the model it was built from or one of
+        the same architecture (the steps' weight shapes, dtype and device must not change). A module no step reads
+        changes nothing. Returns the indices of the steps refreshed."""
+        names = set(names)
+        modules = dict(model.named_modules())
+        unknown = sorted(names - modules.keys())
+        if unknown:
+            raise ValueError(f"refresh: {type(model).__name__} has no module {unknown[0]!r}")
+        refreshed = []
+        for k, (layer, batchnorm) in self._weight_sources.items():
+            if layer not in names and batchnorm not in names:
+                continue
+            step, module = self.steps[k], modules[layer]
+            weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+            if batchnorm is not None:
+                weight, bias = fold_batchnorm(module, modules[batchnorm])
+            if (weight.shape, weight.dtype, weight.device, bias is None) != \
+                    (step.weight.shape, step.weight.dtype, step.weight.device, step.bias is None):
+                raise ValueError(f"refresh: {layer} is not the layer this LRPModel was built with (weight "
+                                 f"{tuple(weight.shape)} {weight.dtype} on {weight.device}, bias {bias is not None}; "
+                                 f"built: {tuple(step.weight.shape)} {step.weight.dtype} on {step.weight.device}, "
+                                 f"bias {step.bias is not None})")
+            step.hold(weight, bias, self.share_weights)
+            step.bind(self.rules[k], self._contexts[k])
+            refreshed.append(k)
+        return refreshed
+
+    def first_step_reading(self, names: Iterable[str]) -> int:
+        """The first step (in the forward's order) whose weights come from one of the modules `names`, or the number
+        of steps if none does. The steps before it read neither those weights nor anything computed from them (the
+        steps are in topological order), so their values and stashes outlive a change of those modules: `explain_from`
+        can take them from a pass made before the change."""
+        names = set(names)
+        return min((k for k, sources in self._weight_sources.items() if names.intersection(sources)),
+                   default=len(self.steps))
+
+    def record(self, x: Tensor) -> Forward:
+        """The forward pass alone over `x` (checked as `explain` checks it): what `explain_from` starts from."""
+        x, _ = self._validate(x, None)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            values, stashes = self._forward(x)
+        return Forward(x, tuple(values), tuple(stashes))
+
+    def explain_from(self, forward: Forward, target: Tensor | Sequence[int] | int | None = None,
+                     start: int | None = None) -> tuple[Tensor, Tensor]:
+        """`explain(forward.x, target)`, the steps before `start` (default: all of them) not computed but taken from
+        `forward`: a pass of this LRPModel, or of one whose steps before `start` held the same weights (this one
+        before `refresh` changed steps from `start` on: `first_step_reading`). Equal to `explain` bit for bit; the
+        forward's share of the pass costs nothing below `start`. `forward` is not changed (it may be reused)."""
+        start = len(self.steps) if start is None else start
+        if not 0 <= start <= len(self.steps) or len(forward.values) != len(self.steps):
+            raise ValueError(f"explain_from: start must be in [0, {len(self.steps)}] and the forward one of this "
+                             f"model's {len(self.steps)} steps, got start {start} and {len(forward.values)} values")
+        x, target = self._validate(forward.x, target)
+        with torch.inference_mode():
+            logits, relevance, _ = self.propagate_concepts(x, target, None, reuse=(forward, start))
         return logits, relevance.contiguous()
 
     # ------------------------------------------------------------------------------------ concepts (CRP)
@@ -421,8 +511,8 @@ class LRPModel(nn.Module):
         return logits, relevance
 
     def propagate_concepts(self, x: Tensor, target: Tensor | None, plan: ConceptPlan | None,
-                           traceable: bool = False, per_image: bool | None = None
-                           ) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+                           traceable: bool = False, per_image: bool | None = None,
+                           reuse: tuple[Forward, int] | None = None) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
         """`propagate` that also does what `plan` asks (lrp_module/concepts.py): the relevance at its recorded
         steps' outputs ({step: tensor}), and its masks. Once the first mask is applied the batch is N x K (image
         major) from there down. Returns the input relevance (N, C, H, W), or (N, K, C, H, W) when the plan masks.
@@ -430,15 +520,13 @@ class LRPModel(nn.Module):
         per_image (default: not traceable): below the first masked step the K rows run one image at a time, each
         rule reading the image's stored input, output and stash as one row that broadcasts against the K rows
         (nothing is repeated, and the memory is one image's K rows). Otherwise (tracers: no loop over the batch)
-        the whole N x K batch runs at once, each step expanding its stored tensors to match."""
+        the whole N x K batch runs at once, each step expanding its stored tensors to match.
+
+        reuse (forward, start): the values and stashes of the steps before `start` taken from `forward`, a pass over
+        `x` (`explain_from`)."""
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        values: list[Tensor | None] = []
-        stashes: list[Stash | None] = []
-        for step, wiring in zip(self.steps, self.wiring):
-            out, stash = step([x if i < 0 else values[i] for i in wiring])
-            values.append(out)
-            stashes.append(stash)
+        values, stashes = self._forward(x, reuse)
         logits = values[self.output]
         incoming: list[Tensor | None] = [None] * len(self.steps)
         incoming[self.output] = self.start_relevance(logits, target)
@@ -463,6 +551,18 @@ class LRPModel(nn.Module):
         if walk.expanded:
             at_input = at_input.reshape(x.shape[0], k_maps, *x.shape[1:])
         return logits, at_input, walk.recorded
+
+    def _forward(self, x: Tensor, reuse: tuple[Forward, int] | None = None
+                 ) -> tuple[list[Tensor | None], list[Stash | None]]:
+        """Every step's value and stash over `x`; with `reuse` (forward, start), those before `start` are
+        `forward`'s (new lists: the relevance pass empties them as it goes)."""
+        values: list[Tensor | None] = [] if reuse is None else list(reuse[0].values[:reuse[1]])
+        stashes: list[Stash | None] = [] if reuse is None else list(reuse[0].stashes[:reuse[1]])
+        for step, wiring in islice(zip(self.steps, self.wiring), len(values), None):
+            out, stash = step([x if i < 0 else values[i] for i in wiring])
+            values.append(out)
+            stashes.append(stash)
+        return values, stashes
 
     def _backward(self, walk: _Walk, start: int, plan: ConceptPlan | None, k_maps: int, traceable: bool,
                   split: bool) -> int:

@@ -19,8 +19,8 @@ from PIL import Image
 
 from lrp_module.zoo import build_model
 from pipeline.cli import main
-from pipeline.sanity.measures import prepared, spearman, ssim, top_k_intersection
-from pipeline.sanity.mprt import SanityParams, explain, mprt
+from pipeline.sanity.measures import discrete_entropy, prepared, spearman, ssim, top_k_intersection
+from pipeline.sanity.mprt import MapSet, SanityParams, explain, mprt
 from pipeline.sanity.randomise import randomisable, randomised, randomised_models, steps
 from pipeline.sanity.run import SanityError, SanityOptions, sanity
 from pipeline.sanity.schema import SANITY_SCHEMA
@@ -106,6 +106,41 @@ def test_cascade_starts_at_one_and_falls(shapes_model):
     cascade = table[table["mode"] == "cascading"].groupby("step")["spearman_abs"].mean()
     assert cascade.iloc[-1] < cascade.iloc[1] < 1
     assert len(table) == 2 * (len(randomisable(shapes_model)) + 1) * len(x)
+
+
+def _compared(original: MapSet, other: MapSet, params: SanityParams) -> dict[str, np.ndarray]:
+    """Each image's measures by their definitions in measures.py, straight from the two sets of maps."""
+    a, b = prepared(original.maps), prepared(other.maps)
+    h0, h = (discrete_entropy(m.maps, params.entropy_bins) for m in (original, other))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        emprt = (h - h0) / h0
+    return {"pred": other.pred, "spearman_abs": spearman(a, b), "spearman": spearman(original.maps, other.maps),
+            "ssim": ssim(a, b, params.ssim), "top_k_intersection": top_k_intersection(a, b, params.intersection_k),
+            "entropy": h, "emprt": emprt}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_table_equals_the_definition(shapes_model, dtype):
+    """mprt (one engine per working copy refreshed at each step, each batch's forward below the randomised layers
+    taken from the original model's, the sample in batches) gives exactly the definition's table: every step's model
+    made by `randomised`, explained by an LRPModel built for it (`explain`), compared."""
+    x, targets = _inputs(3), torch.tensor([0, 1, 2])
+    params = SanityParams(batch_size=2)
+    table = mprt(shapes_model, COMPOSITE, 0.0, x, targets, params, dtype=dtype)
+    layers = randomisable(shapes_model)
+
+    def maps(random_layers):
+        return explain(randomised(shapes_model, random_layers, params.seed), COMPOSITE, 0.0, x, targets,
+                       params.batch_size, torch.device("cpu"), dtype)
+
+    original = maps(())
+    for mode in params.modes:
+        for step, layer, random_layers in [(0, "original", ()), *steps(layers, mode)]:
+            expected = _compared(original, maps(random_layers), params)
+            rows = table[(table["mode"] == mode) & (table.step == step)].sort_values("index")
+            assert (rows["layer"] == layer).all() and len(rows) == len(x)
+            for name, values in expected.items():
+                np.testing.assert_array_equal(rows[name].to_numpy(), values, err_msg=f"{mode} {step} {name}")
 
 
 @pytest.mark.skipif(not QUANTUS_PYTHON.exists(), reason="Quantus 0.6.0's environment: make .venv-quantus")

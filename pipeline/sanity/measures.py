@@ -27,10 +27,19 @@ def prepared(maps: np.ndarray, absolute: bool = True) -> np.ndarray:
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N,) Spearman rank correlation of each pair of maps (flattened), ties at their average rank as scipy's
     `spearmanr`; nan where a map is constant."""
-    ra = rankdata(a.reshape(len(a), -1), axis=1)
-    rb = rankdata(b.reshape(len(b), -1), axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
+    return rank_correlation(centred_ranks(a), centred_ranks(b))
+
+
+def centred_ranks(maps: np.ndarray) -> np.ndarray:
+    """(N, pixels) each flattened map's ranks (ties averaged) less their mean: what `spearman` correlates (a map
+    compared many times is ranked once)."""
+    ranks = rankdata(maps.reshape(len(maps), -1), axis=1)
+    ranks -= ranks.mean(axis=1, keepdims=True)
+    return ranks
+
+
+def rank_correlation(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
+    """(N,) Pearson correlation of centred ranks (`centred_ranks`): Spearman's."""
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (ra * rb).sum(axis=1) / np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
     return np.clip(r, -1.0, 1.0)
@@ -43,38 +52,52 @@ def ssim(a: np.ndarray, b: np.ndarray, mode: str = "image", window: int = SSIM_W
     Quantus's MPRT, which passes the maps flattened)."""
     if mode not in SSIM_MODES:
         raise ValueError(f"unknown SSIM mode {mode!r} (known: {', '.join(SSIM_MODES)})")
-    out = np.empty(len(a))
-    for i, (x, y) in enumerate(zip(a, b)):
-        if mode == "flat":
-            x, y = x.reshape(-1), y.reshape(-1)
-        out[i] = _ssim(np.asarray(x, np.float64), np.asarray(y, np.float64), window)
-    return out
-
-
-def _ssim(x: np.ndarray, y: np.ndarray, window: int) -> float:
-    data_range = float(abs(max(x.max(), y.max()) - min(x.min(), y.min())))
-    points = window ** x.ndim
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if mode == "flat":
+        x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    # every map at once: the filters run along the map's own axes only (axis 0 is the image), so each image's
+    # values are those of a filter over that image alone
+    axes = tuple(range(1, x.ndim))
+    shape = (-1,) + (1,) * len(axes)
+    data_range = np.abs(np.maximum(x.max(axis=axes), y.max(axis=axes)) - np.minimum(x.min(axis=axes),
+                                                                                    y.min(axis=axes)))
+    points = window ** len(axes)
     cov_norm = points / (points - 1)
-    ux, uy = uniform_filter(x, window), uniform_filter(y, window)
-    vx = cov_norm * (uniform_filter(x * x, window) - ux * ux)
-    vy = cov_norm * (uniform_filter(y * y, window) - uy * uy)
-    vxy = cov_norm * (uniform_filter(x * y, window) - ux * uy)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def mean(t: np.ndarray) -> np.ndarray:
+        return uniform_filter(t, window, axes=axes)
+
+    ux, uy = mean(x), mean(y)
+    vx = cov_norm * (mean(x * x) - ux * ux)
+    vy = cov_norm * (mean(y * y) - uy * uy)
+    vxy = cov_norm * (mean(x * y) - ux * uy)
+    c1, c2 = ((0.01 * data_range) ** 2).reshape(shape), ((0.03 * data_range) ** 2).reshape(shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     pad = (window - 1) // 2
-    return float(s[tuple(slice(pad, n - pad) for n in s.shape)].mean(dtype=np.float64))
+    inside = tuple(slice(pad, n - pad) for n in s.shape[1:])
+    return np.array([image[inside].mean(dtype=np.float64) for image in s])  # per image: the same summation order
 
 
 def top_k_intersection(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     """(N,) the share of the original map's k highest pixels (`a`) that are among the randomised map's k highest
     (`b`): Quantus's TopKIntersection of `b` against the mask of `a`'s top k. Ties in order of position (a stable
     sort; Quantus's quicksort may order equal values otherwise)."""
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    rows = np.arange(len(a))[:, None]
+    return intersection(top_k_mask(a, k), b, k)
+
+
+def top_k_mask(a: np.ndarray, k: int) -> np.ndarray:
+    """(N, pixels) True at each flattened map's k highest pixels (ties in order of position)."""
+    a = a.reshape(len(a), -1)
     mask = np.zeros(a.shape, dtype=bool)
-    mask[rows, np.argsort(-a, axis=1, kind="stable")[:, :k]] = True
-    return mask[rows, np.argsort(-b, axis=1, kind="stable")[:, :k]].mean(axis=1)
+    mask[np.arange(len(a))[:, None], np.argsort(-a, axis=1, kind="stable")[:, :k]] = True
+    return mask
+
+
+def intersection(mask: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """(N,) the share of `b`'s k highest pixels where `mask` (`top_k_mask` of the original) is True."""
+    b = b.reshape(len(b), -1)
+    return mask[np.arange(len(b))[:, None], np.argsort(-b, axis=1, kind="stable")[:, :k]].mean(axis=1)
 
 
 def discrete_entropy(maps: np.ndarray, bins: int = ENTROPY_BINS) -> np.ndarray:

@@ -129,8 +129,8 @@ def sanity(root: str | Path, options: SanityOptions, progress: bool = True) -> d
     device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
                           options.device if options.device != "auto" else "cpu")
     timing = Timing()
-    with tqdm(total=total_steps(model, options.params.modes), disable=not progress, desc="randomised models",
-              unit="model") as bar:
+    total = total_steps(model, options.params.modes, len(x), options.params.batch_size)
+    with tqdm(total=total, disable=not progress, desc="randomised models x batches", unit="model") as bar:
         result = mprt(model, manifest.config.composite, manifest.config.top_k or 0.0, x, targets, options.params,
                       device, progress=bar.update, timing=timing)
     result = result.assign(image_id=rows["image_id"].to_numpy()[result["index"]],
