@@ -37,6 +37,8 @@ CRP_FILE = re.compile(r"^([A-Za-z0-9_.-]+_(data|rel|rf)\.npy|targets\.npy)$")
 # `make cav`'s outputs in RUN/cav/ (pipeline/audit/cav_outputs.py), per artifact concept NAME (`--name`):
 # NAME-images.parquet, NAME-channels.parquet, NAME-vectors.parquet, NAME.json
 CAV_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+# `make correct`'s record of each correction made from the run (pipeline/audit/correct.py): <out folder's name>.json
+CORRECTION_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.json$")
 CAV_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(-(images|channels|vectors)\.parquet|\.json)$")
 
 
@@ -52,11 +54,13 @@ class RunLayout:
     CRP, CRP_RELMAX, CRP_RELSTATS = "crp", "crp/RelMax_sum_normed", "crp/RelStats_sum_normed"
     CONCEPT_REFERENCES = "concept-references"
     CAV = "cav"
+    CORRECTIONS = "corrections"
     PROTOTYPES = "prototypes"
     LOCK = "run.lock"
     SHARD_FOLDERS = (RELEVANCE, STATS, FAILURES)
     # every folder a run's parts write to
-    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY, CONCEPT_REFERENCES, CAV, PROTOTYPES)
+    WRITTEN_FOLDERS = (*SHARD_FOLDERS, REPORT, REPORT_IMAGES, HEATMAPS, SPRAY, CONCEPT_REFERENCES, CAV, PROTOTYPES,
+                      CORRECTIONS)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -141,6 +145,16 @@ class RunLayout:
         """`make cav`'s folder: per artifact concept, its CAVs, the run's images ranked by them, its channels."""
         return self.root / self.CAV
 
+    @property
+    def corrections(self) -> Path:
+        """`make correct`'s records, one per corrected model made from this run (the model lives in its own folder)."""
+        return self.root / self.CORRECTIONS
+
+    def correction_record(self, name: str) -> Path:
+        """The record of the correction whose model folder is called `name`: the direction, the reference, the
+        before/after figures (the same JSON as the model folder's correction.json)."""
+        return self.corrections / f"{name}.json"
+
     def cav_images(self, name: str) -> Path:
         """Every image of the run with its score and rank on each CAV, marked, truth, R_bias."""
         return self.cav / f"{name}-images.parquet"
@@ -203,7 +217,8 @@ class RunLayout:
         for folder, pattern in ((self.RELEVANCE, SHARD_FILE), (self.STATS, SHARD_FILE), (self.FAILURES, SHARD_FILE),
                                 (self.REPORT_IMAGES, REPORT_IMAGE), (self.HEATMAPS, HEATMAP_FILE),
                                 (self.SPRAY, SPRAY_FILE), (self.CONCEPT_REFERENCES, CONCEPT_REFERENCE_FILE),
-                                (self.CAV, CAV_FILE), (self.PROTOTYPES, PROTOTYPE_FILE)):
+                                (self.CAV, CAV_FILE), (self.PROTOTYPES, PROTOTYPE_FILE),
+                                (self.CORRECTIONS, CORRECTION_FILE)):
             yield from self._matching(self.root / folder, pattern)
         for folder in self.crp_folders():
             yield from self._matching(folder, CRP_FILE)
@@ -235,7 +250,7 @@ class RunLayout:
         crp = [*reversed(self.crp_folders()), self.root / self.CRP]
         for folder in (*(self.root / sub for sub in (self.REPORT_IMAGES, self.REPORT, self.HEATMAPS, self.SPRAY,
                                                       self.CONCEPT_REFERENCES, self.CAV, self.PROTOTYPES,
-                                                      *self.SHARD_FOLDERS)), *crp):
+                                                      self.CORRECTIONS, *self.SHARD_FOLDERS)), *crp):
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
                 folder.rmdir()
 

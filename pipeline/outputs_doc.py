@@ -56,9 +56,9 @@ FILES: dict[str, str] = {
                      "the dataset's layout and files, shards with row counts, sha256 and provenance (node, process, "
                      "invocation), totals, failure reasons, retries, the precision probe, every invocation's timing",
     "_SUCCESS": "written last, when every shard is done",
-    "run.lock": "present while a process (`explain`, `report`, `heatmaps`, `spray`, `sanity`, `prototypes`) uses the "
-                "folder ([reliability.md](reliability.md#one-process-per-run-folder)); `--overwrite` leaves it to its "
-                "holder",
+    "run.lock": "present while a process (`explain`, `report`, `heatmaps`, `spray`, `sanity`, `prototypes`, `cav`, "
+                "`correct`) uses the folder ([reliability.md](reliability.md#one-process-per-run-folder)); "
+                "`--overwrite` leaves it to its holder",
     "report/index.html": "the audit report (`make report`, [report.md](report.md))",
     f"report/{REPORT_OWN_FILES}": "the list of the files the report wrote",
     "report/img/tile.png": "the report's pictures (`.png`, `.jpg`)",
@@ -93,6 +93,10 @@ FILES: dict[str, str] = {
                                     "images' means: the CAV vector columns below",
     "cav/artifact.json": "what was marked, the settings, the best channels, retrieval AUROC / AP against the truth, "
                          "mean R_bias, timings",
+    "corrections/run-pclarc-features.12.json": "`make correct` ([audit.md](audit.md#correction)): per corrected "
+                                               "model, named after its folder, the same record as its "
+                                               "`correction.json` (the direction, the reference, the before/after "
+                                               "figures; the report's Corrections section)",
     ".tmp-1234-manifest.json": "a file being written (`.tmp-<pid>-<name>`); renamed when complete, swept by the "
                                "next run",
 }

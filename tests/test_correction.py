@@ -28,6 +28,8 @@ from lrp_module.projection import (
 )
 from lrp_module.zoo import build_model
 from pipeline.cli import main
+from pipeline.layout import RunLayout
+from pipeline.report import corrections as corrections_report
 
 COMPOSITE = "epsilon_gamma_box"
 
@@ -261,6 +263,16 @@ def test_correct_writes_a_verified_model_that_explain_re_audits(hans_run, tmp_pa
         assert figures["along_direction_after"] < 1e-4 * figures["along_direction_before"]
     assert len(record["cav"]["direction"]) == 32 and len(record["reference"]["z"]) == 32
     assert f"WEIGHTS={out / 'model.pt'}" in record["explain"]
+    # the run keeps a copy (its own file) and the report shows it as a before/after table
+    layout = RunLayout(run)
+    assert json.loads(layout.correction_record(out.name).read_text()) == record and record["out"] == str(out)
+    assert layout.correction_record(out.name) in set(layout.own_files())
+    shown = corrections_report.rows(corrections_report.load(run))
+    clean = record["before_after"]["clean"]
+    assert [row[2] for row in shown] == ["marked: 2", "clean: 34"] and shown[1][1] == "features.16"
+    assert shown[1][3] == f"{100 * clean['accuracy_before']:.1f} %" and shown[1][4] == \
+        f"{100 * clean['accuracy_after']:.1f} %"
+    assert 'id="corrections"' in corrections_report.section(corrections_report.load(run))
 
     config = load_config({"dataset": str(data), "model": "vgg-shapes-hans", "weights": str(out / "model.pt"),
                           "out": str(tmp_path / "re-audit"), "cache": str(artifact_cache), "limit": 8, "size": 64,

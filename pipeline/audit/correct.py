@@ -5,7 +5,8 @@ covariance of each channel's spatially averaged activation with the marked/clean
 artifact's direction v and the clean images' mean activation (over images and positions) the reference z; the
 corrected model computes h - v v^T (h - z) at every position of the layer (a 1x1 convolution inserted after it,
 LRP-epsilon). It is written to OUT as weights, verified LRP artifacts and a classifier (export/correction.py), with
-`correction.json` (the direction, the reference, the before/after figures on the images used).
+`correction.json` (the direction, the reference, the before/after figures on the images used), copied into the run
+folder as RUN/corrections/<OUT's name>.json for the report's before/after table.
 
 The run's images are re-read and the model re-run forward here: the one place the audit does so, to build and check
 the corrected export. At most `max_images` marked and clean images each are used (a seeded sample beyond that).
@@ -182,9 +183,15 @@ def correct(run: str | Path, options: CorrectionOptions) -> dict:
                    f"COMPOSITE={composite}",
         "seconds": round(time.perf_counter() - started, 1),
     }
+    record["out"] = str(out)
+    text = json.dumps(record, indent=2)
     with atomic(out / RECORD_FILE) as tmp:
-        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    return {**record, "out": str(out)}
+        tmp.write_text(text, encoding="utf-8")
+    run_copy = layout.correction_record(out.name)  # for the report's before/after table; the run's own file
+    run_copy.parent.mkdir(exist_ok=True)
+    with atomic(run_copy) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return record
 
 
 def before_after(model, corrected, site, v, z, x_marked, x_clean, marked: pd.DataFrame, clean: pd.DataFrame) -> dict:

@@ -16,6 +16,7 @@ from lrp_module.files import write_text_atomic
 from ..layout import REPORT_IMAGE, REPORT_OWN_FILES, TEMPORARY, RunLayout
 from ..output_set import files_in, replaced_as_set
 from . import concepts as concepts_section
+from . import corrections as corrections_section
 from . import html, selection, tables
 from . import metrics as metrics_section
 from . import prototypes as prototypes_section
@@ -193,6 +194,9 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
         sections.append(("concepts", "Concepts", concepts_section.section(run, concepts, images, f"{IMAGE_FOLDER}/",
                                                                           cmap)))
         lap("concepts")
+    corrections = corrections_section.load(run.root)  # RUN/corrections/, when `make correct` ran
+    if corrections:
+        sections.append(("corrections", "Corrections", corrections_section.section(corrections)))
     metrics = metrics_section.section(run.stats, run.has_labels)  # when the run's `metrics` named any
     if metrics:
         sections.append(("metrics", "Evaluation metrics", metrics))
