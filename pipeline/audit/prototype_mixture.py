@@ -17,7 +17,6 @@ images per component); a diagonal covariance cannot model concepts that rise and
 strategy is."""
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,6 +25,8 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
+
+from ..laps import Laps
 
 LOG_2PI = float(np.log(2 * np.pi))
 
@@ -126,13 +127,7 @@ def fit_class(vectors: np.ndarray, params: MixtureParams = MixtureParams(), thre
     n, channels = vectors.shape
     if n < params.smallest_class():
         raise ValueError(f"a mixture needs at least {params.smallest_class()} images of a class, got {n}")
-    seconds: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        seconds[name] = round(now - clock[0], 3)
-        clock[0] = now
+    laps = Laps()
 
     with threadpool_limits(threads):
         x = np.asarray(vectors, dtype=np.float64)
@@ -150,7 +145,7 @@ def fit_class(vectors: np.ndarray, params: MixtureParams = MixtureParams(), thre
         z = scores / scale
         discarded = channels - d
         residual_variance = max(total - float(kept.sum()), 0.0) / discarded if discarded else 0.0
-        lap("pca")
+        laps.lap("pca")
         search = z
         if n > params.search_sample:
             rows = np.sort(np.random.default_rng(params.seed).choice(n, params.search_sample, replace=False))
@@ -170,7 +165,7 @@ def fit_class(vectors: np.ndarray, params: MixtureParams = MixtureParams(), thre
                                           max_iter=params.max_iter, weights_init=start.weights_,
                                           means_init=start.means_, precisions_init=start.precisions_,
                                           random_state=params.seed).fit(z)
-        lap("mixtures")
+        laps.lap("mixtures")
         responsibilities = mixture.predict_proba(z)
         subspace = mixture.score_samples(z) - float(np.log(scale).sum())  # density of the scores, unwhitened
         if discarded:
@@ -185,7 +180,7 @@ def fit_class(vectors: np.ndarray, params: MixtureParams = MixtureParams(), thre
         totals = responsibilities.sum(axis=0)
         means = (responsibilities.T @ x) / np.maximum(totals, 1e-300)[:, None]
         own = component_log_densities(mixture, z)[:, order]
-        lap("scores")
+        laps.lap("scores")
     return ClassMixture(
         components=chosen, bic=bic, dims=d, explained_variance=float(kept.sum() / total) if total > 0 else 1.0,
         residual_variance=residual_variance, weights=mixture.weights_[order].astype(np.float64),
@@ -193,4 +188,4 @@ def fit_class(vectors: np.ndarray, params: MixtureParams = MixtureParams(), thre
         probability=responsibilities[np.arange(n), prototype].astype(np.float32),
         log_likelihood=subspace + outside,
         component_log_density=own[np.arange(n), prototype] - float(np.log(scale).sum()),
-        converged=bool(mixture.converged_), seconds=seconds)
+        converged=bool(mixture.converged_), seconds=laps.seconds)

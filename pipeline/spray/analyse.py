@@ -2,12 +2,12 @@
 clusterings for k = 2..K -> t-SNE -> outlier scores. Pure: no files, no Ray (run.py reads the maps and fans out)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..laps import Laps
 from . import cluster, embed, graph
 
 
@@ -77,33 +77,27 @@ def analyse_class(vectors: np.ndarray, params: SprayParams = SprayParams(), thre
     n = len(vectors)
     if n < 4:
         raise ValueError(f"SpRAy needs at least 4 images of a class, got {n}")
-    seconds: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        seconds[name] = round(now - clock[0], 3)
-        clock[0] = now
+    laps = Laps()
 
     with threadpool_limits(threads):
         neighbours = graph.nearest_neighbours(vectors, params.neighbours, threads, params.large_class,
                                               params.seed)
-        lap("neighbours")
+        laps.lap("neighbours")
         affinity = graph.affinity(neighbours)
         spectrum = graph.spectrum(affinity, min(params.eigenvalues, n - 1), params.seed)
-        lap("eigenvectors")
+        laps.lap("eigenvectors")
         k_top = largest_k(n, params)
         k_chosen, gap = cluster.eigengap(spectrum.eigenvalues, k_top)
         ks = range(2, k_top + 1)
         kmeans = cluster.kmeans(spectrum.eigenvectors, ks, params.seed)
-        lap("kmeans")
+        laps.lap("kmeans")
         agglomerative = (cluster.agglomerative(spectrum.eigenvectors, affinity, ks, params.large_class, params.seed)
                          if params.agglomerative else {})
-        lap("agglomerative")
+        laps.lap("agglomerative")
         if params.embedding:
             xy = embed.tsne(spectrum.eigenvectors, params.seed, threads, params.tsne_sample)
         else:
             xy = spectrum.eigenvectors[:, 1:3].astype(np.float32)
-        lap("embedding")
+        laps.lap("embedding")
     return ClassAnalysis(spectrum.eigenvalues, spectrum.eigenvectors.astype(np.float32), k_chosen, gap, kmeans,
-                         agglomerative, xy, outlier_scores(neighbours), seconds)
+                         agglomerative, xy, outlier_scores(neighbours), laps.seconds)
