@@ -248,10 +248,11 @@ concepts: $(STAMP)
 	$(call job,pipeline concepts,CONCEPTS_ARGS) $(call quote,$(value RUN)) --layer $(call quote,$(value LAYER)) \
 		$(if $(value CHANNELS),--channels $(call quote,$(value CHANNELS)))
 
-# e.g. make correct RUN=runs/x CONCEPT=marked.csv LAYER=features.28 (OUT=folder; CORRECT_ARGS='--clean clean.csv'):
-# P-ClArC, the marked images' direction (CONCEPT: a CSV with an image_id column, or a 0/1 `marked` / `tag` column as
-# shapes-hans' hans.csv) projected out of LAYER -> OUT (default artifacts/<run>-pclarc-<layer>): verified corrected
-# artifacts and correction.json; it prints the `make explain` line that re-audits the corrected model
+# e.g. make correct RUN=runs/x CONCEPT=marked.csv LAYER=features.28 (OUT=folder; CORRECT_ARGS='--clean clean.csv',
+# '--gate always' for P-ClArC): R-ClArC, the marked images' direction (CONCEPT: a CSV with an image_id column, or a
+# 0/1 `marked` / `tag` column as shapes-hans' hans.csv) projected out of LAYER in the images where it is detected
+# -> OUT (default artifacts/<run>-pclarc-<layer>): verified corrected artifacts and correction.json; it prints the
+# `make explain` line that re-audits the corrected model
 correct: $(STAMP)
 	$(call job,pipeline correct,CORRECT_ARGS) $(call quote,$(value RUN)) --layer $(call quote,$(value LAYER)) \
 		--marked $(call quote,$(value CONCEPT)) $(call given,OUT,out)

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from lrp_module import LRPModel
-from lrp_module.projection import find_site, pattern_cav, project_out, site_activations
+from lrp_module.projection import (
+    artifact_scores,
+    detection_threshold,
+    find_site,
+    pattern_cav,
+    project_out,
+    site_activations,
+)
 from lrp_module.zoo import build_vgg
 from pipeline.preprocess import Preprocessing
 
@@ -51,15 +58,20 @@ class SplitImages:
                    torch.tensor([shapes_hans.is_tagged(i) for i in indices]))
 
 
-def corrected_model(model: torch.nn.Module, layer: str, images: SplitImages) -> torch.nn.Module:
+def corrected_model(model: torch.nn.Module, layer: str, images: SplitImages, gated: bool = True) -> torch.nn.Module:
     """`model` with the tag's pattern CAV at `layer` (tagged stars against the split's other images, as generated)
-    projected out towards the clean images' mean."""
+    projected out towards the clean images' mean; gated (R-ClArC, as `make correct` by default): only in the
+    images whose artifact score exceeds the threshold that best separates those two sets."""
     module = find_site(model, layer).module
     activations = site_activations(model, module, images.planted)
     marked = images.tagged
-    pooled = activations.mean(dim=(2, 3))
+    v = pattern_cav(activations.mean(dim=(2, 3)), marked.double())
     reference = activations[~marked].double().mean(dim=(0, 2, 3))
-    return project_out(model, layer, pattern_cav(pooled, marked.double()), reference)
+    threshold = None
+    if gated:
+        scores = artifact_scores(activations, v)
+        threshold = detection_threshold(scores[marked], scores[~marked])
+    return project_out(model, layer, v, reference, threshold)
 
 
 def tag_mask() -> torch.Tensor:
@@ -102,13 +114,14 @@ def figures(model: torch.nn.Module, images: SplitImages) -> dict:
             "r_bias_tagged_stars": r_bias(model, images)}
 
 
-def compare(layers: tuple[str, ...] = LAYERS) -> dict:
-    """The original model's figures and each layer's corrected model's."""
+def compare(layers: tuple[str, ...] = LAYERS, gated: bool = True) -> dict:
+    """The original model's figures and each layer's corrected model's (gated: R-ClArC, else P-ClArC)."""
     model = build_vgg(MODEL, "demo")[0]
     images = SplitImages.make()
-    result = {"model": MODEL, "composite": COMPOSITE, "split_seed": shapes.VAL_SEED, "original": figures(model, images)}
+    result = {"model": MODEL, "composite": COMPOSITE, "split_seed": shapes.VAL_SEED, "gated": gated,
+              "original": figures(model, images)}
     for layer in layers:
-        result[layer] = figures(corrected_model(model, layer, images), images)
+        result[layer] = figures(corrected_model(model, layer, images, gated), images)
     return result
 
 
@@ -116,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.hans_correction", description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated layer names")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--ungated", action="store_true", help="P-ClArC: project every image (default: R-ClArC)")
     args = parser.parse_args(argv)
-    result = compare(tuple(s.strip() for s in args.layers.split(",") if s.strip()))
+    result = compare(tuple(s.strip() for s in args.layers.split(",") if s.strip()), not args.ungated)
     print(f"{'model':16s} " + " ".join(f"{k:>24s}" for k in result["original"]))
     for key, values in result.items():
         if isinstance(values, dict):

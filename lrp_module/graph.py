@@ -36,16 +36,50 @@ class Sum(nn.Module):
         return torch.stack(inputs, dim=-1).sum(dim=-1)
 
 
+def projection_gate(h: Tensor, direction: Tensor, threshold: Tensor) -> Tensor:
+    """(N, 1, 1, 1): 1 for the images of `h` (N, C, H, W) whose largest v^T h over the positions exceeds
+    `threshold` (v = `direction`), else 0: a gated `ChannelProjection`'s choice of the images it projects."""
+    score = torch.einsum("nchw,c->nhw", h, direction.to(h.dtype)).flatten(1).amax(1)
+    return (score > threshold).to(h.dtype)[:, None, None, None]
+
+
 class ChannelProjection(nn.Conv2d):
     """A 1x1 convolution inserted after a layer to project a direction out of its activations (P-ClArC:
     lrp_module/projection.py). A torch.fx leaf like torch.nn's own layers, so it is captured as one conv;
-    composites give it LRP-epsilon (lrp_module/composites.py), since it is a fixed projection, not a filter."""
+    composites give it LRP-epsilon (lrp_module/composites.py), since it is a fixed projection, not a filter.
+
+    Gated (R-ClArC, Bareeva et al. 2024): with a finite `threshold`, an image is projected only where its artifact
+    score, the largest v^T h over the positions (v = `direction`), exceeds the threshold; other images pass
+    unchanged. Ungated (threshold -inf, the default), every image is projected."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(channels, channels, kernel_size=1, bias=True)
         with torch.no_grad():  # the identity until a direction is set
             self.weight.copy_(torch.eye(channels).reshape(channels, channels, 1, 1))
             self.bias.zero_()
+        self.register_buffer("direction", torch.zeros(channels))
+        self.register_buffer("threshold", torch.tensor(float("-inf")))
+        self.gated = False  # a Python flag, not read from the buffer, so that traces and exports see no branch
+
+    def set_gate(self, direction: Tensor, threshold: float) -> None:
+        """Project only images whose largest v^T h exceeds `threshold` (-inf: every image)."""
+        with torch.no_grad():
+            self.direction.copy_(direction.to(self.direction))
+            self.threshold.fill_(threshold)
+        self.gated = bool(torch.isfinite(self.threshold))
+
+    def forward(self, h: Tensor) -> Tensor:
+        projected = super().forward(h)
+        if not self.gated:
+            return projected
+        return torch.where(projection_gate(h, self.direction, self.threshold) > 0, projected, h)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Loading a state dict sets the Python flag from the loaded threshold."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.gated = bool(torch.isfinite(self.threshold))
 
 
 class _Tracer(fx.Tracer):

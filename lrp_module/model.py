@@ -36,9 +36,21 @@ from .concepts import (
     with_full_row,
 )
 from .contexts import LayerContext, prove
-from .graph import GraphError, Step, StepKind, canonize, capture, min_input_size, num_classes
+from .graph import (
+    ChannelProjection,
+    GraphError,
+    Step,
+    StepKind,
+    canonize,
+    capture,
+    min_input_size,
+    num_classes,
+    projection_gate,
+)
 from .ops import PoolGeometry, make_op, repeated_images
-from .rules import NOTHING, BoundPoolRule, BoundRule, PoolRule, Rule, Stash
+from .rules import NOTHING, BoundPoolRule, BoundRule, Epsilon, PoolRule, Rule, Stash
+from .rules.base import divide
+from .stabilize import rms_per_sample, stabilize
 from .topk import TopKFilter
 
 
@@ -82,6 +94,45 @@ class AffineStep(nn.Module):
             return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
         with repeated_images(self.op, relevance.shape[0], repeats):
             return [self.rule.relevance(inputs[0], out, stash, relevance, self.weight)]
+
+
+class GatedProjectionStep(AffineStep):
+    """A gated `ChannelProjection` (R-ClArC): the projection for the images its gate selects, the identity for the
+    others. The gate is fixed in the relevance pass, as a ReLU's is: a projected image gets LRP-epsilon on the
+    projection's 1x1 convolution W, R_in = h * W^T s with s = R / stab(z), z = the step's output; the others'
+    relevance passes unchanged, so their maps are the original model's (epsilon on an identity would absorb a
+    little where h is small)."""
+
+    def __init__(self, name: str, layer: ChannelProjection, weight: Tensor, bias: Tensor | None, relu: bool,
+                 share: bool = False):
+        if relu:
+            raise GraphError(f"layer {name}: a gated projection cannot have a ReLU fused after it")
+        super().__init__(name, layer, weight, bias, relu, share)
+        self.register_buffer("direction", layer.direction.detach().clone())
+        self.register_buffer("threshold", layer.threshold.detach().clone())
+        self.epsilon: Epsilon | None = None
+
+    def bind(self, rule: Rule, ctx: LayerContext) -> None:
+        if not isinstance(rule, Epsilon):
+            raise GraphError(f"layer {self.name}: a gated projection takes LRP-epsilon only, not {rule!r}")
+        self.epsilon = rule
+        super().bind(rule, ctx)
+
+    def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
+        h = inputs[0]
+        projected = self.op.forward_op(h, self.weight, self.bias)
+        return torch.where(projection_gate(h, self.direction, self.threshold) > 0, projected, h), NOTHING
+
+    def relevance(self, inputs: list[Tensor], out: Tensor, stash: Stash, relevance: Tensor,
+                  repeats: int = 1) -> list[Tensor]:
+        """Broadcasts where `inputs` and `out` are one image's row and `relevance` its K concept rows."""
+        h, rule = inputs[0], self.epsilon
+        g = projection_gate(h, self.direction, self.threshold)
+        z = out - self.bias[:, None, None] if rule.zero_bias and self.bias is not None else out
+        eps = rule.epsilon + rule.rms_scale * rms_per_sample(z) if rule.rms_scale else rule.epsilon
+        s = divide(relevance, stabilize(z, eps), eps)
+        transposed = torch.einsum("dc,ndhw->nchw", self.weight[:, :, 0, 0], s)  # W^T s of the 1x1 convolution
+        return [torch.where(g > 0, h * transposed, relevance)]
 
 
 class PoolStep(nn.Module):
@@ -269,8 +320,9 @@ class _Walk:
 
 
 _STEP_MODULES = {
-    StepKind.AFFINE: lambda spec, share: AffineStep(spec.name, spec.layer.module, spec.weight, spec.bias, spec.relu,
-                                                    share),
+    StepKind.AFFINE: lambda spec, share: (
+        GatedProjectionStep if isinstance(spec.layer.module, ChannelProjection) and spec.layer.module.gated
+        else AffineStep)(spec.name, spec.layer.module, spec.weight, spec.bias, spec.relu, share),
     StepKind.POOL: lambda spec, _: PoolStep(spec.name, spec.layer.module),
     StepKind.ADD: lambda spec, _: SumStep(spec.name, spec.layer.module, spec.relu),
     StepKind.FLATTEN: lambda spec, _: FlattenStep(spec.name),

@@ -126,8 +126,12 @@ def _insert(model: nn.Module, site: Site, projection: ChannelProjection) -> None
         parent._modules = rebuilt._modules
 
 
-def project_out(model: nn.Module, layer: str, direction: Tensor, reference: Tensor) -> nn.Module:
-    """A copy of `model` (eval mode) whose `layer` output is h - v v^T (h - z) at every position; `model` unchanged."""
+def project_out(model: nn.Module, layer: str, direction: Tensor, reference: Tensor,
+                threshold: float | None = None) -> nn.Module:
+    """A copy of `model` (eval mode) whose `layer` output is h - v v^T (h - z) at every position; `model` unchanged.
+    threshold: project only the images whose artifact score (`artifact_scores`) exceeds it (R-ClArC); None: all."""
+    if threshold is not None and threshold != threshold:
+        raise ProjectionError("the gate's threshold must be a number, got NaN")
     site = find_site(model, layer)
     weight, bias = projection_weights(direction, reference)
     if weight.shape[0] != site.channels:
@@ -138,6 +142,8 @@ def project_out(model: nn.Module, layer: str, direction: Tensor, reference: Tens
     with torch.no_grad():
         projection.weight.copy_(weight.to(dtype))
         projection.bias.copy_(bias.to(dtype))
+    if threshold is not None:
+        projection.set_gate(direction.detach().double().flatten() / direction.detach().double().norm(), threshold)
     _insert(corrected, site, projection.to(next(model.parameters()).device))
     return corrected
 
@@ -169,6 +175,15 @@ def with_projections(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module
                                   "not have") from None
         _insert(model, site, ChannelProjection(channels))
     return model
+
+
+def with_gate_defaults(model: nn.Module, state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """`state` plus the ungated buffers (`direction`, `threshold`) of each projection of `model` whose gate it lacks:
+    a corrected model's file written before the gate existed loads as the ungated projection it was."""
+    extra = {f"{name}.{key}": getattr(module, key) for name, module in model.named_modules()
+             if isinstance(module, ChannelProjection) for key in ("direction", "threshold")
+             if f"{name}.{key}" not in state}
+    return {**state, **extra} if extra else state
 
 
 def site_activations(model: nn.Module, module: str, x: Tensor, batch: int = 64) -> Tensor:
@@ -205,3 +220,28 @@ def pattern_cav(pooled: Tensor, labels: Tensor) -> Tensor:
     if norm == 0:
         raise ProjectionError("the marked and clean images' activations do not differ: no direction to remove")
     return cov / norm
+
+
+def artifact_scores(activations: Tensor, direction: Tensor) -> Tensor:
+    """(N,): each image's largest v^T h over the layer's positions (v = direction, unit length), the gated
+    projection's detector: an artifact is local, so its strongest position is what marks an image."""
+    v = direction.detach().double().flatten()
+    return torch.einsum("nchw,c->nhw", activations.double(), v / v.norm()).flatten(1).amax(1)
+
+
+def detection_threshold(marked: Tensor, clean: Tensor) -> float:
+    """The threshold on artifact scores that best separates marked from clean images: the largest TPR - FPR
+    (Youden's J) over every cut between two consecutive distinct scores, placed halfway between them; among equal
+    cuts the highest, which gates the fewest clean images. Scores that no cut separates are an error."""
+    if marked.numel() == 0 or clean.numel() == 0:
+        raise ProjectionError("the gate needs marked and clean images to set its threshold")
+    values = torch.cat([marked, clean]).double().unique()  # sorted
+    cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2])
+    tpr = (marked.double()[None, :] > cuts[:, None]).double().mean(1)
+    fpr = (clean.double()[None, :] > cuts[:, None]).double().mean(1)
+    j = tpr - fpr
+    if float(j.max()) <= 0:
+        raise ProjectionError("the artifact score does not separate the marked from the clean images (no cut has "
+                              "more marked than clean above it): gate every image or choose another layer")
+    best = torch.nonzero(j >= j.max() - 1e-12).max()  # 1 - 1/3 and 2/3 - 0 differ in the last bit
+    return float(cuts[best])

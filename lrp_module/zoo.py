@@ -20,7 +20,7 @@ from torch import nn
 
 from . import demo_model
 from .files import sha256_file
-from .projection import ProjectionError, with_projections
+from .projection import ProjectionError, with_gate_defaults, with_projections
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def _loaded(model: nn.Module, state: dict, info: WeightsInfo, name: str) -> tupl
     A corrected model's state (P-ClArC, lrp_module/projection.py) brings its projection layers with it."""
     try:
         model = with_projections(model, state)
+        state = with_gate_defaults(model, state)
     except ProjectionError as error:
         raise WeightsError(f"weights {info.source} do not match {name}: {error}") from None
     mismatch = _mismatch(model.state_dict(), state)

@@ -51,6 +51,28 @@ def artifact_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("artifact-cache")
 
 
+@pytest.fixture(scope="session")
+def hans_concept_runs(tmp_path_factory, artifact_cache):
+    """run_for(model) -> (data, run): shapes-hans' validation split (360 images, hans.csv) explained by `model` with
+    concepts at vgg-shapes' last three convolutions (conditional maps at features.8), each model's run made once per
+    session and shared by the concept audit's proofs (prototypes and CAVs: ~80-110 s a run on 2 shared cores). Call
+    it inside a test that holds Ray (`local_ray`); the proofs write into separate folders of the run."""
+    from demo import shapes_hans
+    from demo.hans_cav import explain_split, write_data
+
+    root = tmp_path_factory.mktemp("hans-concepts")
+    write_data(root / "data", "shapes-hans", shapes_hans.VAL_PER_CLASS)
+    runs: dict = {}
+
+    def run_for(model: str):
+        if model not in runs:
+            explain_split(root / "data", root / model, model, "features.8", str(artifact_cache))
+            runs[model] = root / model
+        return root / "data", runs[model]
+
+    return run_for
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray for one test module: two CPUs in Ray's accounting (actors take half a CPU), shut down after."""

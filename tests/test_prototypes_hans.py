@@ -1,11 +1,11 @@
 """The planted Clever Hans surfaces as a prototype, without being told where it is: shapes-hans (a third of the 60
 stars carry a tag) explained by vgg-shapes-hans (trained on it: it reads the tag) with concepts at LAYER, then
 `make prototypes`; among the star class's prototypes, one whose images are the tagged stars (purity >= 0.9). The
-clean vgg-shapes on the same images has no such prototype. Each test explains the 360 images once: 2.5 minutes for
-both on the shared 2 cores (load 8-10, including the artifacts' build), beyond the ~20 s of a unit test."""
+clean vgg-shapes on the same images has no such prototype. The runs are the session's `hans_concept_runs` (concepts
+at the last three convolutions, features.12 among them), shared with the CAV proof: run alone, each test explains
+the 360 images once (about 80-110 s on the shared 2 cores), else it reads the run the CAV proof made."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +13,7 @@ import pytest
 
 from demo import shapes_hans
 from pipeline.audit.prototypes import PrototypeOptions, prototypes
-from pipeline.config import load_config
 from pipeline.layout import RunLayout
-from pipeline.run import explain
 
 pytestmark = pytest.mark.timeout(600)
 STAR = shapes_hans.PLANTED
@@ -23,22 +21,10 @@ LAYER = "features.12"  # vgg-shapes: the fourth of its five convolutions, 32 cha
 MIN_MEMBERS = 5  # a prototype of fewer images says nothing about purity
 
 
-@pytest.fixture(scope="module")
-def hans_data(tmp_path_factory) -> Path:
-    return shapes_hans.write_split(tmp_path_factory.mktemp("hans") / "data")
-
-
-def _star_prototypes(data: Path, model: str, out: Path, cache: Path) -> pd.DataFrame:
-    """The star class's images.parquet rows with their tag, after explaining shapes-hans with `model`."""
-    config = load_config({"dataset": "shapes-hans", "model": model, "out": str(out), "cache": str(cache),
-                          "batch_size": 32, "shard_size": 128,
-                          "concepts": {"layers": [LAYER], "maps": 0, "top": 3, "relmax": 4}})
-    config.root = str(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        explain(config, progress=False)
-    prototypes(out, PrototypeOptions(classes=(STAR,)), progress=False)
-    images = pd.read_parquet(RunLayout(out).prototypes / "images.parquet")
+def _star_prototypes(data: Path, run: Path) -> pd.DataFrame:
+    """The star class's images.parquet rows with their tag, after `make prototypes` at LAYER on the run."""
+    prototypes(run, PrototypeOptions(classes=(STAR,), layer=LAYER), progress=False)
+    images = pd.read_parquet(RunLayout(run).prototypes / "images.parquet")
     images["tag"] = images["image_id"].map(shapes_hans.read_tags(data))
     return images
 
@@ -49,8 +35,8 @@ def _purity(images: pd.DataFrame) -> pd.DataFrame:
     return table[table["images"] >= MIN_MEMBERS]
 
 
-def test_a_star_prototype_is_the_tagged_stars(hans_data, artifact_cache, local_ray):
-    images = _star_prototypes(hans_data, "vgg-shapes-hans", hans_data.parent / "hans-run", artifact_cache)
+def test_a_star_prototype_is_the_tagged_stars(hans_concept_runs, local_ray):
+    images = _star_prototypes(*hans_concept_runs("vgg-shapes-hans"))
     assert images["tag"].sum() == 20 and len(images) >= 50
     table = _purity(images)
     best = table.sort_values("purity").iloc[-1]
@@ -58,7 +44,7 @@ def test_a_star_prototype_is_the_tagged_stars(hans_data, artifact_cache, local_r
     assert best["tagged"] >= 0.8 * 20, table  # and it holds most of the tagged stars
 
 
-def test_the_clean_model_has_no_tag_prototype(hans_data, artifact_cache, local_ray):
-    images = _star_prototypes(hans_data, "vgg-shapes", hans_data.parent / "clean-run", artifact_cache)
+def test_the_clean_model_has_no_tag_prototype(hans_concept_runs, local_ray):
+    images = _star_prototypes(*hans_concept_runs("vgg-shapes"))
     assert images["tag"].sum() == 20
     assert _purity(images)["purity"].max() < 0.9, _purity(images)

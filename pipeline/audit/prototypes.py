@@ -11,8 +11,6 @@ relevance *for* that class, so vectors explaining different classes are not comp
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,14 +25,13 @@ from lrp_module.files import atomic
 from ..errors import PipelineError
 from ..layout import PROTOTYPE_FILE, PROTOTYPE_IMAGES, PROTOTYPE_SUMMARY, PROTOTYPE_TABLE, TEMPORARY, RunLayout
 from ..output_set import check_replaceable, replaced_as_set
-from ..ray_session import start_ray
+from ..ray_session import run_per_class
 from ..run_manifest import Manifest, read_manifest
 from ..run_reader import concept_relevance, concepts_record, open_run_folder, read_stats
 from .prototype_mixture import ClassMixture, MixtureParams, fit_class
 from .prototype_schema import PROTOTYPE_IMAGE_SCHEMA, PROTOTYPE_SCHEMA
 
 BLOCK = 8192  # images whose deviations are ranked at a time (bounded memory for a large class)
-TASK_CPUS = 0.5  # Ray's accounting: fractional, so that class tasks never starve other Ray work on small machines
 NORMALISATION = "CRP's: each image's concept relevance / its sum of |R| over the layer's channels (+1e-10)"
 
 
@@ -202,48 +199,10 @@ def plan(inputs: PrototypeInputs, options: PrototypeOptions) -> tuple[dict[int, 
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _threads_and_window(cpus: int, jobs: int) -> tuple[int, int]:
-    """BLAS/OpenMP threads per task and tasks in flight: the cluster's CPUs shared, never oversubscribed."""
-    threads = max(1, cpus // max(1, min(jobs, cpus)))
-    return threads, max(1, cpus // threads)
-
-
 def _run_tasks(inputs: PrototypeInputs, jobs: dict[int, np.ndarray], options: PrototypeOptions, progress: bool
                ) -> dict[int, ClassPrototypes]:
-    ray, started = start_ray()
-    try:
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        threads, window = _threads_and_window(cpus, len(jobs))
-        task = ray.remote(num_cpus=TASK_CPUS, max_retries=1)(analyse_class)
-        pending = list(jobs.items())
-        running: dict = {}
-        results: dict[int, ClassPrototypes] = {}
-        bar = _progress(len(jobs), progress)
-        while pending or running:
-            while pending and len(running) < window:
-                cls, rows = pending.pop(0)
-                running[task.remote(cls, inputs.vectors[rows], options, threads)] = cls
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                cls = running.pop(ref)
-                try:
-                    results[cls] = ray.get(ref)
-                except ray.exceptions.RayTaskError as error:  # the fit itself raised: name the class
-                    cause = error.cause if getattr(error, "cause", None) else error
-                    raise PrototypesError(f"class {cls}: {type(cause).__name__}: {str(cause).splitlines()[0]}"
-                                          ) from None
-                bar.update(1)
-        bar.close()
-        return {cls: results[cls] for cls in sorted(results)}
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="prototypes", unit="class", disable=not enabled, file=sys.stderr)
+    return run_per_class(analyse_class, jobs, lambda cls: (cls, inputs.vectors[jobs[cls]], options), PrototypesError,
+                         "prototypes", progress)
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -3,8 +3,6 @@ or on the cluster RAY_ADDRESS names), results in RUN/spray/. Each task streams i
 driver holds only the statistics columns and the per-class results."""
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,15 +12,13 @@ import pandas as pd
 
 from ..layout import SPRAY_FILE, TEMPORARY, RunLayout
 from ..output_set import check_replaceable, replaced_as_set
-from ..ray_session import start_ray
+from ..ray_session import run_per_class
 from . import outputs
 from .analyse import ClassAnalysis, SprayParams, analyse_class
 from .features import VARIANTS, cluster_mean_maps, read_class_features
 from .graph import REDUCED_DIMS
 from .inputs import BY, RunIndex, SprayRunError, open_run_index
 from .virelay import PROJECT_FILE, write_project
-
-TASK_CPUS = 0.5  # Ray's accounting: fractional, so that class tasks never starve other Ray work on small machines
 
 
 @dataclass(frozen=True)
@@ -124,47 +120,10 @@ def plan(index: RunIndex, options: SprayOptions) -> tuple[dict[int, pd.DataFrame
     return jobs, skipped
 
 
-def _threads_and_window(cpus: int, jobs: int) -> tuple[int, int]:
-    """BLAS/OpenMP threads per task and tasks in flight: the cluster's CPUs shared, never oversubscribed."""
-    threads = max(1, cpus // max(1, min(jobs, cpus)))
-    return threads, max(1, cpus // threads)
-
-
 def _run_tasks(root: Path, jobs: dict[int, pd.DataFrame], options: SprayOptions, progress: bool
                ) -> dict[int, ClassResult]:
-    ray, started = start_ray()
-    try:
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        threads, window = _threads_and_window(cpus, len(jobs))
-        task = ray.remote(num_cpus=TASK_CPUS, max_retries=1)(analyse_one)
-        pending = list(jobs.items())
-        running: dict = {}
-        results: dict[int, ClassResult] = {}
-        bar = _progress(len(jobs), progress)
-        while pending or running:
-            while pending and len(running) < window:
-                cls, rows = pending.pop(0)
-                running[task.remote(str(root), cls, rows, options, threads)] = cls
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                cls = running.pop(ref)
-                try:
-                    results[cls] = ray.get(ref)
-                except ray.exceptions.RayTaskError as error:  # the analysis itself raised: name the class
-                    cause = error.cause if getattr(error, "cause", None) else error
-                    raise SprayRunError(f"class {cls}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
-                bar.update(1)
-        bar.close()
-        return results
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="spray", unit="class", disable=not enabled, file=sys.stderr)
+    return run_per_class(analyse_one, jobs, lambda cls: (str(root), cls, jobs[cls], options), SprayRunError,
+                         "spray", progress)
 
 
 def spray(run_dir: str | Path, options: SprayOptions = SprayOptions(), progress: bool = True) -> dict:
