@@ -1,5 +1,6 @@
-"""A forward-only TorchScript classifier beside the LRP artifact. Pixel flipping needs hundreds of plain forward
-passes per image; the LRP module would compute a relevance map on each, the traced VGG does not."""
+"""A forward-only classifier beside the LRP artifact, as TorchScript (and ONNX for a corrected model, which a user
+deploys). Pixel flipping needs hundreds of plain forward passes per image; the LRP module would compute a relevance
+map on each, the traced model does not."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from .artifacts import ExportError
 from .verify import relative_difference
 
 CLASSIFIER_FILE = "classifier.torchscript.pt"
+CLASSIFIER_ONNX = "classifier.onnx"
 TOLERANCE = 1e-4  # max |difference| over max |reference logit|, as for the LRP artifacts
 
 
@@ -43,4 +45,36 @@ def export_classifier(model: str, weights: str, size: int, path: Path, lrp_artif
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic(path) as tmp:
         torch.jit.save(traced, str(tmp), _extra_files={"classifier_metadata.json": json.dumps(meta)})
+    return meta
+
+
+def export_classifier_onnx(model: str, weights: str, size: int, path: Path) -> dict:
+    """`model` with `weights` as an ONNX classifier (input `x` (N, 3, size, size), output `logits`, N dynamic),
+    checked with onnxruntime against eager PyTorch on a batch of another size than the export's; written atomically,
+    nothing written and an ExportError naming the difference when the check fails. Returns the check."""
+    import onnx
+    import onnxruntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net, info = build_model(model, weights)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        program = torch.onnx.export(net, (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),),
+                                    dynamo=True, dynamic_shapes=({0: batch},), verbose=False, input_names=["x"],
+                                    output_names=["logits"])
+    proto = program.model_proto
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        difference = relative_difference(session.run(None, {"x": x.numpy()})[0], net(x).numpy())
+    if not difference <= TOLERANCE:
+        raise ExportError(f"{path.name}: ONNX classifier logits differ from eager PyTorch by {difference:.2e} "
+                          f"(tolerance {TOLERANCE:.0e})")
+    meta = {"model": model, "weights": info.to_dict(), "input": ["N", 3, size, size], "output": "logits (N, classes)",
+            "checks": {"eager": difference}, "tolerance": TOLERANCE}
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "classifier_metadata", json.dumps(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic(path) as tmp:
+        onnx.save(proto, str(tmp))
     return meta

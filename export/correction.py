@@ -5,7 +5,7 @@ forward-only classifier checked against them.
 
     OUT/model.pt                   the corrected model's state dict (MODEL=<name> WEIGHTS=OUT/model.pt)
     OUT/lrp.torchscript.pt, lrp.onnx, lrp.json   the LRP artifacts and their sidecar (export/artifacts.py)
-    OUT/classifier.torchscript.pt  the forward-only classifier (export/classifier.py)
+    OUT/classifier.torchscript.pt, classifier.onnx   the forward-only classifier (export/classifier.py)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lrp_module.files import atomic
 from lrp_module.zoo import build_model
 
 from .artifacts import FILENAMES, ExportConfig, ExportError, export_artifacts
-from .classifier import CLASSIFIER_FILE, export_classifier
+from .classifier import CLASSIFIER_FILE, CLASSIFIER_ONNX, export_classifier, export_classifier_onnx
 from .verify import relative_difference
 
 WEIGHTS_FILE = "model.pt"
@@ -51,7 +51,8 @@ def export_corrected(model: nn.Module, name: str, composite: str, size: int, out
     against float64 in a fresh process) and classifier. Returns what was written and the checks."""
     out = Path(out_dir)
     created = not out.exists()
-    written = [out / WEIGHTS_FILE, *(out / FILENAMES[f] for f in FORMATS), out / "lrp.json", out / CLASSIFIER_FILE]
+    written = [out / WEIGHTS_FILE, *(out / FILENAMES[f] for f in FORMATS), out / "lrp.json", out / CLASSIFIER_FILE,
+               out / CLASSIFIER_ONNX]
     if any(path.exists() for path in written):
         raise ExportError(f"{out} already holds a corrected model's files: choose another folder")
     try:
@@ -63,6 +64,7 @@ def export_corrected(model: nn.Module, name: str, composite: str, size: int, out
                                                width=size, formats=FORMATS), out, verify=True)
         classifier = export_classifier(name, str(weights), size, out / CLASSIFIER_FILE,
                                        lrp_artifact=out / FILENAMES["torchscript"])
+        classifier_onnx = export_classifier_onnx(name, str(weights), size, out / CLASSIFIER_ONNX)
     except BaseException:  # a failed export leaves none of its files (and not the folder it created)
         for path in written:
             path.unlink(missing_ok=True)
@@ -70,8 +72,9 @@ def export_corrected(model: nn.Module, name: str, composite: str, size: int, out
             out.rmdir()
         raise
     return {"weights": WEIGHTS_FILE, "artifacts": record["artifacts"], "sidecar": "lrp.json",
-            "classifier": CLASSIFIER_FILE, "round_trip": round_trip,
+            "classifier": CLASSIFIER_FILE, "classifier_onnx": CLASSIFIER_ONNX, "round_trip": round_trip,
             "verification": {fmt: {"ok": r["ok"], "message": r["message"]}
                              for fmt, r in (record["verification"] or {}).items()},
-            "classifier_checks": classifier["checks"], "rules": [list(r) for r in record["metadata"]["rules"]
+            "classifier_checks": {**classifier["checks"], "onnx_eager": classifier_onnx["checks"]["eager"]},
+            "rules": [list(r) for r in record["metadata"]["rules"]
                                                                  if "pclarc" in r[0]]}

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -264,7 +265,15 @@ def test_export_is_verified_against_float64_in_a_fresh_process(tmp_path, gated):
     assert all(r["ok"] for r in record["verification"].values())
     assert [name for name, _ in record["rules"]] == ["features.18_pclarc"] and "Epsilon" in record["rules"][0][1]
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "model.pt", "lrp.torchscript.pt", "lrp.onnx", "lrp.json", "classifier.torchscript.pt"}
+        "model.pt", "lrp.torchscript.pt", "lrp.onnx", "lrp.json", "classifier.torchscript.pt", "classifier.onnx"}
+    assert record["classifier_checks"]["onnx_eager"] <= 1e-4
+    x = _x(8)  # the ONNX classifier decides the gate per image as the model does
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "classifier.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = corrected(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(expected).max()))
 
 
 # ------------------------------------------------------------------------------------ the command on a run
