@@ -242,6 +242,7 @@ def detection_threshold(marked: Tensor, clean: Tensor) -> float:
     j = tpr - fpr
     if float(j.max()) <= 0:
         raise ProjectionError("the artifact score does not separate the marked from the clean images (no cut has "
-                              "more marked than clean above it): gate every image or choose another layer")
+                              "more marked than clean above it): gate every image (--gate always) or choose another "
+                              "layer")
     best = torch.nonzero(j >= j.max() - 1e-12).max()  # 1 - 1/3 and 2/3 - 0 differ in the last bit
     return float(cuts[best])
