@@ -29,7 +29,7 @@ from lrp_module.zoo import build_vgg
 from pipeline.preprocess import Preprocessing
 
 from . import shapes, shapes_hans
-from .hans_effect import _images
+from .hans_effect import _images, _predict
 from .localisation import mask_view
 
 MODEL = "vgg-shapes-hans"
@@ -89,11 +89,6 @@ def r_bias(model: torch.nn.Module, images: SplitImages) -> float:
     positive = relevance.sum(1).clamp(min=0)
     inside = (positive * tag_mask()).sum((1, 2)) / positive.sum((1, 2)).clamp(min=1e-12)
     return round(float(inside.mean()), 4)
-
-
-def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([model(batch).argmax(1) for batch in x.split(256)])
 
 
 def figures(model: torch.nn.Module, images: SplitImages) -> dict:

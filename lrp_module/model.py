@@ -113,10 +113,10 @@ class GatedProjectionStep(AffineStep):
         self.epsilon: Epsilon | None = None
 
     def bind(self, rule: Rule, ctx: LayerContext) -> None:
+        """Keep the epsilon rule's settings: `relevance` applies its formula itself (no bound path is used)."""
         if not isinstance(rule, Epsilon):
             raise GraphError(f"layer {self.name}: a gated projection takes LRP-epsilon only, not {rule!r}")
         self.epsilon = rule
-        super().bind(rule, ctx)
 
     def forward(self, inputs: list[Tensor]) -> tuple[Tensor, Stash]:
         h = inputs[0]

@@ -121,3 +121,14 @@ def check_classes(records, classes: ModelClasses, model: str, root: str) -> None
         if not match:
             raise DatasetError(f"{culprit} but model {model}'s is {model_has}: the model was not trained on this "
                                "dataset's classes (DATASET=shapes goes with MODEL=vgg-shapes)")
+
+
+def class_indices(text: str | None, error: type[Exception]) -> tuple[int, ...] | None:
+    """A `--classes 3,7` option's class indices, each once in the given order (None when not given); anything else
+    is `error` naming the text."""
+    if not text:
+        return None
+    try:
+        return tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise error(f"--classes must be comma-separated class indices, got {text!r}") from None

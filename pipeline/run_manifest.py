@@ -12,8 +12,9 @@ from typing import Any
 
 from export.json_fields import Fields
 from export.sidecar import ArtifactMetadata, WeightsRecord
+from lrp_module.demo_model import NAMES as DEMO_MODELS
 
-from .classes import ModelClasses
+from .classes import ModelClasses, model_classes
 from .errors import PipelineError
 from .layout import RunLayout
 
@@ -150,3 +151,23 @@ def _invocation(fields: Fields) -> Invocation:
     retries = fields.child("retries", None)
     counts = {name: retries.number(name) for name in retries.record} if retries else {}
     return Invocation(fields.record, fields.number("seconds", 0.0), counts)
+
+
+def class_table(manifest: Manifest, seen: int) -> tuple[list[str], list[str]]:
+    """Exactly the model's classes: their names and ids as the run recorded them (manifest "classes"; for a run
+    made before that, rebuilt from its artifact by the same rule, `seen` classes where the artifact does not say how
+    many: one more than the largest class index the run's statistics hold). The id is the class's WordNet id where
+    the model's classes have them (ImageNet's, a --classes TSV, the demos' own), else `class-<index>`; a class
+    without a name is called `class <index>`: nothing is invented from the dataset or from ImageNet."""
+    classes = manifest.classes
+    if classes is None:
+        artifact = manifest.artifact
+        count = artifact.class_count if artifact and artifact.class_count else seen
+        model = manifest.config.model or ""
+        kind = artifact.weights.kind if artifact else None
+        names = list(artifact.class_names) if artifact and artifact.class_names else None
+        imagenet_head = model not in DEMO_MODELS and kind in (None, "random", "file")
+        classes = model_classes(count, model, names, None, imagenet_head)
+    names = list(classes.names) if classes.names else [f"class {i}" for i in range(classes.count)]
+    wnids = list(classes.wnids) if classes.wnids else [f"class-{i}" for i in range(classes.count)]
+    return names, wnids

@@ -17,7 +17,7 @@ import torch
 
 from demo import shapes, shapes_hans
 from export.correction import export_corrected
-from lrp_module import Epsilon, LRPModel
+from lrp_module import Composite, Epsilon, Gamma, GraphError, LRPModel
 from lrp_module.graph import ChannelProjection
 from lrp_module.projection import (
     ProjectionError,
@@ -154,6 +154,17 @@ def test_the_gate_holds_in_concept_maps():
                                    atol=1e-12)
         expected = reference.top_concept_maps(x, None, "features.8", k=3)
         torch.testing.assert_close(top.maps[rows], expected.maps[rows], rtol=1e-9, atol=1e-12)
+
+
+def test_a_gated_projection_refuses_another_rule():
+    """A composite that names the projection's type with gamma: one clear line (its formula is epsilon's)."""
+    model, _, v, z, _, threshold = _gated_setup()
+    gated = project_out(model, "features.12", v, z, threshold)
+    others = {torch.nn.Conv2d: Epsilon(), torch.nn.Linear: Epsilon()}
+    with pytest.raises(GraphError, match="takes LRP-epsilon only") as error:
+        LRPModel(gated, Composite({ChannelProjection: Gamma(0.25), **others}))
+    assert "\n" not in str(error.value)
+    LRPModel(gated, Composite({ChannelProjection: Epsilon(1e-3), **others}))  # another epsilon is taken
 
 
 def test_a_traced_gated_model_decides_per_batch():

@@ -198,16 +198,13 @@ def test_label_map_of_an_imagenet_model_has_its_1000_classes_whatever_was_predic
     manifest recorded its classes: 1000 entries with ImageNet's real wnids and names (it showed 968 classes with
     invented wnids)."""
     from pipeline.classes import imagenet_classes
-    from pipeline.run_manifest import Manifest
-    from pipeline.spray.inputs import _class_table
+    from pipeline.run_manifest import Manifest, class_table
 
     manifest = Manifest.from_record(
         {"config": {"model": "vgg11"},
          "artifact": {"outputs": {"logits": ["N", 1000]}, "class_names": None, "weights": {"kind": "random"}}},
         tmp_path / "manifest.json")
-    table = pd.DataFrame({"pred": [3, 967], "label": [None, None], "label_name": [None, None],
-                          "pred_name": ["tiger shark", "espresso"], "wnid": [None, None]})
-    names, wnids = _class_table(manifest, table)
+    names, wnids = class_table(manifest, seen=968)  # the largest class index the run's statistics hold: 967
     imagenet = imagenet_classes()
     assert names == list(imagenet.names) and wnids == list(imagenet.wnids)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..classes import class_indices
 from ..errors import PipelineError, lower_layer_errors
 from .prototype_mixture import MixtureParams
 from .prototypes import PrototypeOptions, PrototypesError, prototypes
@@ -38,21 +39,12 @@ def add_prototypes_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _classes(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
-    except ValueError:
-        raise PrototypesError(f"--classes must be comma-separated class indices, got {text!r}") from None
-
-
 def run_prototypes_command(args: argparse.Namespace) -> int:
     try:
         params = MixtureParams(max_components=args.max_components, seed=args.seed, dims=args.dims,
                                variance=args.variance)
-        options = PrototypeOptions(layer=args.layer, classes=_classes(args.classes), params=params,
-                                   closest=args.closest, deviations=args.deviations)
+        options = PrototypeOptions(layer=args.layer, classes=class_indices(args.classes, PrototypesError),
+                                   params=params, closest=args.closest, deviations=args.deviations)
         with lower_layer_errors():
             summary = prototypes(args.run, options, progress=not args.no_progress)
     except PipelineError as error:

@@ -26,7 +26,7 @@ from ..errors import PipelineError
 from ..layout import PROTOTYPE_FILE, PROTOTYPE_IMAGES, PROTOTYPE_SUMMARY, PROTOTYPE_TABLE, TEMPORARY, RunLayout
 from ..output_set import check_replaceable, replaced_as_set
 from ..ray_session import run_per_class
-from ..run_manifest import Manifest, read_manifest
+from ..run_manifest import Manifest, class_table, read_manifest
 from ..run_reader import concept_relevance, concepts_record, open_run_folder, read_stats
 from .prototype_mixture import ClassMixture, MixtureParams, fit_class
 from .prototype_schema import PROTOTYPE_IMAGE_SCHEMA, PROTOTYPE_SCHEMA
@@ -136,16 +136,6 @@ def choose_layer(record, layer: str | None) -> str:
     return layer
 
 
-def _class_names(manifest: Manifest, classes: np.ndarray) -> list[str]:
-    """The model's class names as the run recorded them; `class <i>` where it recorded none."""
-    recorded = manifest.classes
-    artifact = manifest.artifact
-    count = recorded.count if recorded else (artifact.class_count if artifact and artifact.class_count else 0)
-    count = max(count, int(classes.max()) + 1 if len(classes) else 0)
-    names = list(recorded.names) if recorded and recorded.names else []
-    return [names[i] if i < len(names) else f"class {i}" for i in range(count)]
-
-
 def read_inputs(run_dir: str | Path, layer: str | None) -> PrototypeInputs:
     """The run's normalised concept-relevance vectors at the layer and each image's class; PrototypesError when the
     run has no concept data, the layer is unknown or no image was explained."""
@@ -162,9 +152,8 @@ def read_inputs(run_dir: str | Path, layer: str | None) -> PrototypeInputs:
     image_ids = np.asarray(ids, dtype=object)[known]
     classes = target.loc[image_ids].to_numpy(np.int64)
     complete = layout.manifest.is_file() and layout.success.is_file()
-    return PrototypeInputs(layout.root, manifest, chosen, image_ids, classes, vectors[known], _class_names(manifest,
-                                                                                                            classes),
-                           complete)
+    names, _ = class_table(manifest, int(classes.max()) + 1)
+    return PrototypeInputs(layout.root, manifest, chosen, image_ids, classes, vectors[known], names, complete)
 
 
 def plan(inputs: PrototypeInputs, options: PrototypeOptions) -> tuple[dict[int, np.ndarray], list[dict]]:

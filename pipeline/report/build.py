@@ -3,9 +3,7 @@ statistics columns once, then maps and image files for the shown rows only, so a
 from __future__ import annotations
 
 import json
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -26,26 +24,9 @@ from .files import inside
 from .heatmap import DEFAULT_COLOUR_MAP, colour_bar, lookup_table
 from .plots import write_plots
 from .run_data import ReportError, RunData, open_run, read_maps
-from .tiles import TileFiles, members, render
+from .tiles import TileFiles, members, render, render_rows
 
 IMAGE_FOLDER = "img"
-
-
-def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _render_all(rows: pd.DataFrame, maps: dict, folder: Path, cmap: str) -> dict[str, TileFiles]:
-    """image_id -> its files; each image rendered once however many galleries show it (threads: PIL and zlib
-    release the GIL while encoding and decoding)."""
-    unique = rows.drop_duplicates("image_id")
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        boxes = unique["boxes"] if "boxes" in unique else [None] * len(unique)
-        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap, boxes=image_boxes,
-                                         member=member)
-                   for image_id, path, image_boxes, member in zip(unique["image_id"], unique["path"], boxes,
-                                                                  members(unique))}
-        return {image_id: future.result() for image_id, future in futures.items()}
 
 
 def _caption(row) -> list[str]:
@@ -64,11 +45,8 @@ def _caption(row) -> list[str]:
 def _tiles(rows: pd.DataFrame, files: dict[str, TileFiles]) -> list[html.Tile]:
     tiles = []
     for row in rows.itertuples(index=False):
-        f = files[row.image_id]
         verdict = None if pd.isna(row.correct) else bool(row.correct)
-        prefix = f"{IMAGE_FOLDER}/"
-        tiles.append(html.Tile(row.image_id, prefix + f.heatmap, f.image and prefix + f.image,
-                               f.overlay and prefix + f.overlay, _caption(row), verdict, f.problem))
+        tiles.append(files[row.image_id].tile(row.image_id, f"{IMAGE_FOLDER}/", _caption(row), verdict))
     return tiles
 
 
@@ -168,7 +146,7 @@ def _build(run: RunData, folder: Path, per_class: int, gallery: int, cmap: str, 
     lap("select")
     maps = read_maps(run.root, shown.drop_duplicates("image_id"))
     lap("read maps")
-    files = _render_all(shown, maps, images, cmap)
+    files = render_rows(shown, maps, images, cmap)
     Image.fromarray(colour_bar(cmap)).save(images / "colour-bar.png")
     lap("render tiles")
     plot_files = write_plots(run.stats, run.list_columns, images, run.has_labels)

@@ -16,7 +16,7 @@ from ..layout import PROTOTYPE_IMAGES, PROTOTYPE_SUMMARY, PROTOTYPE_TABLE, RunLa
 from . import html
 from .plots import _figure, _save
 from .run_data import ReportError, RunData, read_maps
-from .tiles import members, render
+from .tiles import render_rows
 
 CLASSES_SHOWN = 8  # classes with pictures (the most images first); the table lists every analysed class
 CLOSEST_SHOWN = 4
@@ -85,14 +85,10 @@ def _class_block(run: RunData, found: Prototypes, entry: dict, images: Path, pre
     shown_ids = [i for row in rows.itertuples() for i in list(row.closest)[:CLOSEST_SHOWN]]
     shown_ids += [i for i in outliers["image_id"] if i not in shown_ids]
     stats = run.stats.set_index("image_id").loc[list(dict.fromkeys(shown_ids))].reset_index()
-    maps = read_maps(run.root, stats)
-    where = dict(zip(stats["image_id"], zip(stats["path"], members(stats))))
-    files = {i: render(i, where[i][0], maps[i], images, cmap, member=where[i][1]) for i in where}
+    files = render_rows(stats, read_maps(run.root, stats), images, cmap)
 
     def tile(image_id: str, caption: list[str]) -> str:
-        f = files[image_id]
-        return html.tile(html.Tile(image_id, prefix + f.heatmap, f.image and prefix + f.image,
-                                   f.overlay and prefix + f.overlay, caption, None, f.problem))
+        return html.tile(files[image_id].tile(image_id, prefix, caption))
 
     parts = [f'<h3 id="{slug}">{escape(entry["name"])} (class {cls}): {entry["images"]:,} images, '
              f'{entry["components"]} prototype(s)</h3>']

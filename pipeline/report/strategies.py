@@ -21,7 +21,7 @@ from . import html
 from .heatmap import heatmap_image
 from .plots import _figure, _save
 from .run_data import ReportError, RunData, read_maps
-from .tiles import members, render
+from .tiles import render_rows
 
 CLASSES_SHOWN = 6  # classes with pictures; the table lists every analysed class
 TILES_PER_CLUSTER = 3
@@ -124,9 +124,7 @@ def _class_block(run: RunData, strategies: Strategies, entry: dict, images: Path
     means = read_means(strategies.folder, cls, entry["k_chosen"])
     shown = pd.concat([_typical(rows, c, TILES_PER_CLUSTER) for c in range(entry["k_chosen"])])
     stats = run.stats.set_index("image_id").loc[shown["image_id"]].reset_index()
-    maps = read_maps(run.root, stats)
-    paths = dict(zip(stats["image_id"], zip(stats["path"], members(stats))))
-    files = {i: render(i, paths[i][0], maps[i], images, cmap, member=paths[i][1]) for i in shown["image_id"]}
+    files = render_rows(stats, read_maps(run.root, stats), images, cmap)
     parts = [f'<h3 id="{slug}">{entry["rank"]}. {escape(entry["name"])} (class {cls}): eigengap '
              f'{entry["eigengap"]:.3f}, k = {entry["k_chosen"]}, {entry["images"]:,} images'
              + (' <span class="wrong">Clever-Hans candidate</span>' if entry["candidate"] else "") + "</h3>",
@@ -146,10 +144,7 @@ def _class_block(run: RunData, strategies: Strategies, entry: dict, images: Path
                          f'heat map" width="128" height="128"><figcaption>mean map</figcaption></figure>')
         tiles = []
         for row in _typical(rows, c, TILES_PER_CLUSTER).itertuples(index=False):
-            f = files[row.image_id]
-            tiles.append(html.Tile(row.image_id, prefix + f.heatmap, f.image and prefix + f.image,
-                                   f.overlay and prefix + f.overlay, [f"outlier score {row.outlier:.2f}"],
-                                   None, f.problem))
+            tiles.append(files[row.image_id].tile(row.image_id, prefix, [f"outlier score {row.outlier:.2f}"]))
         tight = f", tightness {facts['tightness']:.2f}" if facts["tightness"] is not None else ""
         parts.append(f'<p class="note">cluster {c}: {facts["images"]:,} images ({facts["share"]:.0%}){tight}; '
                      "mean map and its most typical members</p>")

@@ -3,6 +3,8 @@ centre crop as in the pipeline, no normalisation), the heat map, and the overlay
 file leaves the heat map alone."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..preprocess import DecodeError, Preprocessing, decode, geometry, read_bytes
+from . import html
 from .files import inside, safe_name
 from .heatmap import heatmap_image, overlay
 
@@ -23,6 +26,11 @@ class TileFiles:
     image: str | None
     overlay: str | None
     problem: str | None = None
+
+    def tile(self, image_id: str, prefix: str, caption: list[str], verdict: bool | None = None) -> html.Tile:
+        """The page's tile of these pictures, linked as prefix + name."""
+        return html.Tile(image_id, prefix + self.heatmap, self.image and prefix + self.image,
+                         self.overlay and prefix + self.overlay, caption, verdict, self.problem)
 
 
 def preprocessing_for(size: int) -> Preprocessing:
@@ -82,3 +90,17 @@ def render(image_id: str, path: str, relevance: np.ndarray, folder: Path, cmap: 
     Image.fromarray(draw_boxes(crop, boxes)).save(inside(folder, image_name), **options)
     Image.fromarray(draw_boxes(overlay(crop, relevance, cmap), boxes)).save(inside(folder, overlay_name), **options)
     return TileFiles(heat_name, image_name, overlay_name)
+
+
+def render_rows(rows: pd.DataFrame, maps: dict[str, np.ndarray], folder: Path, cmap: str) -> dict[str, TileFiles]:
+    """image_id -> its files, for statistics rows (their `boxes` outlined where the rows have them) and their maps;
+    each image rendered once however many rows name it (threads: PIL and zlib release the GIL while encoding and
+    decoding)."""
+    unique = rows.drop_duplicates("image_id")
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        boxes = unique["boxes"] if "boxes" in unique else [None] * len(unique)
+        futures = {image_id: pool.submit(render, image_id, path, maps[image_id], folder, cmap, boxes=image_boxes,
+                                         member=member)
+                   for image_id, path, image_boxes, member in zip(unique["image_id"], unique["path"], boxes,
+                                                                  members(unique))}
+        return {image_id: future.result() for image_id, future in futures.items()}

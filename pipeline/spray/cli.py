@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..classes import class_indices
 from ..errors import PipelineError, lower_layer_errors
 from .analyse import SprayParams
 from .features import VARIANTS
@@ -42,21 +43,13 @@ def add_spray_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _classes(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise SprayRunError(f"--classes must be comma-separated class indices, got {text!r}") from None
-
-
 def run_spray_command(args: argparse.Namespace) -> int:
     try:
         params = SprayParams(neighbours=args.neighbours, eigenvalues=args.eigenvalues, k_max=args.k_max,
                              seed=args.seed, embedding=not args.no_embedding, large_class=args.large_class)
         options = SprayOptions(by=args.by, variant=args.variant, grid=args.grid, min_images=args.min_images,
-                               params=params, classes=_classes(args.classes), virelay=not args.no_virelay,
+                               params=params, classes=class_indices(args.classes, SprayRunError),
+                               virelay=not args.no_virelay,
                                virelay_images=not args.no_virelay_images, out=args.out)
         with lower_layer_errors():
             summary = spray(args.run, options, progress=not args.no_progress)

@@ -9,11 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lrp_module.demo_model import NAMES as DEMO_MODELS
-
-from ..classes import model_classes
 from ..errors import PipelineError
-from ..run_manifest import Manifest, read_manifest
+from ..run_manifest import Manifest, class_table, read_manifest
 from ..run_reader import map_size, open_run_folder, read_stats
 
 COLUMNS = ("image_id", "path", "wnid", "label", "label_name", "pred", "pred_name", "target", "pred_probability",
@@ -43,27 +40,6 @@ class RunIndex:
         return column.fillna(-1).astype(np.int64)
 
 
-def _class_table(manifest: Manifest, table: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Exactly the model's classes: their names and ids as the run recorded them (manifest "classes"; for a run
-    made before that, rebuilt from its artifact by the same rule). The id is the class's WordNet id where the
-    model's classes have them (ImageNet's, a --classes TSV, the demos' own), else `class-<index>`; a class without
-    a name is called `class <index>`: nothing is invented from the dataset or from ImageNet."""
-    classes = manifest.classes
-    if classes is None:
-        artifact = manifest.artifact
-        seen = max(int(table["pred"].max()) if len(table) else -1,
-                   int(table["label"].max()) if table["label"].notna().any() else -1) + 1
-        count = artifact.class_count if artifact and artifact.class_count else seen
-        model = manifest.config.model or ""
-        kind = artifact.weights.kind if artifact else None
-        names = list(artifact.class_names) if artifact and artifact.class_names else None
-        imagenet_head = model not in DEMO_MODELS and kind in (None, "random", "file")
-        classes = model_classes(count, model, names, None, imagenet_head)
-    names = list(classes.names) if classes.names else [f"class {i}" for i in range(classes.count)]
-    wnids = list(classes.wnids) if classes.wnids else [f"class-{i}" for i in range(classes.count)]
-    return names, wnids
-
-
 def open_run_index(root: str | Path) -> RunIndex:
     """Read the run's statistics (the columns above) and manifest; SprayRunError when it is not a run."""
     layout = open_run_folder(root, SprayRunError)
@@ -73,7 +49,9 @@ def open_run_index(root: str | Path) -> RunIndex:
         raise SprayRunError(f"{root}: the run explained no image")
     table = table.sort_values(["shard", "row"], kind="stable").reset_index(drop=True)
     table["index"] = np.arange(len(table), dtype=np.int64)  # = the row of relevance.h5 (shards in order, rows in order)
-    names, wnids = _class_table(manifest, table)
+    seen = max(int(table["pred"].max()) if len(table) else -1,
+               int(table["label"].max()) if table["label"].notna().any() else -1) + 1
+    names, wnids = class_table(manifest, seen)
     size = map_size(layout, manifest, SprayRunError)
     complete = layout.manifest.is_file() and layout.success.is_file()
     return RunIndex(layout.root, manifest, table, names, wnids, size, complete)
